@@ -1,0 +1,1 @@
+"""Data: WebDataset video shards, clip decoding, the shard builder and the synthetic dataset."""

@@ -1,0 +1,114 @@
+"""Batching and a DataLoader whose train position survives checkpoints.
+
+Lightning saves `state_dict()` of a train dataloader that has one and restores it before
+iterating again. The position saved is the number of batches the *model consumed* (reported by
+the datamodule from `on_before_batch_transfer`), not the number fetched: Lightning prefetches,
+so counting fetches would skip a batch on every resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.pixels import to_model
+from datamodules.streams import TrainStream
+
+
+def collate_clips(samples: list[dict[str, Any]], normalize: bool = True) -> dict[str, Any]:
+    """Stack samples into the batch contract: video [B,C,T,H,W], caption, frame_mask, meta."""
+    video = torch.stack([s["video"] for s in samples])
+    metas = [s["meta"] for s in samples]
+    return {
+        "video": to_model(video) if normalize else video,
+        "caption": [s["caption"] for s in samples],
+        "frame_mask": torch.stack([s["frame_mask"] for s in samples]),
+        "meta": {
+            "key": [m["key"] for m in metas],
+            "url": [m["url"] for m in metas],
+            "info": [m["info"] for m in metas],
+            "worker": metas[-1]["worker"],
+            "position": [m["position"] for m in metas],
+            "skipped": metas[-1]["skipped"],  # this worker's running count of bad samples
+        },
+    }
+
+
+def collate_normalized(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return collate_clips(samples, normalize=True)
+
+
+def collate_uint8(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return collate_clips(samples, normalize=False)
+
+
+class ResumableLoader(DataLoader):
+    """DataLoader over a TrainStream with `state_dict`/`load_state_dict` and optional epochs.
+
+    batches_per_epoch: when set, an epoch ends after that many batches and the next epoch
+        continues the same stream; when None the stream is one endless epoch (use max_steps).
+    """
+
+    def __init__(self, dataset: TrainStream, batches_per_epoch: Optional[int] = None, **kwargs: Any) -> None:
+        kwargs.setdefault("batch_size", dataset.batch_size)
+        super().__init__(dataset, **kwargs)
+        self.batches_per_epoch = batches_per_epoch
+        self._fetched = 0
+        self._consumed: Optional[int] = None
+        self._skipped_done = 0  # bad samples counted by finished iterators
+        self._skipped_now: dict[int, int] = {}
+
+    @property
+    def position(self) -> int:
+        """Batches of this rank's stream that the model has consumed."""
+        return self._consumed if self._consumed is not None else self._fetched
+
+    @property
+    def skipped(self) -> int:
+        return self._skipped_done + sum(self._skipped_now.values())
+
+    def mark_consumed(self, batch_index: int) -> None:
+        self._consumed = batch_index + 1
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            raise TypeError("an endless train stream has no length; set batches_per_epoch")
+        return self.batches_per_epoch
+
+    def __iter__(self):
+        start = self.position
+        self.dataset.start_batch = start
+        self._fetched, self._consumed = start, None
+        self._skipped_done += sum(self._skipped_now.values())
+        self._skipped_now = {}
+        return self._batches(super().__iter__())
+
+    def _batches(self, iterator):
+        served = 0
+        for batch in iterator:
+            batch["meta"]["batch_index"] = self._fetched
+            self._skipped_now[batch["meta"]["worker"]] = batch["meta"]["skipped"]
+            self._fetched += 1
+            yield batch
+            served += 1
+            if self.batches_per_epoch is not None and served >= self.batches_per_epoch:
+                return
+
+    def state_dict(self) -> dict[str, Any]:
+        ds: TrainStream = self.dataset
+        return {
+            "batches": self.position,
+            "seed": ds.seed,
+            "batch_size": ds.batch_size,
+            "num_workers": self.num_workers,
+            "world_size": ds.world_size,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._fetched = int(state["batches"])
+        self._consumed = None
+        self._skipped_done = int(state.get("skipped", 0))
+        self._skipped_now = {}

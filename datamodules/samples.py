@@ -1,0 +1,86 @@
+"""Turn one raw WebDataset sample (bytes per extension) into a training example, or reject it.
+
+Every way a sample can be bad becomes a `BadSample` with a short reason, so the streams can skip,
+count and name it without knowing about PyAV, PIL or JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from datamodules.clips import IMAGE_EXTS, VIDEO_EXTS, ClipSpec, decode_clip, decode_image
+from datamodules.video_io import VideoDecodeError
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is short and stable (it is counted by reason)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+@dataclass
+class SampleDecoder:
+    """Decodes raw samples into {video uint8 [T,S,S,3], frame_mask [T], caption, meta}."""
+
+    spec: ClipSpec
+    missing_caption: str = "skip"  # "skip" the sample, or "keep" it with caption ""
+
+    def __post_init__(self) -> None:
+        if self.missing_caption not in ("skip", "keep"):
+            raise ValueError(f"missing_caption must be 'skip' or 'keep', got {self.missing_caption!r}")
+
+    def __call__(self, raw: dict[str, Any], rng: Optional[np.random.Generator]) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        if "json" in raw:
+            try:
+                info = json.loads(raw["json"])
+                if not isinstance(info, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise BadSample("bad json", str(e)[:200]) from e
+        caption = ""
+        if "txt" in raw:
+            try:
+                caption = raw["txt"].decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise BadSample("bad caption", "not UTF-8") from e
+        if not caption and self.missing_caption == "skip":
+            raise BadSample("missing caption" if "txt" not in raw else "empty caption")
+        try:
+            video_ext = next((e for e in VIDEO_EXTS if e in raw), None)
+            if video_ext is not None:
+                frames, mask = decode_clip(
+                    raw[video_ext],
+                    self.spec,
+                    rng=rng,
+                    fps_hint=_num(info.get("fps")),
+                    frames_hint=int(_num(info.get("num_frames"))),
+                )
+            else:
+                image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
+                if image_ext is None:
+                    raise BadSample("no video or image", f"has {sorted(k for k in raw if not k.startswith('__'))}")
+                frames, mask = decode_image(raw[image_ext], self.spec)
+        except VideoDecodeError as e:
+            raise BadSample(e.reason, e.detail) from e
+        return {
+            "video": torch.from_numpy(frames),
+            "frame_mask": torch.from_numpy(mask),
+            "caption": caption,
+            "meta": {"key": raw.get("__key__", ""), "url": raw.get("__url__", ""), "info": info},
+        }
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value) if value is not None else 0.0
+    except (TypeError, ValueError):
+        return 0.0

@@ -1,0 +1,289 @@
+"""The train and val sample streams over WebDataset shards.
+
+Train: an infinite, resampled stream that is a pure function of (seed, rank, worker, position).
+Per (rank, logical worker) the raw samples come in *groups*: group g reads `mix_shards` shards
+drawn with replacement by an RNG seeded from (seed, rank, worker, g), interleaves them, and
+shuffles them through a buffer seeded the same way. Output j is decoded with an RNG seeded from
+(seed, rank, worker, j). Resuming at output j therefore needs no saved per-rank state: walk the
+group sizes (from `shards.json` or the tar listing) to find the group, replay that one group
+without decoding, and continue. Lightning only keeps rank 0's non-tensor state for sharded
+checkpoints, which is why the position must be derivable rather than stored.
+
+A bad sample at raw position j is replaced by the next good one (j+1, ...), so positions never
+drift when data is bad; each bad sample is counted once and logged with its shard and key.
+
+Val: a finite stream in which every sample is seen exactly once across ranks and workers: whole
+shards are dealt out when there are enough of them, otherwise samples are dealt round-robin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from collections import deque
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset import shardlists, tariterators
+
+from datamodules.errors import DataError
+from datamodules.samples import BadSample, SampleDecoder
+from datamodules.shard_writer import INDEX_NAME
+
+log = logging.getLogger("maskvid.data")
+
+ShardSpec = Union[str, Sequence[str]]
+MAX_CONSECUTIVE_BAD = 1000
+
+
+def expand_shards(spec: ShardSpec) -> list[str]:
+    """Shard URLs from a brace pattern, '::'-joined list, directory, list, or any wds URL."""
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    urls: list[str] = []
+    for item in items:
+        item = str(item)
+        if os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).glob("*.tar"))
+            if not found:
+                raise DataError(f"no .tar shards in directory {item}")
+            urls.extend(found)
+            continue
+        urls.extend(shardlists.expand_urls(item))
+    if not urls:
+        raise DataError(f"no shards match {spec!r}")
+    missing = [u for u in urls if _is_local(u) and not os.path.exists(_local_path(u))]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}")
+    return urls
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:") or url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+@lru_cache(maxsize=4096)
+def shard_size(url: str) -> int:
+    """Samples in a shard: from the writer's index beside it, else by listing the tar."""
+    if _is_local(url):
+        path = Path(_local_path(url))
+        index = path.parent / INDEX_NAME
+        if index.exists():
+            try:
+                import json
+
+                entries = json.loads(index.read_text())["shards"]
+                sizes = {e["url"]: int(e["nsamples"]) for e in entries}
+                if path.name in sizes:
+                    return sizes[path.name]
+            except (ValueError, KeyError, TypeError):
+                pass
+        try:
+            with tarfile.open(path) as tar:
+                keys = [tariterators.base_plus_ext(m.name)[0] for m in tar if m.isfile()]
+        except (tarfile.TarError, OSError):
+            return 0
+        return _count_runs(keys)
+    return sum(1 for _ in _read_shard(url))
+
+
+def _count_runs(keys: list[Optional[str]]) -> int:
+    count, prev = 0, object()
+    for key in keys:
+        if key is not None and key != prev:
+            count += 1
+        prev = key
+    return count
+
+
+def _read_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard; a broken or truncated shard ends early with a warning."""
+
+    def handler(exn: Exception) -> bool:
+        log.warning("shard %s: stopped reading after error: %s", url, exn)
+        return False
+
+    yield from tariterators.tarfile_samples([{"url": url}], handler=handler)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class TrainStream(IterableDataset):
+    """Infinite, resampled, resumable stream of decoded samples for one rank."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        decoder: SampleDecoder,
+        seed: int = 0,
+        batch_size: int = 1,
+        mix_shards: int = 4,
+        shuffle_buffer: int = 256,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.urls = urls
+        self.decoder = decoder
+        self.seed = seed
+        self.batch_size = batch_size
+        self.mix_shards = max(1, mix_shards)
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.rank = rank
+        self.world_size = world_size
+        self.start_batch = 0  # batches this rank already consumed; set by the loader on resume
+        self.skipped = 0
+
+    # ---- raw positions -------------------------------------------------------------------
+    def _group_rng(self, worker: int, group: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.rank, worker, group, 0x6E0])
+
+    def _group_shards(self, worker: int, group: int) -> list[str]:
+        rng = self._group_rng(worker, group)
+        return [self.urls[i] for i in rng.integers(0, len(self.urls), size=self.mix_shards)]
+
+    def _group(self, worker: int, group: int) -> Iterator[dict[str, Any]]:
+        """Group g's raw samples: its shards interleaved at random, through a shuffle buffer."""
+        rng = self._group_rng(worker, group)
+        rng.integers(0, len(self.urls), size=self.mix_shards)  # same draws as _group_shards
+        live = [_read_shard(u) for u in self._group_shards(worker, group)]
+        buffer: list[dict[str, Any]] = []
+        while live:
+            i = int(rng.integers(len(live)))
+            try:
+                buffer.append(next(live[i]))
+            except StopIteration:
+                live.pop(i)
+                continue
+            if len(buffer) >= self.shuffle_buffer:
+                yield _pop_random(buffer, rng)
+        while buffer:
+            yield _pop_random(buffer, rng)
+
+    def _locate(self, worker: int, position: int) -> tuple[int, int]:
+        """(group, offset) of raw position `position`, by walking group sizes."""
+        group = 0
+        empty_run = 0
+        while True:
+            size = sum(shard_size(u) for u in self._group_shards(worker, group))
+            if position < size:
+                return group, position
+            position -= size
+            group += 1
+            empty_run = empty_run + 1 if size == 0 else 0
+            if empty_run > 100:
+                raise DataError("train shards hold no readable samples")
+
+    def raw_samples(self, worker: int, position: int) -> Iterator[dict[str, Any]]:
+        group, offset = self._locate(worker, position) if position else (0, 0)
+        empty_run = 0
+        while True:
+            n = 0
+            for n, raw in enumerate(self._group(worker, group), start=1):
+                if n > offset:
+                    yield raw
+            empty_run = empty_run + 1 if n == 0 else 0
+            if empty_run > 100:
+                raise DataError(f"train shards hold no readable samples (e.g. {self.urls[0]})")
+            group, offset = group + 1, 0
+
+    # ---- decoded samples -----------------------------------------------------------------
+    def samples(self, worker: int, position: int) -> Iterator[dict[str, Any]]:
+        """Decoded samples from `position` on; bad ones are replaced by the next good one."""
+        raw_iter = self.raw_samples(worker, position)
+        ahead: deque[list] = deque()  # [raw sample, known bad?]
+        while True:
+            rng = np.random.default_rng([self.seed, self.rank, worker, position, 0xC11])
+            i = 0
+            while True:
+                if i == len(ahead):
+                    ahead.append([next(raw_iter), False])
+                raw, bad = ahead[i]
+                if not bad:
+                    try:
+                        sample = self.decoder(raw, rng)
+                        break
+                    except BadSample as e:
+                        ahead[i][1] = True
+                        self.skipped += 1
+                        log.warning(
+                            "skipping bad sample key=%s shard=%s: %s",
+                            raw.get("__key__"), raw.get("__url__"), e,
+                        )
+                i += 1
+                if i > MAX_CONSECUTIVE_BAD:
+                    raise DataError(
+                        f"{MAX_CONSECUTIVE_BAD} consecutive bad samples (last in {raw.get('__url__')}); "
+                        "are these video shards?"
+                    )
+            sample["meta"].update(worker=worker, position=position, skipped=self.skipped)
+            yield sample
+            ahead.popleft()
+            position += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        physical, num_workers = _worker()
+        # A fresh DataLoader iterator starts at physical worker 0, but batch `start_batch` belongs
+        # to logical worker start_batch % W; rotating the ids keeps the uninterrupted order.
+        worker = (physical + self.start_batch) % num_workers
+        consumed = max(0, -(-(self.start_batch - worker) // num_workers))
+        self.skipped = 0
+        return self.samples(worker, consumed * self.batch_size)
+
+
+def _pop_random(buffer: list, rng: np.random.Generator) -> Any:
+    i = int(rng.integers(len(buffer)))
+    buffer[i], buffer[-1] = buffer[-1], buffer[i]
+    return buffer.pop()
+
+
+class ValStream(IterableDataset):
+    """Finite stream: every sample exactly once across all ranks and workers, first frames first."""
+
+    def __init__(self, urls: list[str], decoder: SampleDecoder, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        self.urls = urls
+        self.decoder = decoder
+        self.rank = rank
+        self.world_size = world_size
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        physical, num_workers = _worker()
+        parts = self.world_size * num_workers
+        part = self.rank * num_workers + physical
+        self.skipped = 0
+        if len(self.urls) >= parts:
+            raws = (raw for url in self.urls[part::parts] for raw in _read_shard(url))
+        else:
+            raws = (
+                raw
+                for i, raw in enumerate(r for url in self.urls for r in _read_shard(url))
+                if i % parts == part
+            )
+        for raw in raws:
+            try:
+                sample = self.decoder(raw, None)
+            except BadSample as e:
+                self.skipped += 1
+                log.warning("skipping bad sample key=%s shard=%s: %s", raw.get("__key__"), raw.get("__url__"), e)
+                continue
+            sample["meta"].update(worker=physical, position=-1, skipped=self.skipped)
+            yield sample

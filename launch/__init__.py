@@ -1,0 +1,1 @@
+"""The maskvid command line: LightningCLI, data tools, strategy factory and launch scripts."""

@@ -1,0 +1,1 @@
+"""Thin LightningModules; networks arrive by injection from configs."""

@@ -1,0 +1,1 @@
+"""Metrics: FVD, CLIP similarity, PSNR/SSIM and the synthetic caption-accuracy oracle."""

@@ -1,0 +1,1 @@
+"""Pure torch networks (no Lightning): tokenizer, quantizers, backbones, text encoders, sampling."""

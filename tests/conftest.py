@@ -1,0 +1,81 @@
+"""Shared fixtures: small video shards made on the fly (nothing is downloaded or checked in)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.shard_writer import ShardSink
+from datamodules.video_io import encode_mp4
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ramp_video(index: int, num_frames: int, width: int = 48, height: int = 32) -> list[np.ndarray]:
+    """Frame k is a flat grey of level 20 + 8k (so frame order is readable back), with a red
+    left edge marking which way is up/left after rotation."""
+    frames = []
+    for k in range(num_frames):
+        f = np.full((height, width, 3), 20 + 8 * k, np.uint8)
+        f[:, : width // 4, 0] = 255
+        frames.append(f)
+    return frames
+
+
+def write_shards(out: Path, items: list[dict], samples_per_shard: int = 8) -> str:
+    """items: dicts with key, and mp4 bytes or frames, caption, meta; raw entries are passed as is."""
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for s in range(0, len(items), samples_per_shard):
+        path = out / f"shard-{s // samples_per_shard:06d}.tar"
+        with wds.TarWriter(str(path)) as w:
+            for item in items[s : s + samples_per_shard]:
+                w.write(item)
+        shards.append(path)
+    return str(out)
+
+
+def mp4_item(key: str, frames: list[np.ndarray], caption: str, fps: float = 8.0, **meta) -> dict:
+    data, n = encode_mp4(frames, fps=fps)
+    return {"__key__": key, "mp4": data, "txt": caption, "json": {"fps": fps, "num_frames": n, **meta}}
+
+
+def png_item(key: str, caption: str, colour=(200, 40, 40), size=(40, 30)) -> dict:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return {"__key__": key, "png": buf.getvalue(), "txt": caption}
+
+
+@pytest.fixture(scope="session")
+def clean_shards(tmp_path_factory) -> str:
+    """40 ramp videos of 6..29 frames over 5 shards (+ the writer's shards.json index)."""
+    out = tmp_path_factory.mktemp("clean")
+    rng = np.random.default_rng(0)
+    with ShardSink(out, samples_per_shard=8) as sink:
+        for i in range(40):
+            n = int(rng.integers(6, 30))
+            data, _ = encode_mp4(ramp_video(i, n), fps=8)
+            sink.write(f"v{i:03d}", data, f"clip number {i}", {"fps": 8, "num_frames": n, "i": i})
+    return str(out)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run `maskvid ...` in a fresh interpreter (as a user would), tests importable."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
