@@ -63,6 +63,7 @@ class ShardSink:
             self._staging = Path(tempfile.mkdtemp(prefix=f".partial-{prefix}-", dir=self.out_dir))
         except OSError as e:
             raise DataError(f"output directory {self.out_dir} is not writable: {e.strerror or e}") from e
+        self._writer: wds.TarWriter | None = None  # set before abort() can run below
         self._existing = self.existing_shards()
         if self._existing and not overwrite:
             self.abort()
@@ -71,7 +72,6 @@ class ShardSink:
                 "pass --overwrite to replace them"
             )
         self.shards: list[ShardInfo] = []
-        self._writer: wds.TarWriter | None = None
         self._count = 0
         self._keys: set[str] = set()
 

@@ -189,13 +189,16 @@ def encode_mp4(
     fps: float,
     crf: int = 18,
     preset: str = "veryfast",
-    threads: int | None = None,
+    reproducible: bool = False,
 ) -> tuple[bytes, int]:
     """Encode uint8 RGB frames [H, W, 3] as an h264/yuv420p mp4 in memory.
 
     Odd widths/heights are cropped by one pixel (yuv420 needs even sizes). Returns (bytes, n).
-    threads: x264 threads; None lets FFmpeg choose from the CPU count, which makes the bytes
-        machine dependent (sliced threads change the bitstream). Pass 1 for reproducible output.
+    reproducible: the same frames give the same bytes on every call, whatever the CPU (same
+        x264 build assumed), at about half the encoding speed. It means one thread (the automatic
+        count changes the slicing) and no SIMD: x264's AVX-512 routines read uninitialised
+        memory, which changes the bitstream from call to call, and x264 can only be given an
+        explicit list of CPU features, not told to leave one out.
     """
     buf = io.BytesIO()
     n = 0
@@ -212,8 +215,8 @@ def encode_mp4(
                 stream = out.add_stream("libx264", rate=rate)
                 stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
                 options = {"crf": str(crf), "preset": preset}
-                if threads is not None:
-                    options["threads"] = str(threads)
+                if reproducible:
+                    options.update({"threads": "1", "x264-params": "asm=0"})
                 stream.options = options
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:h, :w]), format="rgb24")
             for packet in stream.encode(vf):

@@ -20,6 +20,15 @@ from datamodules.video_datamodule import VideoDataModule
 class MaskvidCLI(LightningCLI):
     """LightningCLI with the video datamodule and maskvid's standing callbacks."""
 
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("model_class", LightningModule)
+        kwargs.setdefault("datamodule_class", VideoDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        # A SLURM requeue re-runs the same command into the same directory.
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"prog": "maskvid"})
+        super().__init__(**kwargs)
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(c, DataMonitor) for c in trainer.callbacks):
@@ -29,13 +38,4 @@ class MaskvidCLI(LightningCLI):
 
 def run_lightning_cli(argv: Sequence[str]) -> MaskvidCLI:
     """Run a Lightning subcommand (argv[0] is fit/validate/test/predict)."""
-    return MaskvidCLI(
-        model_class=LightningModule,
-        datamodule_class=VideoDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=False,
-        # A SLURM requeue re-runs the same command into the same directory.
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "maskvid"},
-        args=list(argv),
-    )
+    return MaskvidCLI(args=list(argv))

@@ -1,0 +1,130 @@
+"""Clips/s of VideoDataModule at 0, 1 and 2 workers against a plain sequential PyAV decode.
+
+All figures come from one run on the same shards, so the ratios hold on a noisy machine. The
+baseline is the least any loader must do: read the tar, open each mp4 with PyAV, and convert the
+clip's frames to RGB at the clip resolution, one sample after another in one process.
+
+    python benchmarks/data_throughput.py                 # defaults: 256px sources, 16-frame 128px clips
+    python benchmarks/data_throughput.py --clips 400 --json-out results/data.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamodules.shard_writer import ShardSink  # noqa: E402
+from datamodules.streams import _read_shard, expand_shards  # noqa: E402
+from datamodules.video_datamodule import VideoDataModule  # noqa: E402
+from datamodules.video_io import encode_mp4  # noqa: E402
+
+
+def make_shards(out: Path, videos: int, size: int, frames: int, seed: int = 0) -> str:
+    """Textured, moving content so decoding costs what real footage costs (not flat colour)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    with ShardSink(out, samples_per_shard=max(1, videos // 8)) as sink:
+        for i in range(videos):
+            texture = rng.integers(0, 40, size=(size, size, 3), dtype=np.uint8)
+            fx, fy = rng.uniform(0.01, 0.05, size=2)
+            clip = []
+            for t in range(frames):
+                base = 127 + 80 * np.sin(fx * xx + fy * yy + 0.3 * t)
+                frame = np.stack([base, np.roll(base, t, 0), np.roll(base, -t, 1)], -1)
+                clip.append((np.clip(frame, 0, 215).astype(np.uint8) + np.roll(texture, 2 * t, 1)))
+            data, n = encode_mp4(clip, fps=16, crf=23)
+            sink.write(f"b{i:05d}", data, f"benchmark clip {i}", {"fps": 16, "num_frames": n})
+    return str(out)
+
+
+def raw_decode(shards: str, clips: int, num_frames: int, resolution: int) -> float:
+    """Sequential baseline: tar read + PyAV decode of the clip's frames to RGB at clip size."""
+    done = 0
+    start = time.perf_counter()
+    while done < clips:
+        for url in expand_shards(shards):
+            for sample in _read_shard(url):
+                with av.open(io.BytesIO(sample["mp4"])) as container:
+                    stream = container.streams.video[0]
+                    stream.thread_type = "AUTO"
+                    got = 0
+                    for frame in container.decode(stream):
+                        frame.to_ndarray(format="rgb24", width=resolution, height=resolution)
+                        got += 1
+                        if got == num_frames:
+                            break
+                done += 1
+                if done >= clips:
+                    break
+            if done >= clips:
+                break
+    return clips / (time.perf_counter() - start)
+
+
+def datamodule_rate(shards: str, clips: int, workers: int, num_frames: int, resolution: int, batch: int) -> float:
+    dm = VideoDataModule(
+        train_shards=shards, num_frames=num_frames, resolution=resolution,
+        batch_size=batch, num_workers=workers, shuffle_buffer=64, mix_shards=2,
+    )
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    next(it)  # worker start-up is a one-off per epoch, not throughput
+    batches = max(1, clips // batch)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * batch / (time.perf_counter() - start)
+    del it
+    return rate
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=int, default=64, help="distinct source videos (default 64)")
+    parser.add_argument("--source-size", type=int, default=256, help="source frame size (default 256)")
+    parser.add_argument("--source-frames", type=int, default=24, help="frames per source video (default 24)")
+    parser.add_argument("--num-frames", type=int, default=16, help="frames per clip (default 16)")
+    parser.add_argument("--resolution", type=int, default=128, help="clip resolution (default 128)")
+    parser.add_argument("--clips", type=int, default=256, help="clips timed per configuration (default 256)")
+    parser.add_argument("--batch-size", type=int, default=8, help="datamodule batch size (default 8)")
+    parser.add_argument("--repeats", type=int, default=2, help="timings per configuration; the best is kept")
+    parser.add_argument("--json-out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = make_shards(Path(tmp), args.videos, args.source_size, args.source_frames)
+        shape = (args.num_frames, args.resolution)
+        raw = max(raw_decode(shards, args.clips, *shape) for _ in range(args.repeats))
+        rates = {
+            w: max(datamodule_rate(shards, args.clips, w, *shape, args.batch_size) for _ in range(args.repeats))
+            for w in (0, 1, 2)
+        }
+    result = {
+        "benchmark": "data_throughput",
+        "config": vars(args),
+        "raw_decode_clips_per_s": round(raw, 2),
+        "datamodule_clips_per_s": {f"workers_{w}": round(r, 2) for w, r in rates.items()},
+        "ratio_vs_raw": {f"workers_{w}": round(r / raw, 3) for w, r in rates.items()},
+        "targets": {"workers_1": 0.9, "workers_2": 1.6},
+    }
+    result["meets_targets"] = all(result["ratio_vs_raw"][k] >= v for k, v in result["targets"].items())
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,514 @@
+"""Build WebDataset video shards from a user's captioned videos (`maskvid data shards`).
+
+Inputs come from a folder, scanned recursively, with a sidecar caption per video (`clip.txt`, or
+`clip.mp4.txt` when two videos share a stem), or from a JSONL manifest of
+`{"path": ..., "caption": ...}` lines with paths relative to the manifest's folder.
+Each input is probed, decoded upright (rotation metadata applied), optionally resampled to a
+frame rate and downscaled, re-encoded as h264 mp4, and written as a sample `mp4`/`txt`/`json`.
+
+Every input that cannot be used is skipped with one of the `SKIP_REASONS` and listed in a JSON
+report; one bad file never stops a build. Output order follows input order (sorted paths, or
+manifest order) whatever the number of workers, and sample keys derive from the paths, so two
+builds of the same input hold the same samples under the same keys in the same order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import av
+from tqdm import tqdm
+
+from datamodules.errors import DataError
+from datamodules.shard_writer import ShardSink
+from datamodules.video_io import VideoDecodeError, encode_mp4, iter_frames, probe
+
+MISSING_FILE = "missing file"
+CORRUPT = "unreadable or corrupt"
+NO_VIDEO = "no video stream"
+ZERO_FRAMES = "zero frames"
+EMPTY_CAPTION = "empty caption"
+MISSING_CAPTION = "missing caption"
+BAD_MANIFEST_LINE = "bad manifest line"
+SKIP_REASONS = (
+    MISSING_FILE, CORRUPT, NO_VIDEO, ZERO_FRAMES, EMPTY_CAPTION, MISSING_CAPTION, BAD_MANIFEST_LINE
+)
+# Not a skip: the video is written, but the report flags it (see SHORT_DECODE_RATIO).
+SHORT_DECODE = "short decode"
+
+# Files in a video folder that are captions or metadata, never inputs. Anything else is tried as
+# a video, so a stray non-video file shows up in the report instead of vanishing silently.
+SIDECAR_SUFFIXES = frozenset({".txt", ".json", ".jsonl", ".md", ".csv"})
+MANIFEST_SUFFIXES = frozenset({".jsonl"})
+# Same fallback as video_io.iter_frames when a stream does not state a usable frame rate.
+DEFAULT_FPS = 25.0
+# A decode covering less than this share of the declared duration gets a warning (FFmpeg often
+# ends a truncated file silently instead of raising).
+SHORT_DECODE_RATIO = 0.9
+DEFAULT_REPORT_NAME = "report.json"
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
+                "slower", "veryslow", "placebo")
+
+
+def default_workers() -> int:
+    """Worker processes used when none are asked for: up to 4, never more than the CPUs."""
+    return min(4, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How each input is turned into a sample's mp4."""
+
+    fps: Optional[float] = None
+    """Resample to this frame rate (drops or repeats frames); None keeps the source rate."""
+    max_size: Optional[int] = None
+    """Downscale so the short side is at most this many pixels; None keeps the size."""
+    max_frames: Optional[int] = None
+    """Keep at most this many (output) frames per video; None keeps all."""
+    crf: int = 18
+    """libx264 constant rate factor: 0 is lossless, 18 visually lossless, 51 worst."""
+    preset: str = "veryfast"
+    """libx264 speed/size preset."""
+
+    def validate(self) -> None:
+        """Raise DataError for values that would only fail later, inside every worker."""
+        if self.fps is not None and not self.fps > 0:
+            raise DataError(f"--fps must be > 0, got {self.fps}")
+        if self.max_size is not None and self.max_size < 2:
+            raise DataError(f"--max-size must be >= 2, got {self.max_size}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise DataError(f"--max-frames must be >= 1, got {self.max_frames}")
+        if not 0 <= self.crf <= 51:
+            raise DataError(f"--crf must be within 0..51, got {self.crf}")
+        if self.preset not in X264_PRESETS:
+            choices = ", ".join(X264_PRESETS)
+            raise DataError(f"--preset must be one of {choices}, got {self.preset!r}")
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One candidate video and its caption, as found in the folder or the manifest."""
+
+    path: Path
+    """Where the file is (absolute, or relative to the working directory)."""
+    source: str
+    """The path as reported: relative to the input root, with '/' separators."""
+    caption: Optional[str]
+    """Stripped caption; None when there is none at all."""
+    caption_detail: str = ""
+    """Why the caption is missing, or where an empty one came from."""
+    order: int = 0
+    """Position in the input (manifest line number for manifests), for a report in input order."""
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A report entry: an input left out of the shards, or (in `kept_empty_captions` and
+    `warnings`) one written anyway, with a reason code and a human-readable detail."""
+
+    path: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A sample ready for the shard: the h264 mp4 bytes and its json metadata."""
+
+    mp4: bytes
+    meta: dict[str, Any]
+    warning: str = ""
+
+
+@dataclass
+class BuildReport:
+    """What a build did; `to_dict()` is what is written to the report file."""
+
+    input: str
+    out: str
+    options: dict[str, Any]
+    pattern: Optional[str] = None
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    written: int = 0
+    skipped: list[Skip] = field(default_factory=list)
+    kept_empty_captions: list[Skip] = field(default_factory=list)
+    warnings: list[Skip] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    report_path: str = ""
+
+    def reason_counts(self) -> dict[str, int]:
+        return dict(Counter(s.reason for s in self.skipped))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "out": self.out,
+            "pattern": self.pattern,
+            "shards": self.shards,
+            "counts": {
+                "inputs": self.written + len(self.skipped),
+                "written": self.written,
+                "skipped": len(self.skipped),
+                "kept_empty_caption": len(self.kept_empty_captions),
+                "warnings": len(self.warnings),
+                "skipped_by_reason": self.reason_counts(),
+            },
+            "options": self.options,
+            "skipped": [asdict(s) for s in self.skipped],
+            "kept_empty_captions": [asdict(s) for s in self.kept_empty_captions],
+            "warnings": [asdict(s) for s in self.warnings],
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+# --------------------------------------------------------------------------- collecting inputs
+
+
+def _read_sidecar(video: Path) -> tuple[Optional[str], str]:
+    """(caption, detail) from `clip.mp4.txt` or else `clip.txt`; caption None when absent."""
+    for sidecar in (video.with_name(video.name + ".txt"), video.with_suffix(".txt")):
+        if sidecar.is_file():
+            try:
+                return sidecar.read_text(encoding="utf-8-sig").strip(), f"{sidecar.name} is empty"
+            except (OSError, UnicodeDecodeError) as e:
+                return None, f"cannot read {sidecar.name} as UTF-8 text: {e}"
+    return None, f"no {video.with_suffix('.txt').name} next to it"
+
+
+def scan_folder(root: Path, exclude: Iterable[Path] = ()) -> list[InputItem]:
+    """Every non-hidden, non-sidecar file under `root`, sorted by relative path.
+
+    exclude: folders to leave out (the output folder, when it lies inside the input folder).
+    """
+    excluded = {p.resolve() for p in exclude}
+    found: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = [
+            d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded
+        ]
+        for name in filenames:
+            path = here / name
+            if name.startswith(".") or path.suffix.lower() in SIDECAR_SUFFIXES:
+                continue
+            found.append((path.relative_to(root).as_posix(), path))
+    found.sort()
+    return [
+        InputItem(path, rel, *_read_sidecar(path), order=i) for i, (rel, path) in enumerate(found)
+    ]
+
+
+def read_manifest(manifest: Path) -> tuple[list[InputItem], list[tuple[int, Skip]]]:
+    """Items of a JSONL manifest in line order, and (line number, `bad manifest line` skip) for
+    each line that is not a JSON object with a "path" string and an optional "caption" string.
+    """
+    root = manifest.parent
+    items: list[InputItem] = []
+    bad: list[tuple[int, Skip]] = []
+    try:
+        lines = manifest.read_bytes().splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read manifest {manifest}: {e.strerror or e}") from e
+    for lineno, raw in enumerate(lines, 1):
+        where = f"{manifest.name}:{lineno}"
+        try:
+            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            if not text.strip():
+                continue
+            entry = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            detail = f"line {lineno}: not valid JSON: {e}"
+            bad.append((lineno, Skip(where, BAD_MANIFEST_LINE, detail)))
+            continue
+        path = entry.get("path") if isinstance(entry, dict) else None
+        caption = entry.get("caption") if isinstance(entry, dict) else None
+        if not isinstance(path, str) or not path.strip():
+            detail = f'line {lineno}: expected an object with a non-empty "path" string'
+            bad.append((lineno, Skip(where, BAD_MANIFEST_LINE, detail)))
+            continue
+        if caption is not None and not isinstance(caption, str):
+            detail = f'line {lineno}: "caption" must be a string, got {type(caption).__name__}'
+            bad.append((lineno, Skip(where, BAD_MANIFEST_LINE, detail)))
+            continue
+        source = Path(os.path.normpath(path)).as_posix()
+        if caption is None:
+            caption_detail = f'line {lineno} has no "caption"'
+        else:
+            caption, caption_detail = caption.strip(), f'line {lineno}: "caption" is empty'
+        items.append(InputItem(root / path, source, caption, caption_detail, lineno))
+    return items, bad
+
+
+def collect_inputs(
+    videos: Path, exclude: Iterable[Path] = ()
+) -> tuple[list[InputItem], list[tuple[int, Skip]]]:
+    """Inputs from a folder or a `.jsonl` manifest, plus (line, skip) for bad manifest lines."""
+    if not videos.exists():
+        raise DataError(f"--videos {videos} does not exist")
+    if videos.is_dir():
+        return scan_folder(videos, exclude), []
+    if videos.suffix.lower() in MANIFEST_SUFFIXES:
+        return read_manifest(videos)
+    raise DataError(f"--videos {videos} must be a folder of videos or a .jsonl manifest")
+
+
+def sample_keys(sources: Iterable[str]) -> list[str]:
+    """A unique WebDataset key per source path: no dots, no slashes, stable for a given input.
+
+    `a.mp4` and `a.webm` give `a_mp4` and `a_webm`; a clash left after that (`a_b.mp4` and
+    `a/b.mp4`) gets `-2`, `-3`... in input order.
+    """
+    keys: list[str] = []
+    taken: set[str] = set()
+    for source in sources:
+        base = re.sub(r"[^\w-]+", "_", source).strip("_") or "sample"
+        key = base
+        for n in itertools.count(2):
+            if key not in taken:
+                break
+            key = f"{base}-{n}"
+        taken.add(key)
+        keys.append(key)
+    return keys
+
+
+# --------------------------------------------------------------------------- encoding one input
+
+
+def _stream_types(path: Path) -> list[str]:
+    """The container's stream types, e.g. ["audio"]; empty when FFmpeg finds no stream at all."""
+    try:
+        with av.open(str(path)) as container:
+            return sorted({stream.type for stream in container.streams})
+    except (av.FFmpegError, OSError, ValueError):
+        return []
+
+
+def encode_one(path: Path, source: str, options: EncodeOptions) -> Encoded | Skip:
+    """Probe, decode and re-encode one video. Never raises for bad input: returns a Skip.
+
+    Runs in worker processes, so anything unexpected also becomes a Skip (`unreadable or
+    corrupt`, with the exception as detail) rather than taking the pool down.
+    """
+    try:
+        if not path.is_file():
+            return Skip(source, MISSING_FILE, f"{path} is not a file")
+        if path.stat().st_size == 0:
+            return Skip(source, CORRUPT, "empty file (0 bytes)")
+        info = probe(path)
+        out_fps = options.fps or info.fps or DEFAULT_FPS
+        frames = iter_frames(path, fps=options.fps, max_size=options.max_size,
+                             max_frames=options.max_frames)
+        first = next(frames, None)
+        if first is None:
+            return Skip(source, ZERO_FRAMES, "the video stream decodes to no frames")
+        mp4, n = encode_mp4(itertools.chain([first], frames), out_fps, options.crf, options.preset)
+    except VideoDecodeError as e:
+        if e.reason == NO_VIDEO:
+            # An mp4 cut before its index opens fine but holds no stream: that is damage, not
+            # an audio file.
+            types = _stream_types(path)
+            if not types:
+                return Skip(source, CORRUPT, "no streams found (truncated, or not a media file)")
+            return Skip(source, NO_VIDEO, f"only {', '.join(types)} streams")
+        return Skip(source, e.reason, e.detail or e.reason)
+    except FileNotFoundError as e:
+        return Skip(source, MISSING_FILE, str(e))
+    except Exception as e:  # noqa: BLE001 - one odd file must not stop the build
+        return Skip(source, CORRUPT, f"{type(e).__name__}: {e}".splitlines()[0][:300])
+    duration = n / out_fps
+    meta = {
+        "fps": out_fps,
+        "num_frames": n,
+        # encode_mp4 crops odd sizes by one pixel for yuv420.
+        "width": first.shape[1] // 2 * 2,
+        "height": first.shape[0] // 2 * 2,
+        "duration": duration,
+        "codec": "h264",
+        "source": source,
+        "source_codec": info.codec,
+        "source_fps": info.fps,
+        "source_width": info.width,
+        "source_height": info.height,
+        "source_duration": info.duration,
+        "source_rotation": info.rotation,
+    }
+    warning = ""
+    capped = options.max_frames is not None and n >= options.max_frames
+    if not capped and duration < SHORT_DECODE_RATIO * info.duration:
+        warning = (f"decoded {duration:.2f} s of the {info.duration:.2f} s the header declares; "
+                   "the file may be truncated")
+    return Encoded(mp4, meta, warning)
+
+
+def _encode_job(job: tuple[Path, str, EncodeOptions]) -> Encoded | Skip:
+    return encode_one(*job)
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C is handled once, in the parent, which then terminates the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def ordered_map(
+    fn: Callable[[Any], Any], jobs: Iterable[Any], workers: int, window: int = 4
+) -> Iterator[Any]:
+    """`map(fn, jobs)` in input order over a process pool, with at most `window`×workers jobs in
+    flight, so finished results never pile up in memory behind a slow one (Pool.imap would
+    queue every result). workers <= 1 runs in this process.
+    """
+    if workers <= 1:
+        yield from map(fn, jobs)
+        return
+    pending: deque = deque()
+    todo = iter(jobs)
+    with multiprocessing.get_context().Pool(workers, initializer=_ignore_sigint) as pool:
+        for job in itertools.islice(todo, window * workers):
+            pending.append(pool.apply_async(fn, (job,)))
+        while pending:
+            result = pending.popleft().get()
+            for job in itertools.islice(todo, 1):
+                pending.append(pool.apply_async(fn, (job,)))
+            yield result
+
+
+# --------------------------------------------------------------------------- the build
+
+
+def _caption_issue(item: InputItem) -> Skip:
+    """The report entry for an input whose caption is missing or empty."""
+    reason = MISSING_CAPTION if item.caption is None else EMPTY_CAPTION
+    return Skip(item.source, reason, item.caption_detail)
+
+
+def plan_jobs(
+    items: list[InputItem], empty_caption: str = "skip"
+) -> tuple[list[tuple[InputItem, str]], list[tuple[int, Skip]]]:
+    """Split inputs, without decoding anything, into (item, sample key) pairs to encode and
+    (input order, skip) for missing files and, with empty_caption="skip", missing captions.
+    """
+    jobs: list[tuple[InputItem, str]] = []
+    skipped: list[tuple[int, Skip]] = []
+    for item, key in zip(items, sample_keys(i.source for i in items)):
+        if not item.path.is_file():
+            detail = f"{item.path} not found (or not a regular file)"
+            skipped.append((item.order, Skip(item.source, MISSING_FILE, detail)))
+        elif item.caption or empty_caption == "keep":
+            jobs.append((item, key))
+        else:
+            skipped.append((item.order, _caption_issue(item)))
+    return jobs, skipped
+
+
+def _check_writable(report_path: Path) -> None:
+    try:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=report_path.parent, prefix=".report-"):
+            pass
+    except OSError as e:
+        raise DataError(f"cannot write the report {report_path}: {e.strerror or e}") from e
+
+
+def _write_report(report: BuildReport, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def build_shards(
+    videos: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    options: EncodeOptions = EncodeOptions(),
+    samples_per_shard: int = 1000,
+    prefix: str = "shard",
+    empty_caption: str = "skip",
+    workers: Optional[int] = None,
+    overwrite: bool = False,
+    report_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> BuildReport:
+    """Write `<out>/<prefix>-NNNNNN.tar` shards and a JSON report; return the report.
+
+    empty_caption: "skip" leaves out videos with a missing or empty caption; "keep" writes them
+        with caption "" (for unconditional training) and lists them under `kept_empty_captions`.
+    workers: processes that decode and encode (None: `default_workers()`; 0 or 1: in process).
+    Raises DataError before any decoding when the input does not exist, the output or report is
+    not writable, or shards exist already without `overwrite`; and after the run when no input
+    could be used (the report, listing why, is written first).
+    """
+    started = time.monotonic()
+    videos, out = Path(videos), Path(out)
+    report_file = Path(report_path) if report_path is not None else out / DEFAULT_REPORT_NAME
+    options.validate()
+    if empty_caption not in ("skip", "keep"):
+        raise DataError(f"--empty-caption must be 'skip' or 'keep', got {empty_caption!r}")
+    if not prefix or "/" in prefix or os.sep in prefix:
+        raise DataError(f"--prefix must be a plain file name prefix, got {prefix!r}")
+    workers = default_workers() if workers is None else workers
+
+    items, bad_lines = collect_inputs(videos, exclude=[out])
+    if not items and not bad_lines:
+        raise DataError(f"no input files found in {videos}")
+    jobs, skipped = plan_jobs(items, empty_caption)
+    skipped += bad_lines
+    sink = ShardSink(out, samples_per_shard, prefix=prefix, overwrite=overwrite)
+    try:
+        _check_writable(report_file)
+    except DataError:
+        sink.abort()
+        raise
+    report = BuildReport(
+        input=str(videos),
+        out=str(out),
+        report_path=str(report_file),
+        options={**asdict(options), "samples_per_shard": samples_per_shard, "prefix": prefix,
+                 "empty_caption": empty_caption, "workers": workers, "overwrite": overwrite},
+    )
+    work = ((item.path, item.source, options) for item, _ in jobs)
+    results = ordered_map(_encode_job, work, workers)
+    try:
+        with tqdm(total=len(jobs), unit="video", file=sys.stderr, disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for result, (item, key) in zip(results, jobs):
+                if isinstance(result, Skip):
+                    skipped.append((item.order, result))
+                else:
+                    sink.write(key, result.mp4, item.caption or "", result.meta)
+                    if not item.caption:
+                        report.kept_empty_captions.append(_caption_issue(item))
+                    if result.warning:
+                        report.warnings.append(Skip(item.source, SHORT_DECODE, result.warning))
+                bar.update(1)
+                bar.set_postfix(skipped=len(skipped), refresh=False)
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        results.close()  # stops the pool now rather than when garbage collected
+    report.skipped = [s for _, s in sorted(skipped, key=lambda pair: pair[0])]
+    report.written = len(sink)
+    if report.written == 0:
+        sink.abort()
+    else:
+        report.shards = [{"path": Path(s.path).name, "num_samples": s.num_samples}
+                         for s in sink.close()]
+        report.pattern = sink.pattern
+    report.elapsed_s = time.monotonic() - started
+    _write_report(report, report_file)
+    if report.written == 0:
+        reasons = ", ".join(f"{n} {r}" for r, n in report.reason_counts().items())
+        raise DataError(f"no usable videos in {videos} ({reasons}); details in {report_file}")
+    return report

@@ -1,0 +1,109 @@
+"""Build WebDataset video shards from your captioned videos (mp4, webm, mkv, avi, mov, gif, ...)
+
+Input is either a folder, scanned recursively, where each video has a caption in a sidecar text
+file next to it (clip.mp4 + clip.txt, or clip.mp4.txt), or a JSONL manifest with one
+{"path": "clips/a.mp4", "caption": "a dog runs"} per line, paths relative to the manifest.
+Every file in the folder other than .txt/.json/.jsonl/.md/.csv and hidden files is tried as a
+video. Each one is decoded upright (rotation metadata applied), optionally resampled to --fps,
+downscaled to --max-size and cut to --max-frames, and re-encoded as h264 mp4. Each sample in
+the tar shards holds mp4, txt (the caption) and json (fps, num_frames, width, height, duration,
+source, source_codec, ...).
+
+Inputs that cannot be used are skipped, never fatal, and listed with a reason in the report
+(default OUT/report.json): missing file, unreadable or corrupt, no video stream, zero frames,
+missing caption, empty caption, bad manifest line. The command exits 0 when at least one video
+was written, and 2 with a one-line error when nothing was usable, the input does not exist, the
+output is not writable, or OUT already holds shards (pass --overwrite to replace them).
+
+examples:
+  maskvid data shards --videos ~/clips --out shards/mine
+  maskvid data shards --videos clips/manifest.jsonl --out shards/mine --fps 8 --max-size 256 \\
+      --samples-per-shard 500 --workers 8
+  maskvid data shards --videos ~/clips --out shards/uncond --empty-caption keep --overwrite
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from datamodules.shards import X264_PRESETS, EncodeOptions, build_shards, default_workers
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--videos", required=True, metavar="DIR|MANIFEST.jsonl",
+                    help="folder of videos with sidecar .txt captions, or a JSONL manifest")
+    io.add_argument("--out", required=True, metavar="DIR", help="folder for the shards")
+    io.add_argument("--report", metavar="PATH", default=None,
+                    help="where to write the JSON report (default: OUT/report.json)")
+    io.add_argument("--prefix", default="shard",
+                    help="shard file name prefix: PREFIX-000000.tar ... (default: %(default)s)")
+    io.add_argument("--samples-per-shard", type=_positive_int, default=1000, metavar="N",
+                    help="samples per tar shard (default: %(default)s)")
+    io.add_argument("--overwrite", action="store_true",
+                    help="replace shards already in OUT (otherwise the command refuses)")
+
+    video = parser.add_argument_group("video")
+    video.add_argument("--fps", type=_positive_float, default=None,
+                       help="resample to this frame rate, dropping or repeating frames "
+                       "(default: keep the source rate)")
+    video.add_argument("--max-size", type=_positive_int, default=None, metavar="PIXELS",
+                       help="downscale so the short side is at most this (default: keep size)")
+    video.add_argument("--max-frames", type=_positive_int, default=None, metavar="N",
+                       help="keep at most N frames of each video (default: all)")
+    video.add_argument("--crf", type=int, default=18, metavar="0..51",
+                       help="h264 quality, lower is better and bigger (default: %(default)s)")
+    video.add_argument("--preset", default="veryfast", choices=X264_PRESETS,
+                       help="libx264 speed preset (default: %(default)s)")
+
+    run_group = parser.add_argument_group("captions and run")
+    run_group.add_argument("--empty-caption", choices=("skip", "keep"), default="skip",
+                           help="videos with a missing or empty caption: skip them, or keep "
+                           "them with caption \"\" for unconditional training (default: skip)")
+    run_group.add_argument("--workers", type=_non_negative_int, default=default_workers(),
+                           metavar="N", help="worker processes; 0 or 1 runs in this process "
+                           "(default: %(default)s, i.e. min(4, CPUs))")
+    run_group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    options = EncodeOptions(fps=args.fps, max_size=args.max_size, max_frames=args.max_frames,
+                            crf=args.crf, preset=args.preset)
+    report = build_shards(
+        args.videos,
+        args.out,
+        options=options,
+        samples_per_shard=args.samples_per_shard,
+        prefix=args.prefix,
+        empty_caption=args.empty_caption,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        report_path=args.report,
+        progress=not args.quiet,
+    )
+    kept = len(report.kept_empty_captions)
+    extra = f" ({kept} with empty captions)" if kept else ""
+    print(f"{report.written} written{extra} to {report.pattern}, "
+          f"{len(report.skipped)} skipped, see {report.report_path}")
+    return 0
