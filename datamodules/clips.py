@@ -17,7 +17,7 @@ import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from datamodules.video_io import VideoDecodeError, _short, _stream_fps, rotate
+from datamodules.video_io import VideoDecodeError, _short, _stream_fps, _video_stream, rotate
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "gif", "m4v")
@@ -99,9 +99,7 @@ def decode_clip(
     except (av.FFmpegError, ValueError, OSError, EOFError) as e:
         raise VideoDecodeError("unreadable or corrupt", _short(e)) from e
     try:
-        if not container.streams.video:
-            raise VideoDecodeError("no video stream")
-        stream = container.streams.video[0]
+        stream = _video_stream(container)
         stream.thread_type = "AUTO"
         cc = stream.codec_context
         if cc.width * cc.height > spec.max_pixels:

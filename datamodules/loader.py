@@ -8,21 +8,39 @@ so counting fetches would skip a batch on every resume.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
 from datamodules.pixels import to_model
 from datamodules.streams import TrainStream
 
 
+def _worker_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor; in a DataLoader worker it lives in shared memory from the start, so
+    handing the batch to the main process costs no extra copy (as default_collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
 def collate_clips(samples: list[dict[str, Any]], normalize: bool = True) -> dict[str, Any]:
-    """Stack samples into the batch contract: video [B,C,T,H,W], caption, frame_mask, meta."""
-    video = torch.stack([s["video"] for s in samples])
+    """Stack samples into the batch contract: video float [B,C,T,H,W] (uint8 [B,T,H,W,C] when
+    not normalize), caption, frame_mask, meta."""
+    t, h, w, c = samples[0]["video"].shape
+    if normalize:
+        frames = torch.stack([s["video"] for s in samples])  # uint8 [B, T, H, W, C]
+        video = to_model(frames, out=_worker_buffer((len(samples), c, t, h, w), torch.float32))
+    else:
+        # Stays uint8 channels-last; the datamodule converts it on the device (to_model).
+        video = torch.stack([s["video"] for s in samples], out=_worker_buffer((len(samples), t, h, w, c), torch.uint8))
     metas = [s["meta"] for s in samples]
     return {
-        "video": to_model(video) if normalize else video,
+        "video": video,
         "caption": [s["caption"] for s in samples],
         "frame_mask": torch.stack([s["frame_mask"] for s in samples]),
         "meta": {

@@ -11,12 +11,21 @@ import torch
 from einops import rearrange
 
 
-def to_model(video: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [..., T, H, W, C] (channels last, as decoded) -> float [..., C, T, H, W] in [-1, 1]."""
+def to_model(
+    video: torch.Tensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """uint8 [..., T, H, W, C] (channels last, as decoded) -> float [..., C, T, H, W] in [-1, 1].
+
+    out: optional destination (e.g. a shared-memory buffer in a DataLoader worker); the result
+        is always contiguous.
+    """
     if video.dtype != torch.uint8:
         raise TypeError(f"to_model expects uint8 pixels, got {video.dtype}")
     video = rearrange(video, "... t h w c -> ... c t h w")
-    return video.to(dtype).div_(127.5).sub_(1.0)
+    if out is None:
+        out = torch.empty(video.shape, dtype=dtype, device=video.device)
+    out.copy_(video)
+    return out.div_(127.5).sub_(1.0)
 
 
 def to_uint8(video: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-import av
 from tqdm import tqdm
 
 from datamodules.errors import DataError
@@ -287,15 +286,6 @@ def sample_keys(sources: Iterable[str]) -> list[str]:
 # --------------------------------------------------------------------------- encoding one input
 
 
-def _stream_types(path: Path) -> list[str]:
-    """The container's stream types, e.g. ["audio"]; empty when FFmpeg finds no stream at all."""
-    try:
-        with av.open(str(path)) as container:
-            return sorted({stream.type for stream in container.streams})
-    except (av.FFmpegError, OSError, ValueError):
-        return []
-
-
 def encode_one(path: Path, source: str, options: EncodeOptions) -> Encoded | Skip:
     """Probe, decode and re-encode one video. Never raises for bad input: returns a Skip.
 
@@ -316,13 +306,6 @@ def encode_one(path: Path, source: str, options: EncodeOptions) -> Encoded | Ski
             return Skip(source, ZERO_FRAMES, "the video stream decodes to no frames")
         mp4, n = encode_mp4(itertools.chain([first], frames), out_fps, options.crf, options.preset)
     except VideoDecodeError as e:
-        if e.reason == NO_VIDEO:
-            # An mp4 cut before its index opens fine but holds no stream: that is damage, not
-            # an audio file.
-            types = _stream_types(path)
-            if not types:
-                return Skip(source, CORRUPT, "no streams found (truncated, or not a media file)")
-            return Skip(source, NO_VIDEO, f"only {', '.join(types)} streams")
         return Skip(source, e.reason, e.detail or e.reason)
     except FileNotFoundError as e:
         return Skip(source, MISSING_FILE, str(e))

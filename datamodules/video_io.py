@@ -61,7 +61,11 @@ def _short(e: BaseException) -> str:
 
 def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
     if not container.streams.video:
-        raise VideoDecodeError("no video stream")
+        types = sorted({stream.type for stream in container.streams})
+        if not types:
+            # An mp4 cut before its index opens fine but holds no stream: damage, not audio.
+            raise VideoDecodeError("unreadable or corrupt", "no streams found (truncated, or not a media file)")
+        raise VideoDecodeError("no video stream", f"only {', '.join(types)} streams")
     return container.streams.video[0]
 
 
