@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import get_worker_info
 
 from datamodules.video_io import VideoDecodeError, _short, _stream_fps, _video_stream, rotate
 
@@ -33,6 +35,7 @@ class ClipSpec:
     fps: Optional[float] = None  # when set, overrides stride: sample at this rate
     short: str = "pad"  # "pad": repeat the last frame and mask it; "skip": reject short videos
     max_pixels: int = 3840 * 2160  # larger source frames are rejected (memory guard)
+    threads: int = 0  # decoder threads; 0: FFmpeg's count in the main process, cores/workers in a worker
 
     def __post_init__(self) -> None:
         if self.num_frames < 1 or self.size < 1 or self.stride < 1:
@@ -41,6 +44,19 @@ class ClipSpec:
             raise ValueError(f"fps must be > 0, got {self.fps}")
         if self.short not in ("pad", "skip"):
             raise ValueError(f"short must be 'pad' or 'skip', got {self.short!r}")
+
+
+def _worker_threads() -> int:
+    """Decoder threads inside a DataLoader worker: the cores shared out among the workers.
+
+    FFmpeg's automatic count assumes it owns every core; N workers each doing that oversubscribe
+    the machine N-fold and lose to plain sequential decoding. Slice threading (FFmpeg's default)
+    is kept rather than frame threading: short clips pay frame threading's start-up on every file.
+    """
+    info = get_worker_info()
+    if info is None:
+        return 0
+    return max(1, (os.cpu_count() or 1) // info.num_workers)
 
 
 def _resize_crop_dims(width: int, height: int, rotation: int, size: int) -> tuple[int, int]:
@@ -100,7 +116,9 @@ def decode_clip(
         raise VideoDecodeError("unreadable or corrupt", _short(e)) from e
     try:
         stream = _video_stream(container)
-        stream.thread_type = "AUTO"
+        threads = spec.threads or _worker_threads()
+        if threads:
+            stream.codec_context.thread_count = threads
         cc = stream.codec_context
         if cc.width * cc.height > spec.max_pixels:
             raise VideoDecodeError("frame too large", f"{cc.width}x{cc.height}")

@@ -4,6 +4,11 @@ Lightning saves `state_dict()` of a train dataloader that has one and restores i
 iterating again. The position saved is the number of batches the *model consumed* (reported by
 the datamodule from `on_before_batch_transfer`), not the number fetched: Lightning prefetches,
 so counting fetches would skip a batch on every resume.
+
+Workers hand over uint8 clips; the float conversion (`pixels.to_model`) runs as batches leave
+the loader, or on the accelerator with normalize_on_device. Shipping float32 out of the workers
+costs 4x the shared memory, and faulting in that fresh memory for every batch cost about 15% of
+2-worker throughput on a 2-core machine (benchmarks/data_throughput.py).
 """
 
 from __future__ import annotations
@@ -28,16 +33,11 @@ def _worker_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
-def collate_clips(samples: list[dict[str, Any]], normalize: bool = True) -> dict[str, Any]:
-    """Stack samples into the batch contract: video float [B,C,T,H,W] (uint8 [B,T,H,W,C] when
-    not normalize), caption, frame_mask, meta."""
+def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples: video uint8 [B,T,H,W,C] (VideoLoader turns it into float [B,C,T,H,W]),
+    caption, frame_mask, meta."""
     t, h, w, c = samples[0]["video"].shape
-    if normalize:
-        frames = torch.stack([s["video"] for s in samples])  # uint8 [B, T, H, W, C]
-        video = to_model(frames, out=_worker_buffer((len(samples), c, t, h, w), torch.float32))
-    else:
-        # Stays uint8 channels-last; the datamodule converts it on the device (to_model).
-        video = torch.stack([s["video"] for s in samples], out=_worker_buffer((len(samples), t, h, w, c), torch.uint8))
+    video = torch.stack([s["video"] for s in samples], out=_worker_buffer((len(samples), t, h, w, c), torch.uint8))
     metas = [s["meta"] for s in samples]
     return {
         "video": video,
@@ -54,15 +54,28 @@ def collate_clips(samples: list[dict[str, Any]], normalize: bool = True) -> dict
     }
 
 
-def collate_normalized(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return collate_clips(samples, normalize=True)
+class VideoLoader(DataLoader):
+    """DataLoader that yields the batch contract: video float [B,C,T,H,W] in [-1, 1].
+
+    normalize=False leaves video as uint8 [B,T,H,W,C] for conversion on the device.
+    """
+
+    def __init__(self, dataset: Any, normalize: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("collate_fn", collate_clips)
+        super().__init__(dataset, **kwargs)
+        self.normalize = normalize
+
+    def __iter__(self):
+        return self._normalized(super().__iter__())
+
+    def _normalized(self, iterator):
+        for batch in iterator:
+            if self.normalize:
+                batch["video"] = to_model(batch["video"])
+            yield batch
 
 
-def collate_uint8(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return collate_clips(samples, normalize=False)
-
-
-class ResumableLoader(DataLoader):
+class ResumableLoader(VideoLoader):
     """DataLoader over a TrainStream with `state_dict`/`load_state_dict` and optional epochs.
 
     batches_per_epoch: when set, an epoch ends after that many batches and the next epoch
@@ -101,7 +114,7 @@ class ResumableLoader(DataLoader):
         self._fetched, self._consumed = start, None
         self._skipped_done += sum(self._skipped_now.values())
         self._skipped_now = {}
-        return self._batches(super().__iter__())
+        return self._batches(super().__iter__())  # VideoLoader's, already normalised
 
     def _batches(self, iterator):
         served = 0

@@ -8,10 +8,9 @@ from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
 
 from datamodules.clips import ClipSpec
-from datamodules.loader import ResumableLoader, collate_normalized, collate_uint8
+from datamodules.loader import ResumableLoader, VideoLoader
 from datamodules.pixels import to_model
 from datamodules.samples import SampleDecoder
 from datamodules.streams import TrainStream, ValStream, dist_rank_world, expand_shards
@@ -105,9 +104,6 @@ class VideoDataModule(pl.LightningDataModule):
             return trainer.global_rank, trainer.world_size
         return dist_rank_world()
 
-    def _collate(self):
-        return collate_uint8 if self.hparams.normalize_on_device else collate_normalized
-
     def train_dataloader(self) -> ResumableLoader:
         if not self.hparams.train_shards:
             raise ValueError("VideoDataModule: train_shards is not set (data.train_shards)")
@@ -125,8 +121,8 @@ class VideoDataModule(pl.LightningDataModule):
         loader = ResumableLoader(
             dataset,
             batches_per_epoch=self.hparams.batches_per_epoch,
+            normalize=not self.hparams.normalize_on_device,
             num_workers=self.hparams.num_workers,
-            collate_fn=self._collate(),
             pin_memory=self.hparams.pin_memory,
             persistent_workers=False,  # workers must restart at the loader's position each epoch
         )
@@ -136,26 +132,26 @@ class VideoDataModule(pl.LightningDataModule):
         self._train_loader = loader
         return loader
 
-    def _eval_loader(self, shards: Optional[Union[str, list[str]]], name: str) -> DataLoader:
+    def _eval_loader(self, shards: Optional[Union[str, list[str]]], name: str) -> VideoLoader:
         if not shards:
             raise ValueError(f"VideoDataModule: {name}_shards is not set (data.{name}_shards)")
         rank, world = self._rank_world()
         dataset = ValStream(expand_shards(shards), self.decoder, rank=rank, world_size=world)
-        return DataLoader(
+        return VideoLoader(
             dataset,
+            normalize=not self.hparams.normalize_on_device,
             batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
-            collate_fn=self._collate(),
             pin_memory=self.hparams.pin_memory,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> VideoLoader:
         return self._eval_loader(self.hparams.val_shards, "val")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> VideoLoader:
         return self._eval_loader(self.hparams.test_shards or self.hparams.val_shards, "test")
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> VideoLoader:
         return self.test_dataloader()
 
     # ---- hooks ---------------------------------------------------------------------------
