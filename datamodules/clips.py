@@ -14,12 +14,11 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import get_worker_info
 
-from datamodules.video_io import VideoDecodeError, _short, _stream_fps, _video_stream, rotate
+from datamodules.video_io import VideoDecodeError, _open, _short, _stream_fps, _video_stream, decode_errors, rotate
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "gif", "m4v")
@@ -110,30 +109,24 @@ def decode_clip(
     fps_hint/frames_hint: from the sample's json, used when the container does not say.
     Raises VideoDecodeError for anything undecodable, too large, empty, or (short="skip") short.
     """
+    container = _open(data)
     try:
-        container = av.open(io.BytesIO(data), mode="r")
-    except (av.FFmpegError, ValueError, OSError, EOFError) as e:
-        raise VideoDecodeError("unreadable or corrupt", _short(e)) from e
-    try:
-        stream = _video_stream(container)
-        threads = spec.threads or _worker_threads()
-        if threads:
-            stream.codec_context.thread_count = threads
-        cc = stream.codec_context
-        if cc.width * cc.height > spec.max_pixels:
-            raise VideoDecodeError("frame too large", f"{cc.width}x{cc.height}")
-        src_fps = _stream_fps(stream) or fps_hint or 25.0
-        n_src = int(stream.frames or 0) or int(frames_hint or 0)
-        step = src_fps / spec.fps if spec.fps else float(spec.stride)
-        span = (spec.num_frames - 1) * step + 1
-        start = 0.0
-        if rng is not None and n_src > span:
-            start = float(rng.uniform(0, n_src - span)) if spec.fps else float(rng.integers(0, int(n_src - span) + 1))
-        frames = _collect(container, stream, spec, src_fps, start, step)
-    except VideoDecodeError:
-        raise
-    except (av.FFmpegError, ValueError, OSError, EOFError, MemoryError) as e:
-        raise VideoDecodeError("unreadable or corrupt", _short(e)) from e
+        with decode_errors():
+            stream = _video_stream(container)
+            threads = spec.threads or _worker_threads()
+            if threads:
+                stream.codec_context.thread_count = threads
+            cc = stream.codec_context
+            if cc.width * cc.height > spec.max_pixels:
+                raise VideoDecodeError("frame too large", f"{cc.width}x{cc.height}")
+            src_fps = _stream_fps(stream) or fps_hint or 25.0
+            n_src = int(stream.frames or 0) or int(frames_hint or 0)
+            step = src_fps / spec.fps if spec.fps else float(spec.stride)
+            span = (spec.num_frames - 1) * step + 1
+            start = 0.0
+            if rng is not None and n_src > span:
+                start = float(rng.uniform(0, n_src - span)) if spec.fps else float(rng.integers(0, int(n_src - span) + 1))
+            frames = _collect(container, stream, spec, src_fps, start, step)
     finally:
         container.close()
     if not frames:

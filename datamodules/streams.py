@@ -18,6 +18,7 @@ shards are dealt out when there are enough of them, otherwise samples are dealt 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tarfile
@@ -63,7 +64,7 @@ def expand_shards(spec: ShardSpec) -> list[str]:
 
 
 def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:") or url.startswith("file://")
+    return url.startswith("file://") or ("://" not in url and not url.startswith("pipe:"))
 
 
 def _local_path(url: str) -> str:
@@ -78,8 +79,6 @@ def shard_size(url: str) -> int:
         index = path.parent / INDEX_NAME
         if index.exists():
             try:
-                import json
-
                 entries = json.loads(index.read_text())["shards"]
                 sizes = {e["url"]: int(e["nsamples"]) for e in entries}
                 if path.name in sizes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import BinaryIO, Iterable, Iterator, Union
@@ -52,6 +53,22 @@ def _open(source: Source) -> av.container.InputContainer:
     except FileNotFoundError:
         raise
     except (av.FFmpegError, ValueError, OSError, UnicodeDecodeError, EOFError) as e:
+        raise VideoDecodeError("unreadable or corrupt", _short(e)) from e
+
+
+_FFMPEG_FAILURES = (av.FFmpegError, ValueError, OSError, EOFError, MemoryError)
+
+
+@contextmanager
+def decode_errors() -> Iterator[None]:
+    """Turn whatever PyAV/FFmpeg raises on bad input into VideoDecodeError."""
+    try:
+        yield
+    except VideoDecodeError:
+        raise
+    except FileNotFoundError:
+        raise
+    except _FFMPEG_FAILURES as e:
         raise VideoDecodeError("unreadable or corrupt", _short(e)) from e
 
 
@@ -139,45 +156,51 @@ def iter_frames(
     """
     container = _open(source)
     try:
-        stream = _video_stream(container)
-        stream.thread_type = "AUTO"
-        src_fps = _stream_fps(stream) or (fps or 25.0)
-        target: tuple[int, int] | None = None
-        next_tick = 0.0
-        emitted = 0
-        index = 0
-        for frame in container.decode(stream):
-            if target is None:
-                w, h = frame.width, frame.height
-                target = (w, h)
-                if max_size and min(w, h) > max_size:
-                    target = scaled_size(w, h, max_size)
-            t = frame.time if frame.time is not None else index / src_fps
-            index += 1
-            if fps:
-                # Emit this frame once for every output tick it covers.
-                frame_end = t + 1.0 / src_fps
-                repeats = 0
-                while next_tick < frame_end - 1e-6:
-                    repeats += 1
-                    next_tick = (emitted + repeats) / fps
-                if repeats == 0:
-                    continue
-            else:
-                repeats = 1
-            rgb = frame.to_ndarray(format="rgb24", width=target[0], height=target[1])
-            rgb = rotate(rgb, int(frame.rotation or 0))
-            for _ in range(repeats):
-                yield rgb
-                emitted += 1
-                if max_frames is not None and emitted >= max_frames:
-                    return
-    except VideoDecodeError:
-        raise
-    except (av.FFmpegError, ValueError, OSError, EOFError, MemoryError) as e:
-        raise VideoDecodeError("unreadable or corrupt", _short(e)) from e
+        with decode_errors():
+            yield from _iter_decoded(container, fps, max_size, max_frames)
     finally:
         container.close()
+
+
+def _iter_decoded(
+    container: av.container.InputContainer,
+    fps: float | None,
+    max_size: int | None,
+    max_frames: int | None,
+) -> Iterator[np.ndarray]:
+    stream = _video_stream(container)
+    stream.thread_type = "AUTO"
+    src_fps = _stream_fps(stream) or (fps or 25.0)
+    target: tuple[int, int] | None = None
+    next_tick = 0.0
+    emitted = 0
+    index = 0
+    for frame in container.decode(stream):
+        if target is None:
+            w, h = frame.width, frame.height
+            target = (w, h)
+            if max_size and min(w, h) > max_size:
+                target = scaled_size(w, h, max_size)
+        t = frame.time if frame.time is not None else index / src_fps
+        index += 1
+        if fps:
+            # Emit this frame once for every output tick it covers.
+            frame_end = t + 1.0 / src_fps
+            repeats = 0
+            while next_tick < frame_end - 1e-6:
+                repeats += 1
+                next_tick = (emitted + repeats) / fps
+            if repeats == 0:
+                continue
+        else:
+            repeats = 1
+        rgb = frame.to_ndarray(format="rgb24", width=target[0], height=target[1])
+        rgb = rotate(rgb, int(frame.rotation or 0))
+        for _ in range(repeats):
+            yield rgb
+            emitted += 1
+            if max_frames is not None and emitted >= max_frames:
+                return
 
 
 def decode_all(source: Source, **kwargs) -> np.ndarray:
