@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--source-frames", type=int, default=24, help="frames per source video (default 24)")
     parser.add_argument("--num-frames", type=int, default=16, help="frames per clip (default 16)")
     parser.add_argument("--resolution", type=int, default=128, help="clip resolution (default 128)")
-    parser.add_argument("--clips", type=int, default=256, help="clips timed per configuration (default 256)")
+    parser.add_argument("--clips", type=int, default=384, help="clips timed per configuration (default 384)")
     parser.add_argument("--batch-size", type=int, default=8, help="datamodule batch size (default 8)")
-    parser.add_argument("--repeats", type=int, default=2, help="timings per configuration; the best is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per configuration; the best is kept (default 3)")
     parser.add_argument("--json-out", help="also write the JSON here")
     args = parser.parse_args(argv)
 

@@ -22,7 +22,7 @@ from datamodules.errors import DataError
 
 # Lightning subcommands are handed to LightningCLI untouched (it owns their --help).
 LIGHTNING_COMMANDS = {
-    "fit": "Train a model: maskvid fit --config configs/experiment/X.yaml [--trainer.* ...]",
+    "fit": "Train a model: maskvid fit --config A.yaml [--config B.yaml ...] [--trainer.* ...]",
     "validate": "Run one validation pass over the val data with a model or checkpoint",
     "test": "Run the test loop",
     "predict": "Run the predict loop",
@@ -46,8 +46,8 @@ examples:
   maskvid demo                                   # built-in synthetic pipeline, end to end
   maskvid data shards --videos ~/clips --out shards/mine
   maskvid data synthetic --out data/synthetic
-  maskvid data preview --train-shards 'data/synthetic/train/shard-{000000..000003}.tar'
-  maskvid fit --config configs/experiment/X.yaml --trainer.max_steps 1000
+  maskvid data preview --config configs/data/synthetic.yaml --split val
+  maskvid fit --config configs/data/synthetic.yaml --config configs/trainer/cpu.yaml --model CLASS_PATH
 
 Each command has its own --help.
 """

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 from lightning.pytorch import LightningModule
@@ -38,4 +39,6 @@ class MaskvidCLI(LightningCLI):
 
 def run_lightning_cli(argv: Sequence[str]) -> MaskvidCLI:
     """Run a Lightning subcommand (argv[0] is fit/validate/test/predict)."""
-    return MaskvidCLI(args=list(argv))
+    # LightningCLI reads sys.argv itself; passing the same list again only makes it warn.
+    args = None if list(argv) == sys.argv[1:] else list(argv)
+    return MaskvidCLI(args=args)

@@ -55,6 +55,26 @@ def png_item(key: str, caption: str, colour=(200, 40, 40), size=(40, 30)) -> dic
     return {"__key__": key, "png": buf.getvalue(), "txt": caption}
 
 
+def make_bad_shards(tmp_path: Path) -> str:
+    """12 good clips interleaved with 6 bad samples of different kinds, over 3 shards."""
+    good = [mp4_item(f"good{i:02d}", ramp_video(i, 10), f"good {i}") for i in range(12)]
+    ok_mp4 = good[0]["mp4"]
+    bad = [
+        {"__key__": "truncated", "mp4": ok_mp4[: len(ok_mp4) // 2], "txt": "t"},
+        {"__key__": "garbage", "mp4": b"\x00\x01garbage" * 50, "txt": "g"},
+        {"__key__": "nocaption", "mp4": ok_mp4},
+        {"__key__": "emptycaption", "mp4": ok_mp4, "txt": "   "},
+        {"__key__": "badjson", "mp4": ok_mp4, "txt": "j", "json": b"{not json"},
+        {"__key__": "novideo", "txt": "only text"},
+    ]
+    items = []
+    for i, g in enumerate(good):
+        items.append(g)
+        if i < len(bad):
+            items.append(bad[i])
+    return write_shards(tmp_path, items, samples_per_shard=6)
+
+
 @pytest.fixture(scope="session")
 def clean_shards(tmp_path_factory) -> str:
     """40 ramp videos of 6..29 frames over 5 shards (+ the writer's shards.json index)."""

@@ -11,7 +11,7 @@ import torch
 from datamodules.errors import DataError
 from datamodules.streams import ValStream, expand_shards
 from datamodules.video_datamodule import VideoDataModule
-from tests.conftest import mp4_item, png_item, ramp_video, write_shards
+from tests.conftest import make_bad_shards, mp4_item, png_item, ramp_video, write_shards
 
 
 def make_dm(shards: str, **kw) -> VideoDataModule:
@@ -160,22 +160,7 @@ def test_prefetched_but_unconsumed_batches_are_not_skipped_on_resume(clean_shard
 
 @pytest.fixture
 def bad_shards(tmp_path) -> str:
-    good = [mp4_item(f"good{i:02d}", ramp_video(i, 10), f"good {i}") for i in range(12)]
-    ok_mp4 = good[0]["mp4"]
-    bad = [
-        {"__key__": "truncated", "mp4": ok_mp4[: len(ok_mp4) // 2], "txt": "t"},
-        {"__key__": "garbage", "mp4": b"\x00\x01garbage" * 50, "txt": "g"},
-        {"__key__": "nocaption", "mp4": ok_mp4},
-        {"__key__": "emptycaption", "mp4": ok_mp4, "txt": "   "},
-        {"__key__": "badjson", "mp4": ok_mp4, "txt": "j", "json": b"{not json"},
-        {"__key__": "novideo", "txt": "only text"},
-    ]
-    items = []
-    for i, g in enumerate(good):
-        items.append(g)
-        if i < len(bad):
-            items.append(bad[i])
-    return write_shards(tmp_path, items, samples_per_shard=6)
+    return make_bad_shards(tmp_path)
 
 
 def test_bad_samples_are_skipped_counted_and_named(bad_shards, caplog):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import make_bad_shards, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +60,20 @@ def test_ddp_validate_sees_every_sample_once(clean_shards, tmp_path):
         assert rank_keys, f"rank {rank} saw nothing"
         keys += rank_keys
     assert sorted(keys) == [f"v{i:03d}" for i in range(40)]
+
+
+def test_fit_on_bad_data_runs_and_logs_skips(tmp_path):
+    """Corrupt, caption-less and json-broken samples are skipped, counted and logged."""
+    shards = make_bad_shards(tmp_path / "shards")
+    args = common(shards, tmp_path / "run") + [
+        "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "logs"),
+        "--trainer.log_every_n_steps", "1", "--trainer.max_steps", "6", "--data.num_workers", "0",
+    ]
+    out = run_cli("fit", *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "skipping bad sample key=" in out.stderr and ".tar" in out.stderr
+    import csv
+
+    rows = list(csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv")))))
+    skipped = [float(r["data/skipped"]) for r in rows if r.get("data/skipped")]
+    assert skipped and max(skipped) >= 1, rows
