@@ -76,8 +76,9 @@ class VideoDataModule(pl.LightningDataModule):
                 (unconditional training).
             batches_per_epoch: Length of a train "epoch" (the stream continues across epochs).
                 None: one endless epoch; bound the run with trainer.max_steps.
-            normalize_on_device: Move uint8 batches and convert to float on the device (4x less
-                host memory traffic, for GPU training). Same conversion, same values.
+            normalize_on_device: Batches leave the loader as uint8 [B,T,H,W,C] and become float
+                [B,C,T,H,W] on the device (in on_after_batch_transfer): 4x less host memory
+                traffic, for GPU training. Same conversion, same values.
             max_source_pixels: Source videos with more pixels per frame are skipped (memory guard).
             pin_memory: Pin batches in host memory (faster host-to-GPU copies).
         """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from launch.cli import LIGHTNING_COMMANDS, TOOL_COMMANDS, build_parser, main
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 def tool_paths() -> list[list[str]]:
@@ -66,5 +66,5 @@ def test_tool_commands_start_without_lightning():
     import sys
 
     code = "import sys; from launch.cli import build_parser; build_parser(); print('lightning' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(__import__('tests.conftest').conftest.REPO))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO))
     assert out.stdout.strip() == "False", out.stderr
