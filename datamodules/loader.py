@@ -13,6 +13,7 @@ costs 4x the shared memory, and faulting in that fresh memory for every batch co
 
 from __future__ import annotations
 
+import gc
 import math
 from typing import Any, Optional
 
@@ -66,7 +67,19 @@ class VideoLoader(DataLoader):
         self.normalize = normalize
 
     def __iter__(self):
-        return self._normalized(super().__iter__())
+        if self.num_workers == 0:
+            return self._normalized(super().__iter__())
+        # FFmpeg contexts decoded in this process own thread pools whose threads do not exist
+        # in a forked worker; if the worker's garbage collector frees such an inherited object,
+        # FFmpeg waits for those threads forever (a hung DataLoader). So: collect here, and
+        # fork with everything frozen, which the workers' collectors then never touch.
+        gc.collect()
+        gc.freeze()
+        try:
+            iterator = super().__iter__()  # forks the workers
+        finally:
+            gc.unfreeze()
+        return self._normalized(iterator)
 
     def _normalized(self, iterator):
         for batch in iterator:

@@ -2,8 +2,8 @@
 
 Train: an infinite, resampled stream that is a pure function of (seed, rank, worker, position).
 Per (rank, logical worker) the raw samples come in *groups*: group g reads `mix_shards` shards
-drawn with replacement by an RNG seeded from (seed, rank, worker, g), interleaves them, and
-shuffles them through a buffer seeded the same way. Output j is decoded with an RNG seeded from
+(distinct when there are enough) drawn by an RNG seeded from (seed, rank, worker, g),
+interleaves them, and shuffles them through a buffer seeded the same way. Output j is decoded with an RNG seeded from
 (seed, rank, worker, j). Resuming at output j therefore needs no saved per-rank state: walk the
 group sizes (from `shards.json` or the tar listing) to find the group, replay that one group
 without decoding, and continue. Lightning only keeps rank 0's non-tensor state for sharded
@@ -151,18 +151,17 @@ class TrainStream(IterableDataset):
         self.skipped = 0
 
     # ---- raw positions -------------------------------------------------------------------
-    def _group_rng(self, worker: int, group: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.rank, worker, group, 0x6E0])
-
-    def _group_shards(self, worker: int, group: int) -> list[str]:
-        rng = self._group_rng(worker, group)
-        return [self.urls[i] for i in rng.integers(0, len(self.urls), size=self.mix_shards)]
+    def _group_shards(self, worker: int, group: int) -> tuple[list[str], np.random.Generator]:
+        """Group g's shards (distinct when there are enough) and the RNG that shuffles them."""
+        rng = np.random.default_rng([self.seed, self.rank, worker, group, 0x6E0])
+        n = len(self.urls)
+        picks = rng.choice(n, size=self.mix_shards, replace=n < self.mix_shards)
+        return [self.urls[i] for i in picks], rng
 
     def _group(self, worker: int, group: int) -> Iterator[dict[str, Any]]:
         """Group g's raw samples: its shards interleaved at random, through a shuffle buffer."""
-        rng = self._group_rng(worker, group)
-        rng.integers(0, len(self.urls), size=self.mix_shards)  # same draws as _group_shards
-        live = [_read_shard(u) for u in self._group_shards(worker, group)]
+        urls, rng = self._group_shards(worker, group)
+        live = [_read_shard(u) for u in urls]
         buffer: list[dict[str, Any]] = []
         while live:
             i = int(rng.integers(len(live)))
@@ -181,7 +180,7 @@ class TrainStream(IterableDataset):
         group = 0
         empty_run = 0
         while True:
-            size = sum(shard_size(u) for u in self._group_shards(worker, group))
+            size = sum(shard_size(u) for u in self._group_shards(worker, group)[0])
             if position < size:
                 return group, position
             position -= size
