@@ -71,20 +71,24 @@ def _local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
+@lru_cache(maxsize=256)
+def _index_sizes(directory: str) -> dict[str, int]:
+    """Sample counts per shard name from the writer's index in `directory` ({} if none)."""
+    try:
+        entries = json.loads((Path(directory) / INDEX_NAME).read_text())["shards"]
+        return {e["url"]: int(e["nsamples"]) for e in entries}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 @lru_cache(maxsize=4096)
 def shard_size(url: str) -> int:
     """Samples in a shard: from the writer's index beside it, else by listing the tar."""
     if _is_local(url):
         path = Path(_local_path(url))
-        index = path.parent / INDEX_NAME
-        if index.exists():
-            try:
-                entries = json.loads(index.read_text())["shards"]
-                sizes = {e["url"]: int(e["nsamples"]) for e in entries}
-                if path.name in sizes:
-                    return sizes[path.name]
-            except (ValueError, KeyError, TypeError):
-                pass
+        sizes = _index_sizes(str(path.parent))
+        if path.name in sizes:
+            return sizes[path.name]
         try:
             with tarfile.open(path) as tar:
                 keys = [tariterators.base_plus_ext(m.name)[0] for m in tar if m.isfile()]

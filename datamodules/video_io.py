@@ -45,17 +45,6 @@ class VideoInfo:
         return asdict(self)
 
 
-def _open(source: Source) -> av.container.InputContainer:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        source = io.BytesIO(bytes(source))
-    try:
-        return av.open(source, mode="r")
-    except FileNotFoundError:
-        raise
-    except (av.FFmpegError, ValueError, OSError, UnicodeDecodeError, EOFError) as e:
-        raise VideoDecodeError("unreadable or corrupt", _short(e)) from e
-
-
 _FFMPEG_FAILURES = (av.FFmpegError, ValueError, OSError, EOFError, MemoryError)
 
 
@@ -70,6 +59,13 @@ def decode_errors() -> Iterator[None]:
         raise
     except _FFMPEG_FAILURES as e:
         raise VideoDecodeError("unreadable or corrupt", _short(e)) from e
+
+
+def _open(source: Source) -> av.container.InputContainer:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(bytes(source))
+    with decode_errors():
+        return av.open(source, mode="r")
 
 
 def _short(e: BaseException) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.cli import LIGHTNING_COMMANDS, TOOL_COMMANDS, build_parser, main
+from launch.cli import LIGHTNING_COMMANDS, TOOL_COMMANDS, main
 from tests.conftest import REPO, run_cli
 
 
