@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from datamodules.monitor import DataMonitor
 from datamodules.video_datamodule import VideoDataModule
+from launch.config_includes import expand_config_includes
 
 
 class MaskvidCLI(LightningCLI):
@@ -28,6 +29,13 @@ class MaskvidCLI(LightningCLI):
         # A SLURM requeue re-runs the same command into the same directory.
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"prog": "maskvid"})
+        # `include:` lists in config files expand to repeated --config (see config_includes).
+        args = kwargs.get("args")
+        if args is None:
+            # Rewritten in place: LightningCLI warns when given both args and a non-empty argv.
+            sys.argv[1:] = expand_config_includes(sys.argv[1:])
+        elif isinstance(args, (list, tuple)):
+            kwargs["args"] = expand_config_includes(args)
         super().__init__(**kwargs)
 
     def instantiate_trainer(self, **kwargs):

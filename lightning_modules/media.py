@@ -1,0 +1,58 @@
+"""Reconstruction media: real next to reconstructed, as a frame grid (PNG, and to the logger when
+it takes images) and as an mp4 in the run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from datamodules.pixels import to_uint8
+from datamodules.preview import contact_sheet
+from datamodules.video_io import encode_mp4
+
+
+def media_dir(trainer) -> Path:
+    """`<log dir>/media`: next to the metrics of the run the media belong to."""
+    root = trainer.log_dir or trainer.default_root_dir
+    return Path(root) / "media"
+
+
+def comparison_video(real: torch.Tensor, recon: torch.Tensor) -> np.ndarray:
+    """uint8 [T, B*H, 2*W, 3]: each clip's real frames left, reconstruction right, clips stacked."""
+    both = torch.stack([real, recon.clamp(-1, 1)], dim=1)  # b two c t h w
+    frames = to_uint8(both)  # b two t h w c
+    return rearrange(frames, "b two t h w c -> t (b h) (two w) c").numpy()
+
+
+def log_reconstructions(
+    trainer,
+    real: torch.Tensor,
+    recon: torch.Tensor,
+    captions: Sequence[str],
+    tag: str = "val/reconstructions",
+    fps: float = 8.0,
+) -> dict[str, Path]:
+    """Write `<media>/<tag>_step<N>.png|.mp4` and send the grid to a logger that takes images."""
+    real, recon = real.detach().float().cpu(), recon.detach().float().cpu()
+    rows = rearrange(torch.stack([real, recon.clamp(-1, 1)], dim=1), "b two c t h w -> (b two) c t h w")
+    labels = [text for cap in captions[: len(real)] for text in (f"real: {cap}", "reconstructed")]
+    sheet = contact_sheet(rows, labels, max_frames=9)
+    out = media_dir(trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{tag.replace('/', '_')}_step{trainer.global_step:07d}"
+    png = out / f"{stem}.png"
+    sheet.save(png)
+    data, _ = encode_mp4(list(comparison_video(real, recon)), fps=fps)
+    mp4 = out / f"{stem}.mp4"
+    mp4.write_bytes(data)
+    for logger in trainer.loggers:
+        image = np.asarray(sheet)
+        if hasattr(logger, "log_image"):  # W&B, Neptune, MLflow-style loggers
+            logger.log_image(key=tag, images=[image], step=trainer.global_step)
+        elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+            logger.experiment.add_image(tag, image, trainer.global_step, dataformats="HWC")
+    return {"png": png, "mp4": mp4}

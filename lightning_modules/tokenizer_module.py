@@ -1,0 +1,315 @@
+"""TokenizerModule: trains the C-ViViT tokenizer (stage 1) with a GAN, from `maskvid fit`.
+
+The networks arrive by injection (`tokenizer`, `discriminator`); this module only holds the
+training recipe: reconstruction + quantizer + optional perceptual loss, an adversarial term with an
+adaptive weight switched on at `gan_start_step`, an R1 gradient penalty, warmup + cosine LR for both
+optimizers, gradient clipping, an EMA copy for validation and export, and the logging.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from lightning_modules.ema import EMA
+from lightning_modules.media import log_reconstructions
+from lightning_modules.schedules import warmup_cosine
+from metrics.codebook import CodebookUsage
+from models.cvivit import CViViT
+from models.discriminator import VideoDiscriminator
+from models.tokenizer_checkpoint import CHECKPOINT_KEY, FORMAT_VERSION
+
+_NO_DECAY = ("codebook", "pos_h", "pos_w")
+
+
+class TokenizerModule(LightningModule):
+    """Stage 1: learn a discrete video tokenizer."""
+
+    def __init__(
+        self,
+        tokenizer: CViViT,
+        discriminator: VideoDiscriminator | None = None,
+        lr: float = 1e-4,
+        disc_lr: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 1e-4,
+        warmup_steps: int = 500,
+        min_lr_ratio: float = 0.1,
+        grad_clip: float = 1.0,
+        recon_loss: Literal["l1", "l2", "l1+l2"] = "l2",
+        quantizer_weight: float = 1.0,
+        gan_weight: float = 0.1,
+        gan_start_step: int = 2000,
+        adaptive_weight_max: float = 1e4,
+        gp_weight: float = 10.0,
+        gp_every: int = 4,
+        perceptual_weight: float = 0.0,
+        perceptual_path: str | None = None,
+        ema_decay: float | None = 0.999,
+        num_log_videos: int = 4,
+        log_fps: float = 8.0,
+    ) -> None:
+        """
+        Args:
+            tokenizer: The tokenizer network (C-ViViT with its quantizer).
+            discriminator: Video discriminator for the adversarial loss; null trains without GAN.
+            lr: Peak learning rate of the tokenizer (AdamW).
+            disc_lr: Peak learning rate of the discriminator (default: lr).
+            betas: AdamW betas, both optimizers.
+            weight_decay: AdamW weight decay on matrices (not on norms, biases, positions, codes).
+            warmup_steps: Linear LR warmup steps, then cosine decay to min_lr_ratio at max_steps.
+            min_lr_ratio: Final LR as a fraction of the peak.
+            grad_clip: Gradient-norm clip for both optimizers; 0 disables.
+            recon_loss: Pixel loss: l1, l2 or their sum.
+            quantizer_weight: Weight of the codebook + commitment loss.
+            gan_weight: Base weight of the adversarial term (scaled by the adaptive weight).
+            gan_start_step: Step at which the discriminator starts training and the adversarial
+                term switches on (reconstruction settles first).
+            adaptive_weight_max: Cap of the adaptive weight ||grad rec|| / ||grad gan|| measured
+                at the decoder's output heads.
+            gp_weight: R1 gradient penalty weight on real videos; 0 disables.
+            gp_every: Apply the penalty every N discriminator steps (lazy regularisation, scaled
+                by N so its strength is unchanged).
+            perceptual_weight: Weight of the LPIPS-style perceptual loss; 0 disables it.
+            perceptual_path: VGG16 weights file for the perceptual loss (required when its
+                weight is > 0; nothing is downloaded).
+            ema_decay: Decay of the EMA copy used for validation and export; null disables.
+            num_log_videos: Clips shown in the reconstruction grid and mp4 each validation.
+            log_fps: Frame rate of the reconstruction mp4.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer", "discriminator"])
+        self.automatic_optimization = False
+        self.tokenizer = tokenizer
+        self.discriminator = discriminator
+        self.tokenizer_ema = EMA(tokenizer, ema_decay) if ema_decay is not None else None
+        if perceptual_weight > 0 and not perceptual_path:
+            raise ValueError(
+                "perceptual_weight > 0 needs perceptual_path: a local VGG16 weights file "
+                "(maskvid downloads nothing). Set model.init_args.perceptual_path or perceptual_weight: 0."
+            )
+        # Kept out of the module tree: frozen, not checkpointed, not sharded, not optimized.
+        self._perceptual: list[nn.Module] = []
+        if perceptual_weight > 0:
+            from models.perceptual import PerceptualLoss
+
+            self._perceptual.append(PerceptualLoss(perceptual_path))
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.val_codebook = CodebookUsage(tokenizer.vocab_size)
+        self._media: dict[str, Any] | None = None
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        hparams = getattr(datamodule, "hparams", {})
+        if "num_frames" in hparams and "resolution" in hparams:
+            try:
+                self.tokenizer.token_grid(hparams["num_frames"], hparams["resolution"])
+            except ValueError as exc:
+                raise ValueError(f"data does not fit the tokenizer: {exc}") from None
+
+    def on_fit_start(self) -> None:
+        for net in self._perceptual:
+            net.to(self.device)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        schedule = warmup_cosine(hp.warmup_steps, int(total), hp.min_lr_ratio)
+        opt_g = torch.optim.AdamW(self._param_groups(self.tokenizer), lr=hp.lr, betas=hp.betas)
+        optimizers, schedulers = [opt_g], [LambdaLR(opt_g, schedule)]
+        if self.discriminator is not None:
+            opt_d = torch.optim.AdamW(
+                self._param_groups(self.discriminator), lr=hp.disc_lr or hp.lr, betas=hp.betas
+            )
+            optimizers.append(opt_d)
+            # Stepped only once the GAN is on, so its count starts at gan_start_step.
+            start = hp.gan_start_step
+            schedulers.append(LambdaLR(opt_d, lambda step: schedule(step + start)))
+        return optimizers, schedulers
+
+    def _param_groups(self, net: nn.Module) -> list[dict]:
+        decay, no_decay = [], []
+        for name, p in net.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or name.endswith(_NO_DECAY) else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    # -- training -------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        video, mask = batch["video"], batch.get("frame_mask")
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = self.lr_schedulers()
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        gan_on = self.discriminator is not None and self.global_step >= hp.gan_start_step
+
+        recon, q = self.tokenizer(video)
+        rec = self.reconstruction_loss(recon, video, mask)
+        nll = rec
+        logs = {"train/recon_loss": rec.detach(), "train/quantizer_loss": q.loss.detach()}
+        if self._perceptual:
+            perceptual = self._perceptual[0](recon, video)
+            nll = nll + hp.perceptual_weight * perceptual
+            logs["train/perceptual_loss"] = perceptual.detach()
+        loss = nll + hp.quantizer_weight * q.loss
+        if gan_on:
+            self.discriminator.requires_grad_(False)
+            g_loss = -self.discriminator(recon).mean()
+            weight = self._adaptive_weight(nll, g_loss)
+            loss = loss + hp.gan_weight * weight * g_loss
+            self.discriminator.requires_grad_(True)
+            logs |= {"train/g_loss": g_loss.detach(), "train/adaptive_weight": weight}
+
+        opt_g = optimizers[0]
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if hp.grad_clip > 0:
+            self.clip_gradients(opt_g, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+        opt_g.step()
+        schedulers[0].step()
+        if self.tokenizer_ema is not None:
+            self.tokenizer_ema.update(self.tokenizer)
+
+        if gan_on:
+            logs |= self._discriminator_step(optimizers[1], video, recon.detach())
+            schedulers[1].step()
+
+        logs |= {
+            "train/loss": loss.detach(),
+            "train/perplexity": q.perplexity,
+            "train/codebook_usage": torch.tensor(self.tokenizer.quantizer.window_usage()),
+            "train/lr": torch.tensor(schedulers[0].get_last_lr()[0]),
+        }
+        self.log_dict(logs, prog_bar=False, batch_size=len(video))
+        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        return loss.detach()
+
+    def reconstruction_loss(
+        self, recon: torch.Tensor, video: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pixel loss over the real (unpadded) frames of each clip."""
+        diff = recon.float() - video.float()
+        kind = self.hparams.recon_loss
+        per_pixel = {"l1": diff.abs(), "l2": diff.square(), "l1+l2": diff.abs() + diff.square()}[kind]
+        if mask is None:
+            return per_pixel.mean()
+        weight = mask.to(per_pixel.dtype)[:, None, :, None, None]
+        denom = weight.sum() * per_pixel.shape[1] * per_pixel.shape[3] * per_pixel.shape[4]
+        return (per_pixel * weight).sum() / denom.clamp(min=1)
+
+    def _adaptive_weight(self, nll: torch.Tensor, g_loss: torch.Tensor) -> torch.Tensor:
+        """||d nll / d W_last|| / ||d g_loss / d W_last|| (VQGAN), capped, no gradient."""
+        params = [p for p in self.tokenizer.last_layer_weights() if p.requires_grad]
+        g_nll = torch.autograd.grad(nll, params, retain_graph=True, allow_unused=True)
+        g_gan = torch.autograd.grad(g_loss, params, retain_graph=True, allow_unused=True)
+        norm_nll = torch.cat([g.flatten() for g in g_nll if g is not None]).norm()
+        norm_gan = torch.cat([g.flatten() for g in g_gan if g is not None]).norm()
+        return (norm_nll / (norm_gan + 1e-4)).clamp(0.0, self.hparams.adaptive_weight_max).detach()
+
+    def _discriminator_step(self, opt_d, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        penalise = hp.gp_weight > 0 and self.global_step % hp.gp_every == 0
+        real = real.detach().requires_grad_(penalise)
+        logits_real = self.discriminator(real)
+        logits_fake = self.discriminator(fake)
+        d_loss = F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
+        logs = {
+            "train/d_loss": d_loss.detach(),
+            "train/logits_real": logits_real.detach().mean(),
+            "train/logits_fake": logits_fake.detach().mean(),
+        }
+        if penalise:
+            (grad,) = torch.autograd.grad(logits_real.sum(), real, create_graph=True)
+            r1 = grad.float().square().flatten(1).sum(1).mean()
+            d_loss = d_loss + 0.5 * hp.gp_weight * hp.gp_every * r1
+            logs["train/r1"] = r1.detach()
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(d_loss)
+        if hp.grad_clip > 0:
+            self.clip_gradients(opt_d, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+        _step_uncounted(opt_d)
+        return logs
+
+    # -- validation -----------------------------------------------------------------------------
+
+    @property
+    def eval_tokenizer(self) -> CViViT:
+        """The network validation and export use: the EMA copy when there is one."""
+        return self.tokenizer_ema.module if self.tokenizer_ema is not None else self.tokenizer
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        video, mask = batch["video"], batch.get("frame_mask")
+        recon, q = self.eval_tokenizer(video)
+        self.log("val/recon_loss", self.reconstruction_loss(recon, video, mask), sync_dist=True, batch_size=len(video))
+        frames_real, frames_recon = _valid_frames(video, mask), _valid_frames(recon.clamp(-1, 1), mask)
+        self.val_psnr.update(frames_recon, frames_real)
+        self.val_ssim.update(frames_recon, frames_real)
+        self.val_codebook.update(q.indices)
+        if batch_idx == 0 and self.trainer.is_global_zero and self.hparams.num_log_videos > 0:
+            n = self.hparams.num_log_videos
+            self._media = {"real": video[:n], "recon": recon[:n], "captions": list(batch.get("caption", []))[:n]}
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/psnr", self.val_psnr.compute(), sync_dist=False)
+        self.log("val/ssim", self.val_ssim.compute(), sync_dist=False)
+        usage = self.val_codebook.compute()
+        self.log("val/codebook_usage", usage["usage"].float())
+        self.log("val/perplexity", usage["perplexity"].float())
+        for metric in (self.val_psnr, self.val_ssim, self.val_codebook):
+            metric.reset()
+        if self._media is not None and not self.trainer.sanity_checking:
+            log_reconstructions(self.trainer, fps=self.hparams.log_fps, **self._media)
+        self._media = None
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Everything `models.tokenizer_checkpoint.load_tokenizer` needs, without Lightning.
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": FORMAT_VERSION,
+            "config": self.tokenizer.config,
+            "prefix": "tokenizer_ema.module." if self.tokenizer_ema is not None else "tokenizer.",
+        }
+
+
+def _valid_frames(video: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, C, T, H, W] in [-1, 1] -> the real frames [N, C, H, W] in [0, 1]."""
+    frames = video.float().add(1).div(2).transpose(1, 2)  # b t c h w
+    frames = frames[mask.bool()] if mask is not None else frames.flatten(0, 1)
+    return frames.clamp(0, 1)
+
+
+def _step_uncounted(optimizer) -> None:
+    """Step a LightningOptimizer without advancing `trainer.global_step`.
+
+    Lightning counts every manual optimizer.step() as a global step; the discriminator's update
+    belongs to the same training step as the generator's, and `max_steps`, checkpoint intervals
+    and the LR schedule must keep counting batches whether the GAN is on or not.
+    """
+    before, after = optimizer._on_before_step, optimizer._on_after_step
+    optimizer._on_before_step = optimizer._on_after_step = lambda: None
+    try:
+        optimizer.step()
+    finally:
+        optimizer._on_before_step, optimizer._on_after_step = before, after

@@ -1,0 +1,198 @@
+"""Pluggable quantizers for the video tokenizer.
+
+Every quantizer maps continuous codes [..., dim] to indices [...] in [0, codebook_size) and back,
+and reports what a user needs to watch a codebook: its loss, the batch perplexity and how many
+codes are in use. `VectorQuantizer` is Phenaki's (l2-normalised codebook, commitment loss, dead-code
+restart); `FSQ` (finite scalar quantization) is the codebook-free alternative.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import module_config
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor
+    """Quantized codes, same shape as the input, straight-through gradients."""
+    indices: torch.Tensor
+    """Code indices, the input shape without its last dim."""
+    loss: torch.Tensor
+    """Codebook + commitment loss (0 for quantizers without one)."""
+    perplexity: torch.Tensor
+    """exp(entropy) of this batch's code histogram: how many codes it effectively uses."""
+
+
+class Quantizer(nn.Module):
+    """Interface: `dim` (input width), `codebook_size`, forward, `codes(indices)`."""
+
+    dim: int
+    codebook_size: int
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def codes(self, indices: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        """The quantized vectors [..., dim] of indices [...]."""
+        raise NotImplementedError
+
+    def window_usage(self) -> float:
+        """Fraction of codes used since the last restart window began (1.0 when not tracked)."""
+        return 1.0
+
+
+def perplexity_of(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    counts = torch.bincount(indices.flatten(), minlength=codebook_size).float()
+    probs = counts / counts.sum().clamp(min=1)
+    return torch.exp(-(probs * torch.log(probs.clamp(min=1e-10))).sum())
+
+
+class VectorQuantizer(Quantizer):
+    """VQ with an l2-normalised codebook (ViT-VQGAN / Phenaki).
+
+    Codes and encodings are compared on the unit sphere, where nearest neighbour is the largest
+    cosine: this keeps every code reachable and makes a low-dimensional codebook work well.
+    Codes that no encoding chose during a window of `restart_every` training steps are restarted
+    from random encodings of the current batch (the same choice on every rank).
+    """
+
+    def __init__(
+        self,
+        codebook_size: int = 8192,
+        dim: int = 32,
+        beta: float = 0.25,
+        restart_every: int = 100,
+    ) -> None:
+        """
+        Args:
+            codebook_size: Number of codes (the stage-2 vocabulary).
+            dim: Code width. Small (e.g. 32) codes on the sphere give high codebook usage.
+            beta: Commitment weight: how strongly encodings are pulled towards their codes.
+            restart_every: Training steps per dead-code window; 0 disables restarts.
+        """
+        super().__init__()
+        self.config = module_config(self, locals())
+        self.codebook_size = codebook_size
+        self.dim = dim
+        self.beta = beta
+        self.restart_every = restart_every
+        self.codebook = nn.Parameter(F.normalize(torch.randn(codebook_size, dim), dim=-1))
+        self.register_buffer("window_counts", torch.zeros(codebook_size), persistent=True)
+        self.register_buffer("window_steps", torch.zeros((), dtype=torch.long), persistent=True)
+        self.register_buffer("restarted_total", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def _normalised_codebook(self) -> torch.Tensor:
+        return F.normalize(self.codebook.float(), dim=-1)
+
+    def codes(self, indices: torch.Tensor) -> torch.Tensor:
+        return F.embedding(indices, self._normalised_codebook())
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        z = F.normalize(z.float(), dim=-1)
+        flat = z.reshape(-1, self.dim)
+        codebook = self._normalised_codebook()
+        with torch.no_grad():
+            indices = (flat @ codebook.t()).argmax(dim=-1)
+        q = F.embedding(indices, codebook)
+        loss = F.mse_loss(q, flat.detach()) + self.beta * F.mse_loss(flat, q.detach())
+        quantized = flat + (q - flat).detach()
+        if self.training and torch.is_grad_enabled():
+            self._track_and_restart(indices, flat.detach())
+        return QuantizerOutput(
+            quantized=quantized.reshape(z.shape),
+            indices=indices.reshape(z.shape[:-1]),
+            loss=loss,
+            perplexity=perplexity_of(indices, self.codebook_size),
+        )
+
+    def window_usage(self) -> float:
+        return float((self.window_counts > 0).float().mean())
+
+    @torch.no_grad()
+    def _track_and_restart(self, indices: torch.Tensor, encodings: torch.Tensor) -> None:
+        if self.restart_every <= 0:
+            return
+        self.window_counts += torch.bincount(indices, minlength=self.codebook_size).float()
+        self.window_steps += 1
+        if int(self.window_steps) < self.restart_every:
+            return
+        counts = self.window_counts.clone()
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.all_reduce(counts)
+        dead = torch.nonzero(counts == 0).flatten()
+        if len(dead):
+            # Candidates come from this rank's batch; rank 0's choice is broadcast so that every
+            # replica keeps an identical codebook.
+            picks = torch.randint(len(encodings), (len(dead),), device=encodings.device)
+            noise = 0.01 * torch.randn(len(dead), self.dim, device=encodings.device)
+            fresh = F.normalize(encodings[picks] + noise, dim=-1).to(self.codebook.dtype)
+            if distributed:
+                dist.broadcast(fresh, src=0)
+            self.codebook.data[dead] = fresh
+            self.restarted_total += len(dead)
+        self.window_counts.zero_()
+        self.window_steps.zero_()
+
+
+class FSQ(Quantizer):
+    """Finite scalar quantization (Mentzer et al., 2023): no codebook, no auxiliary loss.
+
+    Each of the `len(levels)` channels is bounded and rounded to `levels[i]` values; the index is
+    the mixed-radix number of the rounded channels, so every code is always reachable.
+    """
+
+    def __init__(self, levels: list[int] = [8, 8, 8, 5, 5, 5]) -> None:  # noqa: B006 - CLI default
+        """
+        Args:
+            levels: Quantization levels per channel; the vocabulary is their product.
+        """
+        super().__init__()
+        self.config = module_config(self, locals())
+        if not levels or any(level < 2 for level in levels):
+            raise ValueError(f"FSQ levels must each be >= 2, got {levels}")
+        self.dim = len(levels)
+        self.codebook_size = math.prod(levels)
+        self.register_buffer("levels", torch.tensor(levels, dtype=torch.long), persistent=False)
+        basis = torch.cumprod(torch.tensor([1] + list(levels[:-1])), dim=0)
+        self.register_buffer("basis", basis, persistent=False)
+
+    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+        half = (self.levels.float() - 1) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half)
+        return torch.tanh(z + shift) * half - offset
+
+    def _to_unit(self, digits: torch.Tensor) -> torch.Tensor:
+        half = self.levels // 2
+        return (digits - half) / half.clamp(min=1)
+
+    def codes(self, indices: torch.Tensor) -> torch.Tensor:
+        digits = (indices[..., None] // self.basis) % self.levels
+        return self._to_unit(digits).float()
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        bounded = self._bound(z.float())
+        rounded = bounded + (bounded.round() - bounded).detach()
+        half = self.levels // 2
+        digits = (rounded.detach().round() + half).long()
+        indices = (digits * self.basis).sum(-1)
+        quantized = rounded / half.clamp(min=1)
+        return QuantizerOutput(
+            quantized=quantized,
+            indices=indices,
+            loss=z.new_zeros((), dtype=torch.float32),
+            perplexity=perplexity_of(indices, self.codebook_size),
+        )
