@@ -21,6 +21,7 @@ from lightning_modules.ema import EMA
 from lightning_modules.media import log_reconstructions
 from lightning_modules.schedules import warmup_cosine
 from metrics.codebook import CodebookUsage
+from models.config import instantiate
 from models.cvivit import CViViT
 from models.discriminator import VideoDiscriminator
 from models.tokenizer_checkpoint import CHECKPOINT_KEY, FORMAT_VERSION
@@ -84,7 +85,15 @@ class TokenizerModule(LightningModule):
             log_fps: Frame rate of the reconstruction mp4.
         """
         super().__init__()
+        # A checkpoint's hparams hold the networks' configs (plain data, weights_only-safe), and
+        # load_from_checkpoint hands those configs back here.
+        if isinstance(tokenizer, dict):
+            tokenizer = instantiate(tokenizer)
+        if isinstance(discriminator, dict):
+            discriminator = instantiate(discriminator)
         self.save_hyperparameters(ignore=["tokenizer", "discriminator"])
+        self.hparams["tokenizer"] = tokenizer.config
+        self.hparams["discriminator"] = discriminator.config if discriminator is not None else None
         self.automatic_optimization = False
         self.tokenizer = tokenizer
         self.discriminator = discriminator

@@ -1,0 +1,86 @@
+"""Quantizers: lookup, straight-through gradients, dead-code restarts, FSQ indexing, usage metric."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metrics.codebook import CodebookUsage
+from models.quantizer import FSQ, VectorQuantizer
+
+
+def test_vq_picks_the_nearest_code_on_the_sphere_and_passes_gradients():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=32, dim=8, restart_every=0)
+    z = torch.randn(4, 5, 8, requires_grad=True)
+    out = vq(z)
+    codebook = F.normalize(vq.codebook.detach(), dim=-1)
+    expected = (F.normalize(z.detach(), dim=-1) @ codebook.t()).argmax(-1)
+    assert torch.equal(out.indices, expected)
+    torch.testing.assert_close(out.quantized.detach(), codebook[expected])
+    torch.testing.assert_close(vq.codes(out.indices), codebook[expected])
+    assert out.loss.item() > 0 and 1.0 <= out.perplexity.item() <= 32
+    (out.quantized.sum() + out.loss).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0  # straight-through
+    assert vq.codebook.grad is not None and vq.codebook.grad.abs().sum() > 0  # codebook loss
+
+
+def test_dead_codes_restart_from_the_batch():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=16, dim=4, restart_every=3).train()
+    # Every encoding sits next to code 0: the other 15 codes are dead.
+    target = F.normalize(vq.codebook.detach()[0], dim=-1)
+    z = target + 0.001 * torch.randn(64, 4)
+    before = vq.codebook.detach().clone()
+    for step in range(3):
+        out = vq(z.clone().requires_grad_(True))
+        assert set(out.indices.tolist()) == {0}
+        if step < 2:
+            assert torch.equal(vq.codebook.detach(), before)
+            assert vq.window_usage() == pytest.approx(1 / 16)
+    assert int(vq.restarted_total) == 15
+    moved = (vq.codebook.detach() - before).norm(dim=-1)
+    assert moved[0] == 0 and bool((moved[1:] > 0).all())
+    # The restarted codes now sit among the encodings, so they are usable.
+    assert float((F.normalize(vq.codebook.detach()[1:], dim=-1) @ target).min()) > 0.99
+    assert int(vq.window_steps) == 0 and vq.window_usage() == 0.0
+
+
+def test_no_restart_outside_training():
+    vq = VectorQuantizer(codebook_size=16, dim=4, restart_every=1).eval()
+    before = vq.codebook.detach().clone()
+    with torch.no_grad():
+        vq(torch.randn(8, 4))
+    assert torch.equal(vq.codebook.detach(), before) and int(vq.window_steps) == 0
+
+
+def test_fsq_indices_are_a_bijection_with_codes():
+    fsq = FSQ([8, 5, 3])
+    assert fsq.codebook_size == 120 and fsq.dim == 3
+    z = torch.randn(20000, 3) * 3
+    out = fsq(z)
+    assert out.indices.min() >= 0 and out.indices.max() < 120
+    assert len(out.indices.unique()) == 120  # every code reachable
+    torch.testing.assert_close(fsq.codes(out.indices), out.quantized)
+    all_codes = fsq.codes(torch.arange(120))
+    assert len(torch.unique(all_codes, dim=0)) == 120
+    with pytest.raises(ValueError):
+        FSQ([1, 4])
+
+
+def test_codebook_usage_metric():
+    metric = CodebookUsage(8)
+    metric.update(torch.tensor([0, 1, 2, 3]))
+    metric.update(torch.tensor([[0, 1], [2, 3]]))
+    out = metric.compute()
+    assert out["usage"].item() == pytest.approx(0.5)
+    assert out["perplexity"].item() == pytest.approx(4.0)
+    metric.update(torch.tensor([7] * 8))
+    out = metric.compute()
+    probs = torch.tensor([2, 2, 2, 2, 8]) / 16
+    assert out["perplexity"].item() == pytest.approx(math.exp(-(probs * probs.log()).sum().item()))
+    with pytest.raises(ValueError, match="out of range"):
+        metric.update(torch.tensor([8]))
