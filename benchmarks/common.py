@@ -10,8 +10,33 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop, sdpa_flop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch.host_memory import tune_host_allocator  # noqa: E402
+
+# The benchmarks measure training as `maskvid fit` runs it, which tunes the host allocator.
+tune_host_allocator()
+
+
+def _register_cpu_attention_flops() -> None:
+    """torch's FLOP counter knows the CUDA attention kernels but not the CPU flash kernel, so
+    attention would count as free on CPU. Same formulas (full, non-causal count, as usual)."""
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu.default in torch.utils.flop_counter.flop_registry:
+        return
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop(query_shape, key_shape, value_shape)
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_register_cpu_attention_flops()
 
 
 def matmul_roof(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 7) -> float:
@@ -47,7 +72,7 @@ class StepTimer:
     step `flop_step`, which is excluded from the timings (counting slows it down).
     """
 
-    def __init__(self, flop_step: int = 0, device: str = "cpu") -> None:
+    def __init__(self, flop_step: int = 0, device: str = "cpu", roof_dtype: torch.dtype = torch.float32) -> None:
         from lightning.pytorch.callbacks import Callback
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -70,9 +95,13 @@ class StepTimer:
                     timer._counter = None
                 else:
                     timer.times.append(elapsed)
+                    # The roof right next to each step: this machine's speed drifts by tens of
+                    # percent within a minute, so a ratio is only meaningful taken side by side.
+                    timer.roofs.append(matmul_roof(device, roof_dtype, repeats=3))
 
         self.callback = _Callback()
         self.times: list[float] = []
+        self.roofs: list[float] = []
         self.flops: int = 0
         self._counter = None
         self._start = 0.0
@@ -82,12 +111,29 @@ class StepTimer:
         times = self.times[skip:] or self.times
         return statistics.median(times)
 
+    def fraction_of_roof(self, skip: int = 1) -> float:
+        """Achieved FLOP/s over the roof measured beside each step, averaged over steps."""
+        pairs = list(zip(self.times, self.roofs))[skip:] or list(zip(self.times, self.roofs))
+        total_time = sum(t for t, _ in pairs)
+        # Time-weighted mean roof, so lazily regularised steps weigh what they cost.
+        roof = sum(t * r for t, r in pairs) / total_time
+        return self.flops * len(pairs) / total_time / 1e9 / roof
 
-def fit_steps(module, batch: dict, steps: int, device: str = "cpu", precision: str = "32-true", flop_step: int = 0) -> StepTimer:
+    def mean(self, skip: int = 1) -> float:
+        """Mean step time after warmup: the honest figure when some steps do periodic extra
+        work (a lazy gradient penalty every N steps, dead-code restarts)."""
+        times = self.times[skip:] or self.times
+        return statistics.fmean(times)
+
+
+def fit_steps(
+    module, batch: dict, steps: int, device: str = "cpu", precision: str = "32-true", flop_step: int = 0,
+    roof_dtype: torch.dtype = torch.float32,
+) -> StepTimer:
     """Run `steps` real training steps of `module` on copies of `batch`; returns the timer."""
     from lightning.pytorch import Trainer
 
-    timer = StepTimer(flop_step=flop_step, device=device)
+    timer = StepTimer(flop_step=flop_step, device=device, roof_dtype=roof_dtype)
 
     class Repeat(torch.utils.data.IterableDataset):
         def __iter__(self):

@@ -36,7 +36,11 @@ def _worker_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack samples: video uint8 [B,T,H,W,C] (VideoLoader turns it into float [B,C,T,H,W]),
-    caption, frame_mask, meta."""
+    caption, frame_mask, meta. Token-shard samples go to `collate_tokens`."""
+    if "tokens" in samples[0]:
+        from datamodules.token_samples import collate_tokens
+
+        return collate_tokens(samples)
     t, h, w, c = samples[0]["video"].shape
     video = torch.stack([s["video"] for s in samples], out=_worker_buffer((len(samples), t, h, w, c), torch.uint8))
     metas = [s["meta"] for s in samples]
@@ -83,7 +87,7 @@ class VideoLoader(DataLoader):
 
     def _normalized(self, iterator):
         for batch in iterator:
-            if self.normalize:
+            if self.normalize and "video" in batch:
                 batch["video"] = to_model(batch["video"])
             yield batch
 

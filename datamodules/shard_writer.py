@@ -90,6 +90,11 @@ class ShardSink:
             self._writer = None
 
     def write(self, key: str, mp4: bytes, caption: str, meta: dict[str, Any]) -> None:
+        """A video sample: mp4 + txt + json."""
+        self.write_sample(key, {"mp4": mp4, "txt": caption, "json": meta})
+
+    def write_sample(self, key: str, fields: dict[str, Any]) -> None:
+        """Any sample: extension -> bytes, str or JSON-able dict (token shards use this)."""
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}")
         if "." in key:
@@ -97,7 +102,7 @@ class ShardSink:
         self._keys.add(key)
         if self._writer is None or self.shards[-1].num_samples >= self.samples_per_shard:
             self._open_next()
-        self._writer.write({"__key__": key, "mp4": mp4, "txt": caption, "json": meta})
+        self._writer.write({"__key__": key, **fields})
         self.shards[-1].num_samples += 1
         self._count += 1
 

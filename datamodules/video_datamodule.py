@@ -13,6 +13,7 @@ from datamodules.clips import ClipSpec
 from datamodules.loader import ResumableLoader, VideoLoader
 from datamodules.pixels import to_model
 from datamodules.samples import SampleDecoder
+from datamodules.token_samples import TokenSampleDecoder
 from datamodules.streams import TrainStream, ValStream, dist_rank_world, expand_shards
 
 log = logging.getLogger("maskvid.data")
@@ -51,6 +52,7 @@ class VideoDataModule(pl.LightningDataModule):
         normalize_on_device: bool = False,
         max_source_pixels: int = 3840 * 2160,
         pin_memory: bool = False,
+        samples: Literal["video", "tokens"] = "video",
     ) -> None:
         """
         Args:
@@ -81,6 +83,10 @@ class VideoDataModule(pl.LightningDataModule):
                 traffic, for GPU training. Same conversion, same values.
             max_source_pixels: Source videos with more pixels per frame are skipped (memory guard).
             pin_memory: Pin batches in host memory (faster host-to-GPU copies).
+            samples: "video": shards of mp4/images + captions, decoded to clips; "tokens": token
+                shards from `maskvid data tokenize` (video tokens + cached text embeddings), the
+                fast path for stage 2. num_frames then selects 1 + (num_frames-1)/pt latent frames
+                via the tokenizer's grid, checked by the model.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -92,7 +98,12 @@ class VideoDataModule(pl.LightningDataModule):
             short=short_videos,
             max_pixels=max_source_pixels,
         )
-        self.decoder = SampleDecoder(self.spec, missing_caption=missing_caption)
+        if samples == "tokens":
+            self.decoder = TokenSampleDecoder()
+        elif samples == "video":
+            self.decoder = SampleDecoder(self.spec, missing_caption=missing_caption)
+        else:
+            raise ValueError(f"samples must be 'video' or 'tokens', got {samples!r}")
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0 (got {batch_size}, {num_workers})")
         self._train_loader: Optional[ResumableLoader] = None
@@ -167,7 +178,7 @@ class VideoDataModule(pl.LightningDataModule):
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.hparams.normalize_on_device and batch["video"].dtype == torch.uint8:
+        if self.hparams.normalize_on_device and "video" in batch and batch["video"].dtype == torch.uint8:
             batch["video"] = to_model(batch["video"])
         return batch
 

@@ -34,11 +34,13 @@ TOOL_COMMANDS: dict[str, Command] = {
         "shards": "launch.cmd_data_shards",
         "synthetic": "launch.cmd_data_synthetic",
         "preview": "launch.cmd_data_preview",
+        "tokenize": "launch.cmd_data_tokenize",
     },
+    "generate": "launch.cmd_generate",
     "demo": "launch.cmd_demo",
 }
 GROUP_HELP = {
-    "data": "Data tools: build shards from your videos, make the synthetic dataset, preview a batch",
+    "data": "Data tools: build shards from your videos, make the synthetic dataset, preview a batch, tokenize",
 }
 
 EPILOG = """\
@@ -46,6 +48,7 @@ examples:
   maskvid demo                                   # built-in synthetic pipeline, end to end
   maskvid data shards --videos ~/clips --out shards/mine
   maskvid data synthetic --out data/synthetic
+  maskvid generate --ckpt last.ckpt --prompt "a red circle moving left" --out samples/
   maskvid data preview --config configs/data/synthetic.yaml --split val
   maskvid fit --config configs/data/synthetic.yaml --config configs/trainer/cpu.yaml --model CLASS_PATH
 
@@ -105,7 +108,10 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        from launch.host_memory import tune_host_allocator
         from launch.lightning_cli import run_lightning_cli
+
+        tune_host_allocator()
 
         run_lightning_cli(argv)
         return 0

@@ -22,11 +22,10 @@ class EMA(nn.Module):
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.warmup = warmup
-        self.module = copy.deepcopy(network).requires_grad_(False).eval()
+        # Only ever evaluated (Lightning puts it in eval mode for validation); left in train mode
+        # otherwise so Lightning does not warn about eval-mode modules at the start of fit.
+        self.module = copy.deepcopy(network).requires_grad_(False)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
-
-    def train(self, mode: bool = True) -> EMA:
-        return super().train(False)  # the average is only ever evaluated
 
     @torch.no_grad()
     def update(self, network: nn.Module) -> None:

@@ -49,10 +49,32 @@ def log_reconstructions(
     data, _ = encode_mp4(list(comparison_video(real, recon)), fps=fps)
     mp4 = out / f"{stem}.mp4"
     mp4.write_bytes(data)
+    _send_image(trainer, tag, np.asarray(sheet))
+    return {"png": png, "mp4": mp4}
+
+
+def log_samples(
+    trainer, video: torch.Tensor, prompts: Sequence[str], tag: str = "val/samples", fps: float = 8.0
+) -> dict[str, Path]:
+    """Generated videos with their prompts: `<media>/<tag>_step<N>.png|.mp4`, grid to the logger."""
+    video = video.detach().float().cpu()
+    sheet = contact_sheet(video, list(prompts), max_frames=9)
+    out = media_dir(trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{tag.replace('/', '_')}_step{trainer.global_step:07d}"
+    png = out / f"{stem}.png"
+    sheet.save(png)
+    frames = rearrange(to_uint8(video), "b t h w c -> t h (b w) c").numpy()
+    data, _ = encode_mp4(list(frames), fps=fps)
+    mp4 = out / f"{stem}.mp4"
+    mp4.write_bytes(data)
+    _send_image(trainer, tag, np.asarray(sheet))
+    return {"png": png, "mp4": mp4}
+
+
+def _send_image(trainer, tag: str, image: np.ndarray) -> None:
     for logger in trainer.loggers:
-        image = np.asarray(sheet)
         if hasattr(logger, "log_image"):  # W&B, Neptune, MLflow-style loggers
             logger.log_image(key=tag, images=[image], step=trainer.global_step)
         elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
             logger.experiment.add_image(tag, image, trainer.global_step, dataformats="HWC")
-    return {"png": png, "mp4": mp4}

@@ -164,6 +164,11 @@ class CViViT(nn.Module):
         )
         return torch.cat([first, rest], dim=2)
 
+    def latent_frame_mask(self, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Frame mask [B, F] -> latent-frame mask [B, t]: a latent frame is real when the first
+        frame of its tubelet is (frame 0, then frames 1, 1+pt, 1+2pt, ...)."""
+        return torch.cat([frame_mask[:, :1], frame_mask[:, 1 :: self.temporal_patch_size]], dim=1)
+
     def last_layer_weights(self) -> list[nn.Parameter]:
         """The output heads: where the adaptive adversarial weight compares gradient norms."""
         return [self.head_first.weight, self.head_tubelet.weight]

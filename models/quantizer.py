@@ -152,10 +152,11 @@ class FSQ(Quantizer):
     the mixed-radix number of the rounded channels, so every code is always reachable.
     """
 
-    def __init__(self, levels: list[int] = [8, 8, 8, 5, 5, 5]) -> None:  # noqa: B006 - CLI default
+    def __init__(self, levels: list[int] = [8, 8, 8, 5, 5, 5], usage_window: int = 100) -> None:  # noqa: B006
         """
         Args:
             levels: Quantization levels per channel; the vocabulary is their product.
+            usage_window: Training steps over which `window_usage` (logged codebook usage) counts.
         """
         super().__init__()
         self.config = module_config(self, locals())
@@ -166,6 +167,9 @@ class FSQ(Quantizer):
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.long), persistent=False)
         basis = torch.cumprod(torch.tensor([1] + list(levels[:-1])), dim=0)
         self.register_buffer("basis", basis, persistent=False)
+        self.usage_window = usage_window
+        self.register_buffer("window_counts", torch.zeros(self.codebook_size), persistent=True)
+        self.register_buffer("window_steps", torch.zeros((), dtype=torch.long), persistent=True)
 
     def _bound(self, z: torch.Tensor) -> torch.Tensor:
         half = (self.levels.float() - 1) / 2
@@ -176,6 +180,9 @@ class FSQ(Quantizer):
     def _to_unit(self, digits: torch.Tensor) -> torch.Tensor:
         half = self.levels // 2
         return (digits - half) / half.clamp(min=1)
+
+    def window_usage(self) -> float:
+        return float((self.window_counts > 0).float().mean())
 
     def codes(self, indices: torch.Tensor) -> torch.Tensor:
         digits = (indices[..., None] // self.basis) % self.levels
@@ -190,6 +197,13 @@ class FSQ(Quantizer):
         digits = (rounded.detach().round() + half).long()
         indices = (digits * self.basis).sum(-1)
         quantized = rounded / half.clamp(min=1)
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                if int(self.window_steps) >= self.usage_window:
+                    self.window_counts.zero_()
+                    self.window_steps.zero_()
+                self.window_counts += torch.bincount(indices.flatten(), minlength=self.codebook_size).float()
+                self.window_steps += 1
         return QuantizerOutput(
             quantized=quantized,
             indices=indices,

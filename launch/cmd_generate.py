@@ -1,0 +1,162 @@
+"""Generate videos from text with a stage-2 checkpoint: one mp4 per prompt, plus index.json.
+
+The checkpoint alone is enough (it carries the frozen tokenizer and names the text encoder).
+Prompts come from --prompt (repeatable), or --prompts FILE: plain text with one prompt per line,
+or JSONL with a "prompt" field. --story FILE.jsonl chains scenes into one long video (Phenaki's
+story mode): each line is {"prompt": ..., "num_frames": ...}; every scene after the first is
+primed with the tokens of the last --story-context latent frames of the one before.
+
+examples:
+  maskvid generate --ckpt runs/stage2/last.ckpt --prompt "a red circle moving left" --out samples/
+  maskvid generate --ckpt last.ckpt --prompts data/synthetic/prompts_heldout.txt --out heldout/ \\
+      --steps 24 --cfg-scale 4 --seed 1 --batch-size 8
+  maskvid generate --ckpt last.ckpt --story story.jsonl --out story/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from datamodules.errors import DataError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="stage-2 checkpoint (.ckpt written by maskvid fit)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    source.add_argument("--prompts", type=Path, help="prompt file: one per line, or JSONL with a 'prompt' field")
+    source.add_argument("--story", type=Path, help='JSONL of scenes {"prompt": ..., "num_frames": ...}, chained')
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--num-frames", type=int, default=None, help="frames per video (default: the training clip length)")
+    parser.add_argument("--steps", type=int, default=None, help="MaskGIT steps, 12-48 typical (default: the checkpoint's)")
+    parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default: the checkpoint's)")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the checkpoint's)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same videos (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts generated together (default: 4)")
+    parser.add_argument("--videos-per-prompt", type=int, default=1, help="samples per prompt (default: 1)")
+    parser.add_argument("--story-context", type=int, default=2, help="latent frames carried between story scenes (default: 2)")
+    parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the mp4s (default: 8)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"prompt file not found: {path}")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                prompt = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f'{path}:{number}: expected JSON with a "prompt" field') from None
+            prompts.append(str(prompt))
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise DataError(f"{path} holds no prompts")
+    return prompts
+
+
+def read_story(path: Path) -> list[tuple[str, int | None]]:
+    if not path.is_file():
+        raise DataError(f"story file not found: {path}")
+    scenes = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            scenes.append((str(item["prompt"]), int(item["num_frames"]) if item.get("num_frames") else None))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise DataError(f'{path}:{number}: expected {{"prompt": ..., "num_frames": ...}}') from None
+    if not scenes:
+        raise DataError(f"{path} holds no scenes")
+    return scenes
+
+
+def slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from datamodules.pixels import to_uint8
+    from datamodules.video_io import encode_mp4
+    from models.sampling import SamplingOptions
+    from models.stage2_checkpoint import Stage2CheckpointError, load_generator
+
+    if args.batch_size < 1 or args.videos_per_prompt < 1:
+        raise DataError("--batch-size and --videos-per-prompt must be >= 1")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        generator_model = load_generator(args.ckpt).to(device)
+    except Stage2CheckpointError as exc:
+        raise DataError(str(exc)) from None
+    d = generator_model.defaults
+    options = SamplingOptions(
+        steps=args.steps or d.steps,
+        cfg_scale=d.cfg_scale if args.cfg_scale is None else args.cfg_scale,
+        temperature=args.temperature or d.temperature,
+        top_k=args.top_k,
+        noise=d.noise,
+    )
+    try:
+        options.check()
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    rng = torch.Generator(device=device).manual_seed(args.seed)
+    index = []
+
+    def save(video: torch.Tensor, name: str, prompt) -> None:
+        frames = to_uint8(video.cpu()).numpy()
+        data, n = encode_mp4(list(frames), fps=args.fps)
+        path = args.out / name
+        path.write_bytes(data)
+        index.append({"prompt": prompt, "path": str(path), "num_frames": n})
+
+    try:
+        if args.story:
+            scenes = read_story(args.story)
+            tokens = None
+            pieces = []
+            for prompt, frames in tqdm(scenes, desc="scenes", disable=args.quiet):
+                grid = generator_model.grid_for(frames or args.num_frames)
+                prime = None
+                if tokens is not None:
+                    k = min(args.story_context, grid[0] - 1)
+                    prime = tokens[:, -k:]
+                new = generator_model.tokens([prompt], grid, options, rng, prime=prime)
+                pieces.append(new if prime is None else new[:, prime.shape[1]:])
+                tokens = new
+            story_tokens = torch.cat(pieces, dim=1)
+            save(generator_model.decode(story_tokens)[0], "story.mp4", [p for p, _ in scenes])
+        else:
+            prompts = args.prompt or read_prompts(args.prompts)
+            grid = generator_model.grid_for(args.num_frames)
+            jobs = [(i, p, k) for i, p in enumerate(prompts) for k in range(args.videos_per_prompt)]
+            bar = tqdm(total=len(jobs), desc="videos", unit="video", disable=args.quiet)
+            for start in range(0, len(jobs), args.batch_size):
+                batch = jobs[start : start + args.batch_size]
+                tokens = generator_model.tokens([p for _, p, _ in batch], grid, options, rng)
+                videos = generator_model.decode(tokens)
+                for (i, prompt, k), video in zip(batch, videos):
+                    suffix = f"-{k}" if args.videos_per_prompt > 1 else ""
+                    save(video, f"{i:04d}-{slug(prompt)}{suffix}.mp4", prompt)
+                bar.update(len(batch))
+            bar.close()
+    except ValueError as exc:  # a frame count the tokenizer or backbone cannot take
+        raise DataError(str(exc)) from None
+    (args.out / "index.json").write_text(json.dumps(index, indent=2))
+    print(f"wrote {len(index)} video(s) and {args.out / 'index.json'}")
+    return 0

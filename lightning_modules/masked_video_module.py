@@ -1,0 +1,286 @@
+"""MaskedVideoModule: stage 2, text-conditioned masked video-token modelling (Phenaki / MeBT).
+
+The backbone arrives by injection (`class_path` in YAML: MaskGITBackbone, MeBT, ...); the frozen
+stage-1 tokenizer comes from its checkpoint and the frozen text encoder by name. Batches are either
+video clips (tokenized on the fly) or token-shard samples (tokens + cached text embeddings): the
+module takes whichever it is given.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from lightning_modules.ema import EMA
+from lightning_modules.schedules import warmup_cosine
+from models.config import instantiate
+from models.sampling import SamplingOptions, mask_ratio, maskgit_sample
+from models.stage2_checkpoint import STAGE2_KEY, STAGE2_FORMAT
+from models.text_encoder import TextEncoder
+from models.tokenizer_checkpoint import load_tokenizer
+
+_NO_DECAY = ("pos_t", "pos_h", "pos_w", "null", "latents")
+
+
+class ConfigMismatchError(ValueError):
+    """The tokenizer, backbone, text encoder and data do not fit together."""
+
+
+class MaskedVideoModule(LightningModule):
+    """Stage 2: learn p(video tokens | text) by masked-token prediction."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer_path: str,
+        text_encoder: str = "packaged:minilm",
+        text_max_length: int = 32,
+        lr: float = 3e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.05,
+        warmup_steps: int = 500,
+        min_lr_ratio: float = 0.1,
+        grad_clip: float = 1.0,
+        text_drop_prob: float = 0.1,
+        label_smoothing: float = 0.0,
+        ema_decay: float | None = 0.999,
+        sample_steps: int = 18,
+        cfg_scale: float = 3.0,
+        temperature: float = 1.0,
+        val_prompts: list[str] | None = None,
+        num_val_videos: int = 4,
+        log_fps: float = 8.0,
+    ) -> None:
+        """
+        Args:
+            backbone: The stage-2 network (e.g. models.maskgit.MaskGITBackbone, models.mebt.MeBT).
+            tokenizer_path: Stage-1 checkpoint (from `maskvid fit` with TokenizerModule). Its frozen
+                tokenizer is stored in this module's checkpoints, so generation needs no other file.
+            text_encoder: Frozen text encoder: a local directory, a cached hub name (T5 or any
+                AutoModel) or `packaged:minilm`.
+            text_max_length: Caption length in tokens (padding/truncation).
+            lr: Peak AdamW learning rate.
+            betas: AdamW betas.
+            weight_decay: AdamW weight decay on matrices.
+            warmup_steps: Linear warmup steps, then cosine decay to min_lr_ratio at max_steps.
+            min_lr_ratio: Final LR as a fraction of the peak.
+            grad_clip: Gradient-norm clip; 0 disables.
+            text_drop_prob: Probability of training a clip without its caption (for CFG).
+            label_smoothing: Cross-entropy label smoothing.
+            ema_decay: Decay of the EMA copy used for validation, sampling and export; null disables.
+            sample_steps: MaskGIT steps for validation samples (and the default for generate).
+            cfg_scale: Classifier-free guidance scale for validation samples (and generate).
+            temperature: Sampling temperature.
+            val_prompts: Prompts generated at each validation (default: the first val captions).
+            num_val_videos: Videos generated per validation.
+            log_fps: Frame rate of the logged mp4s.
+        """
+        super().__init__()
+        if isinstance(backbone, dict):  # from a checkpoint's hparams
+            backbone = instantiate(backbone)
+        self.save_hyperparameters(ignore=["backbone"])
+        self.hparams["backbone"] = backbone.config
+        self.backbone = backbone
+        self.backbone_ema = EMA(backbone, ema_decay) if ema_decay is not None else None
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        # Frozen, reloaded by name, kept out of checkpoints, sharding and the optimizer.
+        self._text_encoder: list[TextEncoder] = [TextEncoder(text_encoder, text_max_length)]
+        self._check_compatible()
+        self._val_media: dict[str, Any] | None = None
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        return self._text_encoder[0]
+
+    @property
+    def sampling_backbone(self) -> nn.Module:
+        return self.backbone_ema.module if self.backbone_ema is not None else self.backbone
+
+    def _check_compatible(self) -> None:
+        vocab_backbone, vocab_tokenizer = self.backbone.vocab_size, self.tokenizer.vocab_size
+        if vocab_backbone != vocab_tokenizer:
+            raise ConfigMismatchError(
+                f"vocabulary mismatch: the backbone predicts {vocab_backbone} token ids but the tokenizer "
+                f"({self.hparams.tokenizer_path}) has {vocab_tokenizer} codes. Set "
+                f"model.init_args.backbone.init_args.vocab_size: {vocab_tokenizer}."
+            )
+        if getattr(self.backbone, "text_dim", self.text_encoder.dim) != self.text_encoder.dim:
+            raise ConfigMismatchError(
+                f"text width mismatch: the backbone expects {self.backbone.text_dim}-d text embeddings but "
+                f"{self.hparams.text_encoder} gives {self.text_encoder.dim}-d. Set backbone text_dim: {self.text_encoder.dim}."
+            )
+
+    def token_grid(self, num_frames: int, resolution: int) -> tuple[int, int, int]:
+        try:
+            grid = self.tokenizer.token_grid(num_frames, resolution)
+            self.backbone.check_grid(grid)
+        except ValueError as exc:
+            raise ConfigMismatchError(f"data does not fit the models: {exc}") from None
+        return grid
+
+    def setup(self, stage: str) -> None:
+        hparams = getattr(getattr(self.trainer, "datamodule", None), "hparams", {})
+        if "num_frames" in hparams and "resolution" in hparams:
+            self.grid = self.token_grid(hparams["num_frames"], hparams["resolution"])
+
+    def on_fit_start(self) -> None:
+        self.text_encoder.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.text_encoder.to(self.device)
+
+    # -- batches --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def batch_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (tokens [B,t,h,w], text [B,L,D], text_mask [B,L], valid latent frames [B,t])."""
+        if "tokens" in batch:
+            tokens = batch["tokens"].long()
+            if int(tokens.max()) >= self.backbone.vocab_size or int(tokens.min()) < 0:
+                raise ConfigMismatchError(
+                    f"token shards hold ids up to {int(tokens.max())}, beyond the vocabulary "
+                    f"({self.backbone.vocab_size}): they were made with another tokenizer"
+                )
+            latent_valid = batch.get("latent_mask")
+        else:
+            tokens = self.tokenizer.encode(batch["video"])
+            latent_valid = None
+            if batch.get("frame_mask") is not None:
+                latent_valid = self.tokenizer.latent_frame_mask(batch["frame_mask"])[:, : tokens.shape[1]]
+        if "text_emb" in batch:
+            text, text_mask = batch["text_emb"].float(), batch["text_mask"].bool()
+        else:
+            text, text_mask = self.text_encoder(batch["caption"])
+        if latent_valid is None:
+            latent_valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return tokens, text.to(self.device), text_mask.to(self.device), latent_valid.bool()
+
+    def random_mask(self, valid: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per clip, mask a cosine-schedule fraction (at least one) of the valid positions.
+
+        valid: bool [B, N] -> bool [B, N], True = masked.
+        """
+        b, n = valid.shape
+        u = torch.rand(b, generator=generator, device=valid.device)
+        count = valid.sum(dim=1)
+        num_masked = torch.ceil(mask_ratio(u) * count).clamp(min=1).long()
+        scores = torch.rand(b, n, generator=generator, device=valid.device).masked_fill(~valid, 2.0)
+        rank = scores.argsort(dim=1).argsort(dim=1)
+        return (rank < num_masked[:, None]) & valid
+
+    def masked_loss(
+        self, backbone: nn.Module, batch: dict, generator: torch.Generator | None = None, drop_prob: float = 0.0
+    ) -> dict[str, torch.Tensor]:
+        tokens, text, text_mask, latent_valid = self.batch_tokens(batch)
+        b, t, h, w = tokens.shape
+        valid = rearrange(latent_valid[:, :, None, None].expand(b, t, h, w), "b t h w -> b (t h w)")
+        masked = self.random_mask(valid, generator)
+        flat = rearrange(tokens, "b t h w -> b (t h w)")
+        inputs = torch.where(masked, torch.full_like(flat, backbone.mask_id), flat)
+        drop = torch.rand(b, generator=generator, device=tokens.device) < drop_prob
+        logits = backbone(rearrange(inputs, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, drop_text=drop)
+        logits = rearrange(logits, "b t h w v -> b (t h w) v")[masked]
+        target = flat[masked]
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=self.hparams.label_smoothing)
+        accuracy = (logits.argmax(-1) == target).float().mean()
+        return {"loss": loss, "accuracy": accuracy, "mask_ratio": masked.sum() / valid.sum().clamp(min=1)}
+
+    # -- training -------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.masked_loss(self.backbone, batch, drop_prob=self.hparams.text_drop_prob)
+        size = len(batch["caption"]) if "caption" in batch else None
+        self.log_dict(
+            {"train/loss": out["loss"], "train/masked_accuracy": out["accuracy"], "train/mask_ratio": out["mask_ratio"]},
+            batch_size=size,
+        )
+        self.log("loss", out["loss"], prog_bar=True, logger=False, batch_size=size)
+        return out["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.backbone_ema is not None:
+            self.backbone_ema.update(self.backbone)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = gradient_clip_val or self.hparams.grad_clip
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.backbone.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or name.endswith(_NO_DECAY) or "token_emb" in name else decay).append(p)
+        fused = all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=hp.betas, fused=fused,
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        scheduler = LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, int(total), hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # A fixed mask per batch, so validation losses are comparable across evaluations.
+        generator = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
+        out = self.masked_loss(self.sampling_backbone, batch, generator=generator)
+        size = len(batch["caption"]) if "caption" in batch else None
+        self.log("val/loss", out["loss"], sync_dist=True, batch_size=size)
+        self.log("val/masked_accuracy", out["accuracy"], sync_dist=True, batch_size=size)
+        if batch_idx == 0 and self.trainer.is_global_zero and self._val_media is None:
+            self._val_media = {"captions": list(batch.get("caption", []))}
+
+    def on_validation_epoch_end(self) -> None:
+        media, self._val_media = self._val_media, None
+        if media is None or self.trainer.sanity_checking or self.hparams.num_val_videos <= 0:
+            return
+        prompts = list(self.hparams.val_prompts or media["captions"])[: self.hparams.num_val_videos]
+        if not prompts or not hasattr(self, "grid"):
+            return
+        video = self.generate(prompts, self.grid, seed=0)
+        from lightning_modules.media import log_samples
+
+        log_samples(self.trainer, video, prompts, fps=self.hparams.log_fps)
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], grid: tuple[int, int, int], seed: int = 0, options: SamplingOptions | None = None
+    ) -> torch.Tensor:
+        """prompts -> videos [B, C, F, H, W] in [-1, 1] (EMA backbone)."""
+        options = options or SamplingOptions(
+            steps=self.hparams.sample_steps, cfg_scale=self.hparams.cfg_scale, temperature=self.hparams.temperature
+        )
+        text, text_mask = self.text_encoder(prompts)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        backbone = self.sampling_backbone
+        tokens = maskgit_sample(backbone, grid, text.to(self.device), text_mask.to(self.device), options, generator)
+        return self.tokenizer.decode(tokens).clamp(-1, 1)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        hp = self.hparams
+        checkpoint[STAGE2_KEY] = {
+            "format": STAGE2_FORMAT,
+            "backbone": self.backbone.config,
+            "backbone_prefix": "backbone_ema.module." if self.backbone_ema is not None else "backbone.",
+            "tokenizer": self.tokenizer.config,
+            "tokenizer_prefix": "tokenizer.",
+            "text_encoder": {"name_or_path": hp.text_encoder, "max_length": hp.text_max_length},
+            "sampling": {"steps": hp.sample_steps, "cfg_scale": hp.cfg_scale, "temperature": hp.temperature},
+            "grid": list(getattr(self, "grid", ())) or None,
+        }

@@ -1,0 +1,128 @@
+"""MaskGIT sampling (Chang et al., 2022) for any stage-2 backbone, with classifier-free guidance.
+
+Start with every position masked (or some primed: story mode). At each of `steps` steps predict
+every masked token at once, keep the most confident predictions and re-mask the rest, so that the
+masked fraction follows cos(pi/2 * progress). Confidence gets Gumbel noise whose scale anneals to
+zero over the steps (exploration early, commitment late). Guidance runs the conditional and
+unconditional passes in one batched forward: logits = u + s * (c - u).
+All randomness comes from one torch.Generator: a seed gives the same video on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import nn
+
+
+def mask_ratio(progress: torch.Tensor | float) -> torch.Tensor | float:
+    """Cosine schedule: the fraction of tokens still masked at progress in [0, 1]."""
+    if isinstance(progress, torch.Tensor):
+        return torch.cos(progress * math.pi / 2)
+    return math.cos(progress * math.pi / 2)
+
+
+def gumbel(shape: torch.Size | tuple, generator: torch.Generator | None, device) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0)
+    return -torch.log((-torch.log(u)).clamp_(min=1e-20))
+
+
+@dataclass
+class SamplingOptions:
+    steps: int = 18
+    """Parallel decoding steps (Phenaki uses 12-48)."""
+    cfg_scale: float = 3.0
+    """Guidance scale s; 1 disables guidance (no unconditional pass)."""
+    temperature: float = 1.0
+    """Softmax temperature of the token sampling."""
+    top_k: int | None = None
+    """Sample only among the k most likely tokens."""
+    noise: float = 4.5
+    """Initial scale of the Gumbel noise on confidences, annealed linearly to 0."""
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+@torch.no_grad()
+def guided_logits(
+    backbone: nn.Module,
+    tokens: torch.Tensor,
+    text: torch.Tensor | None,
+    text_mask: torch.Tensor | None,
+    cfg_scale: float,
+) -> torch.Tensor:
+    """Logits with classifier-free guidance, conditional and unconditional in one forward."""
+    if cfg_scale == 1.0 or text is None:
+        return backbone(tokens, text, text_mask).float()
+    b = tokens.shape[0]
+    drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(tokens.device)
+    logits = backbone(
+        torch.cat([tokens, tokens]), torch.cat([text, text]), torch.cat([text_mask, text_mask]), drop_text=drop
+    ).float()
+    cond, uncond = logits[:b], logits[b:]
+    return uncond + cfg_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def maskgit_sample(
+    backbone: nn.Module,
+    grid: tuple[int, int, int],
+    text: torch.Tensor | None,
+    text_mask: torch.Tensor | None,
+    options: SamplingOptions = SamplingOptions(),
+    generator: torch.Generator | None = None,
+    prime: torch.Tensor | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """-> tokens [B, t, h, w], every position filled.
+
+    prime: optional tokens [B, k, h, w] fixed as the first k latent frames (story mode).
+    """
+    options.check()
+    t, h, w = grid
+    b = text.shape[0] if text is not None else (batch_size or 1)
+    device = next(backbone.parameters()).device
+    mask_id = backbone.mask_id
+    tokens = torch.full((b, t, h, w), mask_id, dtype=torch.long, device=device)
+    if prime is not None:
+        k = prime.shape[1]
+        if k >= t or prime.shape[2:] != (h, w):
+            raise ValueError(f"prime of shape {tuple(prime.shape)} does not fit the grid {grid}")
+        tokens[:, :k] = prime.to(device)
+    tokens = rearrange(tokens, "b t h w -> b (t h w)")
+    unknown = tokens == mask_id
+    total_unknown = unknown.sum(dim=1)  # [B]
+    for step in range(options.steps):
+        logits = guided_logits(
+            backbone, rearrange(tokens, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, options.cfg_scale
+        )
+        logits = rearrange(logits, "b t h w v -> b (t h w) v") / options.temperature
+        if options.top_k is not None:
+            kth = logits.topk(min(options.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        log_probs = logits.log_softmax(dim=-1)
+        sampled = (log_probs + gumbel(log_probs.shape, generator, device)).argmax(dim=-1)
+        confidence = log_probs.gather(-1, sampled[..., None]).squeeze(-1)
+        progress = (step + 1) / options.steps
+        confidence = confidence + options.noise * (1 - progress) * gumbel(confidence.shape, generator, device)
+        # Known tokens stay; the least confident new ones go back under the mask.
+        sampled = torch.where(unknown, sampled, tokens)
+        confidence = torch.where(unknown, confidence, torch.full_like(confidence, float("inf")))
+        remask = torch.floor(total_unknown.float() * mask_ratio(progress)).long()  # [B]
+        if step == options.steps - 1:
+            remask.zero_()
+        order = confidence.argsort(dim=-1)  # ascending: least confident first
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=device).expand_as(order))
+        masked_now = rank < remask[:, None]
+        tokens = torch.where(masked_now, torch.full_like(sampled, mask_id), sampled)
+        unknown = masked_now
+    return rearrange(tokens, "b (t h w) -> b t h w", t=t, h=h)

@@ -1,0 +1,132 @@
+"""Stage 2 units: mask schedule, masked-only loss, CFG null conditioning, the sampler, mismatches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.masked_video_module import ConfigMismatchError, MaskedVideoModule
+from models.maskgit import MaskGITBackbone
+from models.sampling import SamplingOptions, guided_logits, mask_ratio, maskgit_sample
+from tests.stage2_fixtures import tiny_t5_dir, tiny_tokenizer, write_tokenizer_checkpoint
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    return {"t5": str(tiny_t5_dir(root / "t5")), "tok": str(write_tokenizer_checkpoint(root / "tok.ckpt", tiny_tokenizer()))}
+
+
+def backbone(vocab: int = 64, text_dim: int = 32) -> MaskGITBackbone:
+    torch.manual_seed(0)
+    return MaskGITBackbone(vocab_size=vocab, grid=(5, 4, 4), dim=32, depth=2, heads=2, text_dim=text_dim)
+
+
+def module(parts, **kw) -> MaskedVideoModule:
+    return MaskedVideoModule(kw.pop("backbone", None) or backbone(), parts["tok"], text_encoder=parts["t5"],
+                             text_max_length=8, **kw)
+
+
+def test_cosine_mask_schedule():
+    assert mask_ratio(0.0) == 1.0 and mask_ratio(1.0) == pytest.approx(0.0, abs=1e-12)
+    assert mask_ratio(0.5) == pytest.approx(math.cos(math.pi / 4))
+    xs = torch.linspace(0, 1, 11)
+    assert bool((mask_ratio(xs)[1:] <= mask_ratio(xs)[:-1]).all())
+
+
+def test_random_mask_follows_the_schedule_and_respects_valid_positions(parts):
+    m = module(parts)
+    valid = torch.ones(4000, 20, dtype=torch.bool)
+    valid[:, 15:] = False
+    masked = m.random_mask(valid, torch.Generator().manual_seed(0))
+    assert not masked[:, 15:].any()  # padded positions never masked
+    counts = masked.sum(1)
+    assert int(counts.min()) >= 1 and int(counts.max()) <= 15
+    # count = max(1, ceil(15 cos(pi/2 u))), u ~ U(0,1): its mean, integrated numerically.
+    u = torch.linspace(0, 1, 100001)
+    expected = torch.ceil(15 * torch.cos(u * math.pi / 2)).clamp(min=1).mean().item()
+    assert counts.float().mean().item() == pytest.approx(expected, abs=0.15)
+
+
+def test_loss_counts_only_masked_positions(parts):
+    m = module(parts)
+    tokens = torch.randint(0, 64, (2, 3, 4, 4))
+    text = torch.randn(2, 8, 32)
+    batch = {"tokens": tokens, "text_emb": text, "text_mask": torch.ones(2, 8, dtype=torch.bool),
+             "latent_mask": torch.ones(2, 3, dtype=torch.bool), "caption": ["a", "b"]}
+    captured = {}
+
+    class Spy(torch.nn.Module):
+        mask_id, vocab_size = 64, 64
+
+        def forward(self, inputs, text, text_mask, drop_text=None):
+            captured["inputs"] = inputs.clone()
+            # Perfect at unmasked positions, uniform at masked ones: only masked ones may count.
+            logits = torch.zeros(*inputs.shape, 64)
+            return logits.scatter(-1, tokens[..., None], 50.0 * (inputs != 64)[..., None].float())
+
+    out = m.masked_loss(Spy(), batch, generator=torch.Generator().manual_seed(0))
+    assert out["loss"].item() == pytest.approx(math.log(64), rel=1e-4)
+    assert out["accuracy"].item() < 0.5
+    assert (captured["inputs"] == 64).any()
+
+
+def test_null_conditioning_is_what_cfg_subtracts():
+    net = backbone().eval()
+    tokens = torch.randint(0, 65, (2, 3, 4, 4))
+    text, mask = torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.bool)
+    uncond = net(tokens)  # no text at all
+    dropped = net(tokens, text, mask, drop_text=torch.tensor([True, True]))
+    torch.testing.assert_close(dropped, uncond)
+    cond = net(tokens, text, mask)
+    assert not torch.allclose(cond, uncond)
+    torch.testing.assert_close(guided_logits(net, tokens, text, mask, 1.0), cond)
+    torch.testing.assert_close(guided_logits(net, tokens, text, mask, 3.0), uncond + 3.0 * (cond - uncond),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_sampler_fills_every_position_and_is_deterministic():
+    net = backbone().eval()
+    text, mask = torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.bool)
+    opts = SamplingOptions(steps=5, cfg_scale=2.0, top_k=10)
+    a = maskgit_sample(net, (3, 4, 4), text, mask, opts, torch.Generator().manual_seed(7))
+    b = maskgit_sample(net, (3, 4, 4), text, mask, opts, torch.Generator().manual_seed(7))
+    c = maskgit_sample(net, (3, 4, 4), text, mask, opts, torch.Generator().manual_seed(8))
+    assert a.shape == (2, 3, 4, 4) and int(a.max()) < 64 and int(a.min()) >= 0
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Story mode: primed latent frames are kept as given.
+    primed = maskgit_sample(net, (3, 4, 4), text, mask, opts, torch.Generator().manual_seed(1), prime=a[:, -1:])
+    assert torch.equal(primed[:, :1], a[:, -1:]) and int(primed.max()) < 64
+    with pytest.raises(ValueError, match="steps"):
+        maskgit_sample(net, (3, 4, 4), text, mask, SamplingOptions(steps=0))
+
+
+def test_vocabulary_mismatch_is_a_clear_error(parts):
+    with pytest.raises(ConfigMismatchError, match="vocabulary mismatch.*predicts 100.*has 64 codes"):
+        module(parts, backbone=backbone(vocab=100))
+    with pytest.raises(ConfigMismatchError, match="text width mismatch"):
+        module(parts, backbone=backbone(text_dim=48))
+    m = module(parts)
+    with pytest.raises(ConfigMismatchError, match=r"1 \+ k\*2 frames"):
+        m.token_grid(8, 32)
+    with pytest.raises(ConfigMismatchError, match="exceeds the backbone's grid"):
+        m.token_grid(17, 32)
+    bad = {"tokens": torch.full((1, 3, 4, 4), 70), "text_emb": torch.randn(1, 8, 32),
+           "text_mask": torch.ones(1, 8, dtype=torch.bool), "caption": ["x"]}
+    with pytest.raises(ConfigMismatchError, match="another tokenizer"):
+        m.batch_tokens(bad)
+
+
+def test_video_batches_are_tokenized_on_the_fly(parts):
+    m = module(parts)
+    video = torch.rand(2, 3, 5, 32, 32) * 2 - 1
+    frame_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    tokens, text, text_mask, latent = m.batch_tokens({"video": video, "frame_mask": frame_mask, "caption": ["a b", "c"]})
+    assert torch.equal(tokens, m.tokenizer.encode(video))
+    assert text.shape == (2, 8, 32) and text_mask.dtype == torch.bool
+    assert latent.tolist() == [[True, True, True], [True, True, False]]
+    loss = m.masked_loss(m.backbone, {"video": video, "frame_mask": frame_mask, "caption": ["a b", "c"]})["loss"]
+    assert torch.isfinite(loss) and loss.requires_grad
