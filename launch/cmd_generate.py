@@ -115,12 +115,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise DataError(str(exc)) from None
     args.out.mkdir(parents=True, exist_ok=True)
-    rng = torch.Generator(device=device).manual_seed(args.seed)
+    def rng(*ids: int) -> torch.Generator:
+        # One generator per video: a video depends on (seed, prompt, sample), not on batching.
+        return torch.Generator(device=device).manual_seed(hash((args.seed, *ids)) & 0x7FFF_FFFF_FFFF_FFFF)
+
     index = []
 
     def save(video: torch.Tensor, name: str, prompt) -> None:
         frames = to_uint8(video.cpu()).numpy()
-        data, n = encode_mp4(list(frames), fps=args.fps)
+        data, n = encode_mp4(list(frames), fps=args.fps, reproducible=True)
         path = args.out / name
         path.write_bytes(data)
         index.append({"prompt": prompt, "path": str(path), "num_frames": n})
@@ -136,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
                 if tokens is not None:
                     k = min(args.story_context, grid[0] - 1)
                     prime = tokens[:, -k:]
-                new = generator_model.tokens([prompt], grid, options, rng, prime=prime)
+                new = generator_model.tokens([prompt], grid, options, [rng(len(pieces))], prime=prime)
                 pieces.append(new if prime is None else new[:, prime.shape[1]:])
                 tokens = new
             story_tokens = torch.cat(pieces, dim=1)
@@ -148,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
             bar = tqdm(total=len(jobs), desc="videos", unit="video", disable=args.quiet)
             for start in range(0, len(jobs), args.batch_size):
                 batch = jobs[start : start + args.batch_size]
-                tokens = generator_model.tokens([p for _, p, _ in batch], grid, options, rng)
+                generators = [rng(i, k) for i, _, k in batch]
+                tokens = generator_model.tokens([p for _, p, _ in batch], grid, options, generators)
                 videos = generator_model.decode(tokens)
                 for (i, prompt, k), video in zip(batch, videos):
                     suffix = f"-{k}" if args.videos_per_prompt > 1 else ""

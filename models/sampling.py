@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from einops import rearrange
@@ -25,7 +26,13 @@ def mask_ratio(progress: torch.Tensor | float) -> torch.Tensor | float:
     return math.cos(progress * math.pi / 2)
 
 
-def gumbel(shape: torch.Size | tuple, generator: torch.Generator | None, device) -> torch.Tensor:
+def gumbel(shape: torch.Size | tuple, generator, device) -> torch.Tensor:
+    """Standard Gumbel noise. A list of generators draws row b of the batch from generator b, so
+    a video depends on its own seed only, not on what else shares its batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([gumbel(tuple(shape[1:]), g, device) for g in generator])
     u = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0)
     return -torch.log((-torch.log(u)).clamp_(min=1e-20))
 
@@ -79,12 +86,14 @@ def maskgit_sample(
     text: torch.Tensor | None,
     text_mask: torch.Tensor | None,
     options: SamplingOptions = SamplingOptions(),
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     prime: torch.Tensor | None = None,
     batch_size: int | None = None,
 ) -> torch.Tensor:
     """-> tokens [B, t, h, w], every position filled.
 
+    generator: one generator for the batch, or one per video (then each video is a function of
+        its own seed, whatever else is in the batch, up to float rounding of batched matmuls).
     prime: optional tokens [B, k, h, w] fixed as the first k latent frames (story mode).
     """
     options.check()

@@ -66,7 +66,7 @@ class TextToVideo:
         prompts: list[str],
         grid: tuple[int, int, int],
         options: SamplingOptions,
-        generator: torch.Generator,
+        generator,
         prime: torch.Tensor | None = None,
     ) -> torch.Tensor:
         text, text_mask = self.text_encoder(prompts)
