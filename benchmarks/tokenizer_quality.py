@@ -150,8 +150,8 @@ def build_module(name: str, gan: bool):
         init = yaml.safe_load((REPO / "configs/model/cvivit_tiny.yaml").read_text())["model"]["init_args"]
         tokenizer = instantiate(init["tokenizer"])
         disc = instantiate(init["discriminator"]) if gan else None
-        frames, size = 17, 64
-        batch = yaml.safe_load(EXPERIMENT.read_text())["data"]["batch_size"]
+        data = yaml.safe_load(EXPERIMENT.read_text())["data"]
+        frames, size, batch = 17, data["resolution"], data["batch_size"]
     else:
         t = T1
         tokenizer = CViViT(t["image_size"], t["patch_size"], t["temporal_patch_size"], 3, t["dim"],

@@ -10,7 +10,7 @@ text.npy, textmask.npy, txt and json (grid, vocab_size, tokenizer and text encod
 
 examples:
   maskvid data tokenize --tokenizer runs/tokenizer_demo/checkpoints/last.ckpt \\
-      --shards data/synthetic/train --out data/synthetic_tokens/train --num-frames 17 --resolution 64
+      --shards data/synthetic/train --out data/synthetic_tokens/train --num-frames 17
   maskvid data tokenize --tokenizer tok.ckpt --text-encoder /models/t5-base --shards 'web/{000..099}.tar' \\
       --out tokens/train --num-frames 17 --resolution 128 --batch-size 32 --device cuda
 """
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-encoder", default="packaged:minilm", help="text encoder (default: packaged:minilm)")
     parser.add_argument("--max-length", type=int, default=16, help="caption tokens kept (default: 16)")
     parser.add_argument("--num-frames", type=int, default=17, help="frames per clip, 1 + k*pt (default: 17)")
-    parser.add_argument("--resolution", type=int, default=64, help="clip side in pixels (default: 64)")
+    parser.add_argument("--resolution", type=int, default=None, help="clip side in pixels (default: the tokenizer's image_size)")
     parser.add_argument("--frame-stride", type=int, default=1, help="take every n-th frame (default: 1)")
     parser.add_argument("--batch-size", type=int, default=16, help="clips encoded together (default: 16)")
     parser.add_argument("--workers", type=int, default=2, help="decoding processes (default: 2)")
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         tokenizer = load_tokenizer(args.tokenizer, map_location=device)
+        args.resolution = args.resolution or tokenizer.image_size
         grid = tokenizer.token_grid(args.num_frames, args.resolution)
         encoder = TextEncoder(args.text_encoder, args.max_length).to(device)
     except (TokenizerCheckpointError, TextEncoderError, ValueError) as exc:

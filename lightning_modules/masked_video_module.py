@@ -158,6 +158,12 @@ class MaskedVideoModule(LightningModule):
                 latent_valid = self.tokenizer.latent_frame_mask(batch["frame_mask"])[:, : tokens.shape[1]]
         if "text_emb" in batch:
             text, text_mask = batch["text_emb"].float(), batch["text_mask"].bool()
+            expected = getattr(self.backbone, "text_dim", text.shape[-1])
+            if text.shape[-1] != expected:
+                raise ConfigMismatchError(
+                    f"token shards hold {text.shape[-1]}-d text embeddings but the backbone takes {expected}-d: "
+                    f"they were made with another text encoder than {self.hparams.text_encoder}"
+                )
         else:
             text, text_mask = self.text_encoder(batch["caption"])
         if latent_valid is None:

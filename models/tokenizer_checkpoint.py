@@ -50,3 +50,19 @@ def load_tokenizer(path: str | Path, map_location: str | torch.device = "cpu", u
             f"{path}: weights do not match the recorded config (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     return tokenizer.eval().requires_grad_(False).to(map_location)
+
+
+def save_tokenizer(path: str | Path, tokenizer: CViViT) -> Path:
+    """Write a standalone tokenizer file that `load_tokenizer` (and stage 2) read: the config
+    and weights only, without training state (e.g. to ship a tokenizer, or one trained elsewhere)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(
+        {
+            CHECKPOINT_KEY: {"format": FORMAT_VERSION, "config": tokenizer.config, "prefix": "tokenizer."},
+            "state_dict": {f"tokenizer.{k}": v for k, v in tokenizer.state_dict().items()},
+        },
+        tmp,
+    )
+    tmp.replace(path)  # atomic: never a half-written file under the final name
+    return path

@@ -9,7 +9,7 @@ import torch
 
 from models.cvivit import CViViT
 from models.quantizer import VectorQuantizer
-from models.tokenizer_checkpoint import CHECKPOINT_KEY, FORMAT_VERSION
+from models.tokenizer_checkpoint import save_tokenizer
 
 
 def tiny_t5_dir(out: Path, d_model: int = 32) -> Path:
@@ -30,11 +30,4 @@ def tiny_tokenizer(codebook_size: int = 64, image_size: int = 32) -> CViViT:
 
 def write_tokenizer_checkpoint(path: Path, tokenizer: CViViT) -> Path:
     """What TokenizerModule writes, minus the training state."""
-    torch.save(
-        {
-            CHECKPOINT_KEY: {"format": FORMAT_VERSION, "config": tokenizer.config, "prefix": "tokenizer."},
-            "state_dict": {f"tokenizer.{k}": v for k, v in tokenizer.state_dict().items()},
-        },
-        path,
-    )
-    return path
+    return save_tokenizer(path, tokenizer)
