@@ -1,6 +1,8 @@
 """Generate videos from text with a stage-2 checkpoint: one mp4 per prompt, plus index.json.
 
 The checkpoint alone is enough (it carries the frozen tokenizer and names the text encoder).
+Past the length the model was trained on, a window of that length slides forward, keeping the last
+--story-context latent frames as context (MeBT can also be trained long: see mebt_128f.yaml).
 Prompts come from --prompt (repeatable), or --prompts FILE: plain text with one prompt per line,
 or JSONL with a "prompt" field. --story FILE.jsonl chains scenes into one long video (Phenaki's
 story mode): each line is {"prompt": ..., "num_frames": ...}; every scene after the first is
@@ -38,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same videos (default: 0)")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts generated together (default: 4)")
     parser.add_argument("--videos-per-prompt", type=int, default=1, help="samples per prompt (default: 1)")
-    parser.add_argument("--story-context", type=int, default=2, help="latent frames carried between story scenes (default: 2)")
+    parser.add_argument("--story-context", type=int, default=2,
+                        help="latent frames carried between story scenes and between sliding windows past the trained length (default: 2)")
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the mp4s (default: 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -152,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
             for start in range(0, len(jobs), args.batch_size):
                 batch = jobs[start : start + args.batch_size]
                 generators = [rng(i, k) for i, _, k in batch]
-                tokens = generator_model.tokens([p for _, p, _ in batch], grid, options, generators)
+                tokens = generator_model.tokens([p for _, p, _ in batch], grid, options, generators,
+                                                context=args.story_context)
                 videos = generator_model.decode(tokens)
                 for (i, prompt, k), video in zip(batch, videos):
                     suffix = f"-{k}" if args.videos_per_prompt > 1 else ""

@@ -49,6 +49,7 @@ class MaskedVideoModule(LightningModule):
         min_lr_ratio: float = 0.1,
         grad_clip: float = 1.0,
         text_drop_prob: float = 0.1,
+        length_curriculum: list[tuple[int, int]] | None = None,
         label_smoothing: float = 0.0,
         ema_decay: float | None = 0.999,
         sample_steps: int = 18,
@@ -73,6 +74,9 @@ class MaskedVideoModule(LightningModule):
             min_lr_ratio: Final LR as a fraction of the peak.
             grad_clip: Gradient-norm clip; 0 disables.
             text_drop_prob: Probability of training a clip without its caption (for CFG).
+            length_curriculum: [[step, latent_frames], ...]: from each step on, train on the first
+                `latent_frames` latent frames of every clip (MeBT's recipe for long videos: short
+                clips first). Steps ascending; null trains on whole clips.
             label_smoothing: Cross-entropy label smoothing.
             ema_decay: Decay of the EMA copy used for validation, sampling and export; null disables.
             sample_steps: MaskGIT steps for validation samples (and the default for generate).
@@ -85,6 +89,10 @@ class MaskedVideoModule(LightningModule):
         super().__init__()
         if isinstance(backbone, dict):  # from a checkpoint's hparams
             backbone = instantiate(backbone)
+        if length_curriculum is not None:
+            steps = [int(step) for step, _ in length_curriculum]
+            if steps != sorted(steps) or any(int(t) < 1 for _, t in length_curriculum):
+                raise ValueError(f"length_curriculum must be [[step, latent_frames], ...] with ascending steps: {length_curriculum}")
         self.save_hyperparameters(ignore=["backbone"])
         self.hparams["backbone"] = backbone.config
         self.backbone = backbone
@@ -151,6 +159,12 @@ class MaskedVideoModule(LightningModule):
                     f"({self.backbone.vocab_size}): they were made with another tokenizer"
                 )
             latent_valid = batch.get("latent_mask")
+            expected_grid = getattr(self, "grid", None)
+            if expected_grid is not None and tuple(tokens.shape[1:]) != tuple(expected_grid):
+                raise ConfigMismatchError(
+                    f"token shards hold a {tuple(tokens.shape[1:])} token grid but data.num_frames/resolution "
+                    f"give {tuple(expected_grid)}: set them to the values the shards were tokenized with"
+                )
         else:
             tokens = self.tokenizer.encode(batch["video"])
             latent_valid = None
@@ -183,10 +197,26 @@ class MaskedVideoModule(LightningModule):
         rank = scores.argsort(dim=1).argsort(dim=1)
         return (rank < num_masked[:, None]) & valid
 
+    def curriculum_frames(self, step: int) -> int | None:
+        """Latent frames trained on at `step` under the length curriculum (None: whole clips)."""
+        frames = None
+        for start, latent_frames in self.hparams.length_curriculum or []:
+            if step >= start:
+                frames = int(latent_frames)
+        return frames
+
     def masked_loss(
-        self, backbone: nn.Module, batch: dict, generator: torch.Generator | None = None, drop_prob: float = 0.0
+        self,
+        backbone: nn.Module,
+        batch: dict,
+        generator: torch.Generator | None = None,
+        drop_prob: float = 0.0,
+        max_latent_frames: int | None = None,
     ) -> dict[str, torch.Tensor]:
         tokens, text, text_mask, latent_valid = self.batch_tokens(batch)
+        if max_latent_frames is not None:
+            # From the start: a C-ViViT clip's first latent frame is the image-like one.
+            tokens, latent_valid = tokens[:, :max_latent_frames], latent_valid[:, :max_latent_frames]
         b, t, h, w = tokens.shape
         valid = rearrange(latent_valid[:, :, None, None].expand(b, t, h, w), "b t h w -> b (t h w)")
         masked = self.random_mask(valid, generator)
@@ -198,12 +228,15 @@ class MaskedVideoModule(LightningModule):
         target = flat[masked]
         loss = F.cross_entropy(logits.float(), target, label_smoothing=self.hparams.label_smoothing)
         accuracy = (logits.argmax(-1) == target).float().mean()
-        return {"loss": loss, "accuracy": accuracy, "mask_ratio": masked.sum() / valid.sum().clamp(min=1)}
+        return {"loss": loss, "accuracy": accuracy, "mask_ratio": masked.sum() / valid.sum().clamp(min=1), "latent_frames": t}
 
     # -- training -------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.masked_loss(self.backbone, batch, drop_prob=self.hparams.text_drop_prob)
+        frames = self.curriculum_frames(self.global_step)
+        out = self.masked_loss(self.backbone, batch, drop_prob=self.hparams.text_drop_prob, max_latent_frames=frames)
+        if frames is not None:
+            self.log("train/latent_frames", float(out["latent_frames"]))
         size = len(batch["caption"]) if "caption" in batch else None
         self.log_dict(
             {"train/loss": out["loss"], "train/masked_accuracy": out["accuracy"], "train/mask_ratio": out["mask_ratio"]},

@@ -50,7 +50,8 @@ class TextConditioning(nn.Module):
         """-> (context [B, L, D], mask [B, L]). Dropped rows (drop[b] True, or text None) see only
         the null token: the unconditional model classifier-free guidance needs."""
         if text is None:
-            return self.null.expand(batch, 1, -1), torch.ones(batch, 1, dtype=torch.bool, device=self.null.device)
+            # repeat, not expand (see MeBT.forward): a parameter view breaks module hooks under no_grad.
+            return self.null.repeat(batch, 1, 1), torch.ones(batch, 1, dtype=torch.bool, device=self.null.device)
         context = self.proj(text.to(self.null.dtype))
         mask = text_mask.bool() if text_mask is not None else torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
         if drop is not None:

@@ -164,7 +164,9 @@ class MeBT(nn.Module):
         context = torch.cat([ctx, text_ctx], dim=1)
         context_mask = torch.cat([ctx_valid, text_ctx_mask], dim=1)
 
-        latents = self.latents.expand(b, -1, -1)
+        # repeat, not expand: under no_grad an expanded parameter view still "requires grad" with no
+        # grad_fn, which breaks module hooks (torch.utils.flop_counter's module tracker).
+        latents = self.latents.repeat(b, 1, 1)
         for layer in self.encoder:
             latents = self._run(layer, latents, context, context_mask)
 

@@ -57,8 +57,13 @@ class TextToVideo:
             return self.grid
         size = resolution or self.tokenizer.patch_size * (self.grid[1] if self.grid else self.backbone.grid[1])
         grid = self.tokenizer.token_grid(num_frames, size)
-        self.backbone.check_grid(grid)
+        self.backbone.check_grid((min(grid[0], self.trained_frames), *grid[1:]))  # longer: sliding window
         return grid
+
+    @property
+    def trained_frames(self) -> int:
+        """Latent frames per clip in training: longer videos are made with a sliding window."""
+        return self.grid[0] if self.grid else self.backbone.grid[0]
 
     @torch.no_grad()
     def tokens(
@@ -68,11 +73,26 @@ class TextToVideo:
         options: SamplingOptions,
         generator,
         prime: torch.Tensor | None = None,
+        context: int = 2,
     ) -> torch.Tensor:
+        """Sample a [B, t, h, w] token grid. Past the trained length, a window of the trained
+        length slides forward, each window primed with the last `context` latent frames."""
         text, text_mask = self.text_encoder(prompts)
-        return maskgit_sample(
-            self.backbone, grid, text.to(self.device), text_mask.to(self.device), options, generator, prime=prime
-        )
+        text, text_mask = text.to(self.device), text_mask.to(self.device)
+        t, h, w = grid
+        window = self.trained_frames
+        if t <= window:
+            return maskgit_sample(self.backbone, grid, text, text_mask, options, generator, prime=prime)
+        if not 0 < context < window:
+            raise ValueError(f"sliding-window context must be in [1, {window - 1}], got {context}")
+        tokens = maskgit_sample(self.backbone, (window, h, w), text, text_mask, options, generator, prime=prime)
+        while tokens.shape[1] < t:
+            step = min(window - context, t - tokens.shape[1])
+            new = maskgit_sample(
+                self.backbone, (context + step, h, w), text, text_mask, options, generator, prime=tokens[:, -context:]
+            )
+            tokens = torch.cat([tokens, new[:, context:]], dim=1)
+        return tokens
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:

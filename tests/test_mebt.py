@@ -72,3 +72,46 @@ def test_samples_past_the_trained_length():
     assert out.shape == (1, 6, 4, 4) and int(out.max()) < 64
     with pytest.raises(ValueError, match="spatial grid"):
         m(torch.zeros(1, 3, 5, 4, dtype=torch.long))
+
+
+def test_forward_flops_grow_linearly_with_video_length():
+    """Same model and latents: 129 frames (65 latent frames) cost at most 8.5x 17 frames (9)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = MeBT(vocab_size=64, grid=(65, 8, 8), dim=64, depth=2, heads=4, num_latents=32, text_dim=16).eval()
+
+    def flops(t: int) -> int:
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 64, (1, t, 8, 8), generator=g)
+        tokens[torch.rand(tokens.shape, generator=g) < 0.5] = m.mask_id  # half masked, as in training
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            m(tokens, torch.randn(1, 16, 16), torch.ones(1, 16, dtype=torch.bool))
+        return counter.get_total_flops()
+
+    ratio = flops(65) / flops(9)
+    assert ratio <= 8.5, ratio
+    assert ratio > 65 / 9 * 0.8  # and it does grow with the number of tokens
+
+
+def test_a_masked_query_does_not_depend_on_another_masked_query():
+    from models.mebt import DecoderLayer
+
+    torch.manual_seed(0)
+    layer = DecoderLayer(32, 2, 4.0).eval()
+    latents, queries = torch.randn(1, 8, 32), torch.randn(1, 5, 32)
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    out, _ = layer(queries, valid, latents)
+    changed = queries.clone()
+    changed[0, 3] = torch.randn(32)
+    out2, _ = layer(changed, valid, latents)
+    torch.testing.assert_close(out2[0, [0, 1, 2, 4]], out[0, [0, 1, 2, 4]])
+    assert not torch.allclose(out2[0, 3], out[0, 3])
+
+
+def test_sampling_fills_every_masked_position_with_partial_context():
+    m = net()
+    text, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    prime = torch.randint(0, 64, (2, 1, 4, 4))
+    out = maskgit_sample(m, (3, 4, 4), text, mask, SamplingOptions(steps=4), torch.Generator().manual_seed(0),
+                         prime=prime)
+    assert not (out == m.mask_id).any() and torch.equal(out[:, :1], prime)
