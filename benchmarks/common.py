@@ -155,3 +155,14 @@ def fit_steps(
     )
     trainer.fit(module, train_dataloaders=loader)
     return timer
+
+
+def emit(result: dict, json_out: Path | None) -> None:
+    """Print the benchmark's JSON and, if asked, write it to a file too."""
+    import json
+
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
-from common import fit_steps, matmul_roof, peak_rss_mib  # noqa: E402
+from common import emit, fit_steps, matmul_roof, peak_rss_mib  # noqa: E402
 
 M1 = dict(grid=(9, 8, 8), vocab=8192, dim=512, depth=8, heads=8, text_len=16, batch=8, frames=17, size=64)
 
@@ -150,11 +150,7 @@ def main() -> int:
         result[f"{kind}_token_shard_speedup"] = round(rows["train_video"]["step_s"] / rows["train_tokens"]["step_s"], 2)
     result["targets"] = {"train_fraction_of_roof": {"maskgit": 0.75, "mebt": 0.65}, "sample_fraction_of_roof": 0.6,
                          "token_shard_speedup": 5.0}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text)
+    emit(result, args.json_out)
     return 0
 
 

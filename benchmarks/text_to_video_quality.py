@@ -24,6 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import emit  # noqa: E402
 
 
 def maskvid(*args: str, log: Path) -> float:
@@ -113,11 +116,7 @@ def main() -> int:
         "caption_accuracy": results, "checkpoints": {"tokenizer": str(tok_ckpt), "stage2": str(s2_ckpt)},
         "targets": {"seen_joint_accuracy": 0.7}, "commands_log": str(log),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text)
+    emit(report, args.json_out)
     return 0
 
 

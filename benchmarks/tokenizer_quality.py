@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
-from common import fit_steps, matmul_roof, peak_rss_mib  # noqa: E402
+from common import emit, fit_steps, matmul_roof, peak_rss_mib  # noqa: E402
 
 EXPERIMENT = REPO / "configs/experiment/tokenizer_demo.yaml"
 
@@ -244,11 +244,7 @@ def main() -> int:
             result["quality"] = run_quality(ensure_data(args.data), args.minutes, root, args.val_every, args.overrides)
         plot_quality(result["quality"], args.plot)
         result["quality"]["plot"] = str(args.plot)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text)
+    emit(result, args.json_out)
     return 0
 
 
