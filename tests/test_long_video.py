@@ -55,3 +55,31 @@ def test_sliding_window_past_the_trained_length(parts):
     assert model.decode(tokens).shape == (1, 3, 15, 32, 32)
     with pytest.raises(ValueError, match="context"):
         model.tokens(["x"], grid, SamplingOptions(steps=1), torch.Generator(), context=3)
+
+
+@pytest.mark.slow
+def test_generate_writes_a_129_frame_video_from_a_mebt_checkpoint(parts, tmp_path):
+    """`maskvid generate` is unchanged for MeBT: a checkpoint trained at 65 latent frames (129
+    frames) gives a 129-frame mp4, and a longer one through the sliding window."""
+    import json
+    from pathlib import Path
+
+    from datamodules.video_io import decode_all
+    from models.mebt import MeBT
+    from tests.conftest import run_cli
+
+    torch.manual_seed(0)
+    backbone = MeBT(vocab_size=64, grid=(65, 4, 4), dim=32, depth=1, heads=2, num_latents=8, text_dim=32)
+    module = MaskedVideoModule(backbone, parts["tok"], text_encoder=parts["t5"], text_max_length=8)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)  # the hook Lightning calls when it writes a checkpoint
+    ckpt = tmp_path / "mebt.ckpt"
+    torch.save(checkpoint, ckpt)
+
+    for frames in (129, 161):  # the trained length, and 16 latent frames past it
+        out = tmp_path / f"gen{frames}"
+        gen = run_cli("generate", "--ckpt", str(ckpt), "--prompt", "a red circle moving left",
+                      "--num-frames", str(frames), "--steps", "2", "--out", str(out), "--quiet")
+        assert gen.returncode == 0, gen.stderr[-3000:]
+        (item,) = json.loads((out / "index.json").read_text())
+        assert decode_all(Path(item["path"]).read_bytes()).shape == (frames, 32, 32, 3)
