@@ -36,10 +36,15 @@ TOOL_COMMANDS: dict[str, Command] = {
         "preview": "launch.cmd_data_preview",
         "tokenize": "launch.cmd_data_tokenize",
     },
+    "ckpt": {
+        "export": "launch.cmd_ckpt_export",
+        "universal": "launch.cmd_ckpt_universal",
+    },
     "generate": "launch.cmd_generate",
     "demo": "launch.cmd_demo",
 }
 GROUP_HELP = {
+    "ckpt": "Checkpoint tools: export any checkpoint to one inference file, convert DeepSpeed to universal",
     "data": "Data tools: build shards from your videos, make the synthetic dataset, preview a batch, tokenize",
 }
 
@@ -49,6 +54,7 @@ examples:
   maskvid data shards --videos ~/clips --out shards/mine
   maskvid data synthetic --out data/synthetic
   maskvid generate --ckpt last.ckpt --prompt "a red circle moving left" --out samples/
+  maskvid ckpt export runs/x/checkpoints/last.ckpt --out model.pt
   maskvid data preview --config configs/data/synthetic.yaml --split val
   maskvid fit --config configs/data/synthetic.yaml --config configs/trainer/cpu.yaml --model CLASS_PATH
 

@@ -4,6 +4,9 @@
         --model <class_path> [--trainer.max_steps 100 ...]
 
 `--print_config` prints the complete, commented recipe; every option has a docstring.
+
+`--ckpt_path auto` resumes from the run's newest complete checkpoint, or starts fresh (see
+launch/requeue.py); inside a SLURM job the preemption signal checkpoints and requeues.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from typing import Sequence
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from datamodules.monitor import DataMonitor
 from datamodules.video_datamodule import VideoDataModule
 from launch.config_includes import expand_config_includes
+from launch.requeue import SlurmRequeue, find_resume_checkpoint
 
 
 class MaskvidCLI(LightningCLI):
@@ -42,7 +47,18 @@ class MaskvidCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(c, DataMonitor) for c in trainer.callbacks):
             trainer.callbacks.append(DataMonitor())
+        if SLURMEnvironment.detect() and not any(isinstance(c, SlurmRequeue) for c in trainer.callbacks):
+            trainer.callbacks.append(SlurmRequeue())
         return trainer
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") == "auto":
+            kwargs["ckpt_path"] = find_resume_checkpoint(self.trainer)
+            where = kwargs["ckpt_path"] or "nothing to resume: starting fresh"
+            if self.trainer.is_global_zero:
+                print(f"maskvid: --ckpt_path auto -> {where}", file=sys.stderr, flush=True)
+        return kwargs
 
 
 def run_lightning_cli(argv: Sequence[str]) -> MaskvidCLI:

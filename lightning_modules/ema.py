@@ -29,13 +29,28 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, network: nn.Module) -> None:
+        reshard = getattr(self.module, "reshard", None)
+        if reshard is not None:
+            # Sharded (FSDP2) copy: a forward (validation samples) leaves its root gathered.
+            reshard()
         self.updates += 1
         n = float(self.updates)
         # Early on the average would be dominated by the random init; ramp the decay up.
         decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-        ema_params = list(self.module.parameters())
-        params = [p.detach() for p in network.parameters()]
+        # Under FSDP2 both are sharded alike; each rank averages its own shards.
+        ema_params = [_local(p) for p in self.module.parameters()]
+        params = [_local(p.detach()) for p in network.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         # Buffers (codebook usage counters, ...) are copied: they are state, not weights.
         for e, b in zip(self.module.buffers(), network.buffers()):
             e.copy_(b)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard: FSDP2 DTensors and DeepSpeed ZeRO-3 partitions shard the EMA copy and
+    the network identically, so averaging shards averages the whole."""
+    to_local = getattr(t, "to_local", None)  # DTensor
+    if to_local is not None:
+        return to_local()
+    partition = getattr(t, "ds_tensor", None)  # ZeRO-3
+    return partition if partition is not None else t

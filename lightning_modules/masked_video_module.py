@@ -58,6 +58,8 @@ class MaskedVideoModule(LightningModule):
         val_prompts: list[str] | None = None,
         num_val_videos: int = 4,
         log_fps: float = 8.0,
+        mask_seed: int = 0,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -85,6 +87,9 @@ class MaskedVideoModule(LightningModule):
             val_prompts: Prompts generated at each validation (default: the first val captions).
             num_val_videos: Videos generated per validation.
             log_fps: Frame rate of the logged mp4s.
+            mask_seed: Seed of the training masks and caption drops. They are drawn from
+                (mask_seed, rank, step), so a resumed run masks exactly as an uninterrupted one.
+            compile: torch.compile each backbone block (after sharding, under any strategy).
         """
         super().__init__()
         if isinstance(backbone, dict):  # from a checkpoint's hparams
@@ -234,7 +239,11 @@ class MaskedVideoModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         frames = self.curriculum_frames(self.global_step)
-        out = self.masked_loss(self.backbone, batch, drop_prob=self.hparams.text_drop_prob, max_latent_frames=frames)
+        # Not the global RNG: nothing restores it on resume, and ranks must mask differently.
+        seed = hash((self.hparams.mask_seed, self.global_rank, self.global_step)) & (2**62 - 1)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        out = self.masked_loss(self.backbone, batch, generator=generator, drop_prob=self.hparams.text_drop_prob,
+                               max_latent_frames=frames)
         if frames is not None:
             self.log("train/latent_frames", float(out["latent_frames"]))
         size = len(batch["caption"]) if "caption" in batch else None
@@ -253,6 +262,22 @@ class MaskedVideoModule(LightningModule):
         clip = gradient_clip_val or self.hparams.grad_clip
         if clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def parallel_networks(self) -> list[nn.Module]:
+        """What a sharding strategy shards: the trainable backbone and its EMA copy. The frozen
+        tokenizer and text encoder stay whole on every rank (launch/strategies.py)."""
+        return [self.backbone, self.backbone_ema.module if self.backbone_ema is not None else None]
+
+    def configure_model(self) -> None:
+        # Sharding and compilation are the strategy module's business (launch/strategies.py).
+        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        if parallelize is not None:
+            parallelize(self)
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            from launch.strategies import compile_blocks
+
+            compile_blocks(self)
+            self._compiled = True
 
     def configure_optimizers(self):
         hp = self.hparams

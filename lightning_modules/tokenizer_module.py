@@ -55,6 +55,7 @@ class TokenizerModule(LightningModule):
         ema_decay: float | None = 0.999,
         num_log_videos: int = 4,
         log_fps: float = 8.0,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -83,6 +84,7 @@ class TokenizerModule(LightningModule):
             ema_decay: Decay of the EMA copy used for validation and export; null disables.
             num_log_videos: Clips shown in the reconstruction grid and mp4 each validation.
             log_fps: Frame rate of the reconstruction mp4.
+            compile: torch.compile each transformer block (after sharding, under any strategy).
         """
         super().__init__()
         # A checkpoint's hparams hold the networks' configs (plain data, weights_only-safe), and
@@ -128,6 +130,23 @@ class TokenizerModule(LightningModule):
     def on_fit_start(self) -> None:
         for net in self._perceptual:
             net.to(self.device)
+
+    def parallel_networks(self) -> list[nn.Module]:
+        """What a sharding strategy shards (launch/strategies.py): generator, discriminator and
+        the EMA copy, each the same way so the EMA averages matching shards."""
+        ema = self.tokenizer_ema.module if self.tokenizer_ema is not None else None
+        return [self.tokenizer, self.discriminator, ema]
+
+    def configure_model(self) -> None:
+        # Sharding and compilation are the strategy module's business (launch/strategies.py).
+        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        if parallelize is not None:
+            parallelize(self)
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            from launch.strategies import compile_blocks
+
+            compile_blocks(self)
+            self._compiled = True
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -31,3 +31,37 @@ def tiny_tokenizer(codebook_size: int = 64, image_size: int = 32) -> CViViT:
 def write_tokenizer_checkpoint(path: Path, tokenizer: CViViT) -> Path:
     """What TokenizerModule writes, minus the training state."""
     return save_tokenizer(path, tokenizer)
+
+
+BACKBONES = {
+    "maskgit": {"class_path": "models.maskgit.MaskGITBackbone",
+                "init_args": {"vocab_size": 64, "grid": [5, 4, 4], "dim": 32, "depth": 2, "heads": 2, "text_dim": 32}},
+    "mebt": {"class_path": "models.mebt.MeBT",
+             "init_args": {"vocab_size": 64, "grid": [5, 4, 4], "dim": 32, "depth": 1, "heads": 2, "num_latents": 8,
+                           "text_dim": 32}},
+}
+
+
+def tiny_training_setup(root: Path) -> dict:
+    """Synthetic 9-frame 32x32 shards, a tiny T5, an untrained tokenizer checkpoint, and model
+    YAMLs for `maskvid fit`: maskgit, mebt (stage 2, on-the-fly tokens) and the GAN tokenizer."""
+    import yaml
+
+    from datamodules.synthetic import build_synthetic
+    from tests.test_tokenizer_module import MODEL as TOKENIZER_MODEL
+
+    data = root / "data"
+    build_synthetic(data, num_train=16, num_val=4, num_heldout=0, size=32, frames=9,
+                    samples_per_shard=4, workers=1, progress=False)
+    t5 = tiny_t5_dir(root / "t5")
+    tok = write_tokenizer_checkpoint(root / "tok.ckpt", tiny_tokenizer())
+    configs = {}
+    for name, backbone in BACKBONES.items():
+        configs[name] = root / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump({"model": {
+            "class_path": "lightning_modules.masked_video_module.MaskedVideoModule",
+            "init_args": {"backbone": backbone, "tokenizer_path": str(tok), "text_encoder": str(t5),
+                          "text_max_length": 8, "warmup_steps": 1, "num_val_videos": 0}}}))
+    configs["tokenizer"] = root / "tokenizer.yaml"
+    configs["tokenizer"].write_text(yaml.safe_dump(TOKENIZER_MODEL))
+    return {"root": root, "data": data, "configs": configs}

@@ -1,0 +1,254 @@
+"""Every parallelism choice maskvid makes, in one place.
+
+Configs pick a strategy by class_path (configs/trainer/*.yaml); `build_strategy(name)` gives the
+same objects to scripts. LightningModules know nothing of sharding: they list their trainable
+networks (`parallel_networks()`) and their frozen ones stay plain replicated modules, outside
+every optimizer.
+
+- ddp:        Lightning's DDP; finds unused parameters by itself for the GAN tokenizer, whose
+              generator step leaves the discriminator without gradients.
+- fsdp:       FSDP2 (`fully_shard`) through ModelParallelStrategy: one FSDP unit per transformer
+              block, then each network's root; optional activation checkpointing per block;
+              bf16 parameters with fp32 gradient reduction, buffers untouched (codebooks stay fp32).
+              Checkpoints are DCP directories, loadable at another world size.
+- deepspeed:  ZeRO stage 2 or 3; on a CPU accelerator (tests, laptops) the same class runs over
+              gloo. One optimizer only: the GAN tokenizer is refused at startup.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import timedelta
+from typing import Literal
+
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, Strategy
+from torch import nn
+
+
+class StrategyConfigError(ValueError):
+    """A strategy asked for something this model or machine cannot do."""
+
+
+def _blocks(network: nn.Module) -> list[nn.Module]:
+    """Transformer blocks: every member of every ModuleList in the network (layers live there),
+    innermost first, because fully_shard must reach a child before its parent."""
+    found = []
+    for module in network.modules():
+        if isinstance(module, nn.ModuleList):
+            found.extend(m for m in module if any(True for _ in m.parameters()))
+    return found[::-1]
+
+
+def _networks(module) -> list[nn.Module]:
+    networks = getattr(module, "parallel_networks", None)
+    if networks is None:
+        raise StrategyConfigError(
+            f"{type(module).__name__} does not list its trainable networks (`parallel_networks()`), "
+            "so it cannot be sharded"
+        )
+    return [n for n in networks() if n is not None]
+
+
+def compile_blocks(module) -> int:
+    """torch.compile each transformer block of the module's trainable networks in place (after
+    sharding, as FSDP2 wants: per block, so graph breaks stay local). Returns how many."""
+    count = 0
+    for network in _networks(module):
+        for block in _blocks(network):
+            block.compile()
+            count += 1
+    return count
+
+
+class MaskvidDDPStrategy(DDPStrategy):
+    """DDP that finds unused parameters by itself where the model needs it: with manual
+    optimization (the GAN tokenizer) the generator's backward leaves the discriminator unused."""
+
+    def __init__(self, find_unused_parameters: bool | None = None, static_graph: bool = False,
+                 gradient_as_bucket_view: bool = True, process_group_backend: str | None = None) -> None:
+        """
+        Args:
+            find_unused_parameters: None decides from the model (True for manual optimization).
+            static_graph: The set of used parameters never changes between steps.
+            gradient_as_bucket_view: Gradients are views into the all-reduce buckets (less memory).
+            process_group_backend: nccl on GPUs, gloo on CPU by default.
+        """
+        super().__init__(static_graph=static_graph, gradient_as_bucket_view=gradient_as_bucket_view,
+                         process_group_backend=process_group_backend)
+        self.find_unused_parameters = find_unused_parameters
+
+    def setup(self, trainer) -> None:
+        find = self.find_unused_parameters
+        if find is None:
+            find = not self.lightning_module.automatic_optimization
+        self._ddp_kwargs["find_unused_parameters"] = find
+        super().setup(trainer)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Fully sharded data parallel (FSDP2) over every process, with per-block units."""
+
+    def __init__(
+        self,
+        activation_checkpointing: bool = False,
+        param_dtype: Literal["bf16", "fp32"] = "bf16",
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout_minutes: float = 30.0,
+    ) -> None:
+        """
+        Args:
+            activation_checkpointing: Recompute each block's activations in backward (less memory,
+                about a third more compute).
+            param_dtype: Dtype that parameters are gathered in for compute. Gradients are reduced
+                and kept in fp32, and so are the sharded master weights and all buffers.
+            reshard_after_forward: Free gathered block weights after forward (ZeRO-3 like);
+                False keeps them until backward (ZeRO-2 like, more memory, less communication).
+            save_distributed_checkpoint: Each rank writes its own shards (a DCP directory,
+                loadable at another world size). False gathers one file on rank 0.
+            process_group_backend: nccl on GPUs, gloo on CPU by default.
+            timeout_minutes: Collective timeout.
+        """
+        # One data-parallel dimension over every process: maskvid does not use tensor parallelism.
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+        self.activation_checkpointing = activation_checkpointing
+        self.param_dtype = param_dtype
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        # Lightning's "auto" puts processes on the tensor-parallel axis; ours all shard data.
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def parallelize(self, module) -> None:
+        """Shard `module`'s trainable networks in place; called from its configure_model()."""
+        from torch.distributed._composable import checkpoint
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if getattr(module, "_maskvid_parallelized", False):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.param_dtype]
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for network in _networks(module):
+            for block in _blocks(network):
+                if self.activation_checkpointing:
+                    checkpoint(block)
+                fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+            fully_shard(network, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        module._maskvid_parallelized = True
+
+
+class DeepSpeedZeroStrategy(DeepSpeedStrategy):
+    """DeepSpeed ZeRO-2/3. On a CPU accelerator it runs over gloo (tests, laptops)."""
+
+    def __init__(
+        self,
+        stage: Literal[2, 3] = 2,
+        offload_optimizer: bool = False,
+        allgather_bucket_size: int = 200_000_000,
+        reduce_bucket_size: int = 200_000_000,
+        process_group_backend: str | None = None,
+    ) -> None:
+        """
+        Args:
+            stage: 2 shards optimizer state and gradients; 3 also shards parameters.
+            offload_optimizer: Keep optimizer state in host memory (needs DeepSpeed's CPU Adam).
+            allgather_bucket_size: Elements per all-gather bucket.
+            reduce_bucket_size: Elements per reduce bucket.
+            process_group_backend: nccl on GPUs, gloo on CPU by default.
+        """
+        super().__init__(
+            stage=stage, offload_optimizer=offload_optimizer, allgather_bucket_size=allgather_bucket_size,
+            reduce_bucket_size=reduce_bucket_size, process_group_backend=process_group_backend,
+        )
+
+    @property
+    def _on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    def setup_environment(self) -> None:
+        if self._on_cpu:
+            # DeepSpeedStrategy refuses anything but CUDA; the parallel base does what is needed.
+            DDPStrategy.setup_environment(self)
+            return
+        super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        if self._on_cpu:
+            from lightning.pytorch.utilities.seed import reset_seed
+
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+            return
+        super().setup_distributed()
+
+    def setup(self, trainer) -> None:
+        if not self.lightning_module.automatic_optimization:
+            raise StrategyConfigError(
+                f"DeepSpeed takes one optimizer, and {type(self.lightning_module).__name__} trains with "
+                "manual optimization (the GAN tokenizer has a generator and a discriminator optimizer). "
+                "Use configs/trainer/ddp.yaml or configs/trainer/fsdp.yaml for it."
+            )
+        super().setup(trainer)
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        """A checkpoint from another world size is converted to a universal one first (next to
+        it, `<name>.universal`, once), then loaded as such."""
+        from pathlib import Path
+
+        from launch.checkpoints import checkpoint_kind, deepspeed_world_size, is_universal, to_universal
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if checkpoint_kind(path) == "deepspeed" and not is_universal(path) and deepspeed_world_size(path) != self.world_size:
+            target = path.with_name(path.name + ".universal")
+            if self.is_global_zero and not target.is_dir():
+                print(f"maskvid: {path} was written by {deepspeed_world_size(path)} ranks, this run has "
+                      f"{self.world_size}: converting it to a universal checkpoint at {target}", flush=True)
+                to_universal(path, target)
+            self.barrier("universal-conversion")
+            path = target
+        if checkpoint_kind(path) == "deepspeed" and is_universal(path):
+            self.deepspeed_engine._config.load_universal_checkpoint = True
+        return super().load_checkpoint(path, weights_only)
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        import deepspeed
+
+        # Lightning passes the device index, which is None for CPU devices.
+        deepspeed_engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.root_device.index if not self._on_cpu else self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=filter(lambda p: p.requires_grad, model.parameters()),
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return deepspeed_engine, deepspeed_optimizer
+
+
+def build_strategy(name: str, **kwargs) -> Strategy | str:
+    """A strategy by name: cpu, ddp, fsdp, deepspeed_zero2,
+    deepspeed_zero3. Scripts use this; configs name the same classes by class_path."""
+    if name in ("cpu", "single", "auto"):
+        return "auto"
+    if name == "ddp":
+        return MaskvidDDPStrategy(**kwargs)
+    if name == "fsdp":
+        return FSDP2Strategy(**kwargs)
+    if name in ("deepspeed_zero2", "deepspeed_zero3"):
+        return DeepSpeedZeroStrategy(stage=int(name[-1]), **kwargs)
+    raise StrategyConfigError(
+        f"unknown strategy {name!r}: choose cpu, ddp, fsdp, deepspeed_zero2 or deepspeed_zero3"
+    )

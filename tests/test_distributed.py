@@ -1,0 +1,214 @@
+"""Multi-process training on CPU over gloo, through the real `maskvid fit` and the repo's own
+configs/trainer/*.yaml: stage 2 (both backbones) under DDP, FSDP2, ZeRO-2 and ZeRO-3; the GAN
+tokenizer under DDP and FSDP2 (and refused by DeepSpeed); FSDP2 resume at 2 -> 1 -> 2 processes;
+two "nodes" on one machine through env vars and through torchrun."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli
+from tests.stage2_fixtures import tiny_training_setup
+
+pytestmark = pytest.mark.slow
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_training_setup(tmp_path_factory.mktemp("dist"))
+
+
+def fit_args(setup, model: str, strategy: str, run: Path, devices: int, steps: int) -> list[str]:
+    data = setup["data"]
+    return [
+        "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / f"configs/trainer/{strategy}.yaml"),
+        "--config", str(setup["configs"][model]),
+        "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.max_steps", str(steps),
+        "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
+        "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(run),
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath", str(run / "checkpoints"), "--trainer.callbacks.filename", "{step}",
+        "--trainer.callbacks.every_n_train_steps", "2", "--trainer.callbacks.save_top_k", "-1",
+        "--trainer.callbacks.save_last", "true",
+        "--data.train_shards", str(data / "train"), "--data.val_shards", str(data / "val"),
+        "--data.num_frames", "9", "--data.resolution", "32", "--data.batch_size", "2", "--data.num_workers", "0",
+    ]
+
+
+def losses(run: Path, key: str = "train/loss") -> dict[int, float]:
+    out = {}
+    for path in sorted(run.rglob("metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get(key):
+                    out[int(row["step"])] = float(row[key])
+    return out
+
+
+def saved_step(path: Path) -> int:
+    """global_step recorded in a checkpoint file or a sharded checkpoint directory."""
+    if path.is_dir():
+        meta = path / "meta.pt"
+        if meta.is_file():  # DCP (FSDP2)
+            return torch.load(meta, weights_only=True)["global_step"]
+        (client,) = path.rglob("*model_states.pt")  # DeepSpeed: Lightning's state rides with rank 0's shard
+        return torch.load(client, weights_only=False)["global_step"]
+    return torch.load(path, weights_only=True)["global_step"]
+
+
+def check_run(out: subprocess.CompletedProcess, run: Path, steps: int) -> dict[int, float]:
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-5000:]
+    logged = losses(run)
+    assert sorted(logged) == list(range(steps)), logged
+    assert all(math.isfinite(v) for v in logged.values())
+    assert saved_step(run / "checkpoints" / "last.ckpt") == steps
+    return logged
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("backbone", ["maskgit", "mebt"])
+def test_stage2_trains_on_two_processes(setup, strategy, backbone, tmp_path):
+    run = tmp_path / "run"
+    out = run_cli("fit", *fit_args(setup, backbone, strategy, run, devices=2, steps=4), timeout=600)
+    check_run(out, run, 4)
+    last = run / "checkpoints" / "last.ckpt"
+    # Sharded strategies write sharded directories; DDP one file.
+    assert last.is_dir() == (strategy != "ddp")
+    if backbone == "maskgit":
+        # Any of them exports to one file that `maskvid generate` takes.
+        exported = tmp_path / "model.pt"
+        out = run_cli("ckpt", "export", str(last), "--out", str(exported))
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "optimizer_states" not in torch.load(exported, weights_only=True)
+        gen = run_cli("generate", "--ckpt", str(exported), "--prompt", "a red circle moving left", "--num-frames", "9",
+                      "--steps", "2", "--out", str(tmp_path / "gen"), "--quiet")
+        assert gen.returncode == 0, gen.stderr[-3000:]
+        assert (tmp_path / "gen" / "index.json").is_file()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_gan_tokenizer_trains_on_two_processes(setup, strategy, tmp_path):
+    run = tmp_path / "run"
+    out = run_cli("fit", *fit_args(setup, "tokenizer", strategy, run, devices=2, steps=4), timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-5000:]
+    assert all(math.isfinite(v) for v in losses(run, "train/d_loss").values()) and losses(run, "train/d_loss")
+    assert saved_step(run / "checkpoints" / "last.ckpt") == 4
+
+
+def test_deepspeed_refuses_the_gan_tokenizer_with_a_reason(setup, tmp_path):
+    out = run_cli("fit", *fit_args(setup, "tokenizer", "deepspeed_zero2", tmp_path / "run", devices=1, steps=2))
+    assert out.returncode != 0
+    assert "DeepSpeed takes one optimizer" in out.stderr and "fsdp.yaml" in out.stderr
+
+
+def test_fsdp_checkpoint_resumes_on_one_and_on_two_processes(setup, tmp_path):
+    full = tmp_path / "full"
+    reference = check_run(run_cli("fit", *fit_args(setup, "maskgit", "fsdp", full, devices=2, steps=6), timeout=600),
+                          full, 6)
+    at4 = full / "checkpoints" / "step=4.ckpt"
+    assert (at4 / ".metadata").is_file()
+
+    # Same world size: the resumed steps are the uninterrupted ones.
+    two = tmp_path / "resume2"
+    out = run_cli("fit", *fit_args(setup, "maskgit", "fsdp", two, devices=2, steps=6), "--ckpt_path", str(at4),
+                  timeout=600)
+    assert out.returncode == 0, out.stderr[-5000:]
+    resumed = losses(two)
+    assert sorted(resumed) == [4, 5]
+    for step in (4, 5):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-5)
+
+    # One process (DCP reshards 2 -> 1): rank 0 sees the same batch at step 4, so the first loss
+    # continues the sequence; later ones differ (one rank's gradient instead of two).
+    one = tmp_path / "resume1"
+    out = run_cli("fit", *fit_args(setup, "maskgit", "fsdp", one, devices=1, steps=6), "--ckpt_path", str(at4),
+                  timeout=600)
+    assert out.returncode == 0, out.stderr[-5000:]
+    resumed = losses(one)
+    assert sorted(resumed) == [4, 5] and resumed[4] == pytest.approx(reference[4], abs=1e-5)
+    assert saved_step(one / "checkpoints" / "last.ckpt") == 6
+
+    # And back to two processes (1 -> 2).
+    again = tmp_path / "resume2b"
+    out = run_cli("fit", *fit_args(setup, "maskgit", "fsdp", again, devices=2, steps=8),
+                  "--ckpt_path", str(one / "checkpoints" / "last.ckpt"), timeout=600)
+    assert out.returncode == 0, out.stderr[-5000:]
+    assert sorted(losses(again)) == [6, 7]
+    assert saved_step(again / "checkpoints" / "last.ckpt") == 8
+
+
+def test_deepspeed_checkpoint_resumes_on_one_process_after_conversion(setup, tmp_path):
+    full = tmp_path / "full"
+    reference = check_run(
+        run_cli("fit", *fit_args(setup, "maskgit", "deepspeed_zero2", full, devices=2, steps=6), timeout=600), full, 6)
+    at4 = full / "checkpoints" / "step=4.ckpt"
+
+    # Ahead of time, with the command...
+    universal = tmp_path / "step4.universal"
+    out = run_cli("ckpt", "universal", str(at4), "--out", str(universal))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "written by 2 ranks" in out.stdout
+    one = tmp_path / "resume1"
+    out = run_cli("fit", *fit_args(setup, "maskgit", "deepspeed_zero2", one, devices=1, steps=6),
+                  "--ckpt_path", str(universal), timeout=600)
+    assert out.returncode == 0, out.stderr[-5000:]
+    resumed = losses(one)
+    # Rank 0 sees the same batch at step 4, so the loss continues the 2-process sequence.
+    assert sorted(resumed) == [4, 5] and resumed[4] == pytest.approx(reference[4], abs=1e-5)
+    assert saved_step(one / "checkpoints" / "last.ckpt") == 6
+
+    # ...or by itself, when the world size differs.
+    auto = tmp_path / "resume_auto"
+    out = run_cli("fit", *fit_args(setup, "maskgit", "deepspeed_zero2", auto, devices=1, steps=6),
+                  "--ckpt_path", str(at4), timeout=600)
+    assert out.returncode == 0, out.stderr[-5000:]
+    assert "converting it to a universal checkpoint" in out.stdout
+    assert losses(auto)[4] == pytest.approx(reference[4], abs=1e-5)
+
+
+def _two_nodes(commands: list[list[str]], envs: list[dict]) -> list[subprocess.CompletedProcess]:
+    procs = [subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **env},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd, env in zip(commands, envs)]
+    results = []
+    for cmd, p in zip(commands, procs):
+        stdout, stderr = p.communicate(timeout=600)
+        results.append(subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr))
+    return results
+
+
+@pytest.mark.parametrize("launcher", ["env", "torchrun"])
+def test_two_nodes_on_one_machine(setup, launcher, tmp_path):
+    run = tmp_path / "run"
+    port = free_port()
+    args = ["fit", *fit_args(setup, "maskgit", "ddp", run, devices=1, steps=4),
+            "--config", str(REPO / "configs/trainer/multinode.yaml")]
+    if launcher == "env":
+        commands = [[sys.executable, "-m", "launch.cli", *args]] * 2
+        envs = [{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(n), "WORLD_SIZE": "2",
+                 "LOCAL_RANK": "0"} for n in range(2)]
+    else:  # the repo's launcher for clusters without SLURM, once per "node"
+        commands = [["bash", str(REPO / "launch/torchrun.sh"), str(setup["configs"]["maskgit"]), "ddp", *args[1:]]] * 2
+        envs = [{"NNODES": "2", "NODE_RANK": str(n), "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port), "PYTHON": sys.executable} for n in range(2)]
+    results = _two_nodes(commands, envs)
+    for r in results:
+        assert r.returncode == 0, r.stderr[-5000:]
+    # The second "node" joined as global rank 1 of 2.
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in results[1].stderr + results[1].stdout
+    check_run(results[0], run, 4)

@@ -1,0 +1,108 @@
+"""The repo's own sbatch template on a real SLURM cluster (two slurmd on this machine, started by
+tests/slurm/cluster.sh; .ci/run does that). CPU overrides on the sbatch command line; then
+`scancel -s USR1` as SLURM's time-limit warning would: the job must checkpoint, requeue itself,
+resume from that checkpoint with the same command and finish at the configured step count.
+
+Skipped when no cluster answers, unless MASKVID_REQUIRE_SLURM=1 (CI), where that is a failure."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tests.stage2_fixtures import tiny_training_setup
+
+pytestmark = pytest.mark.slow
+
+STEPS = 240
+
+
+def cluster_up() -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except (subprocess.TimeoutExpired, OSError):
+        return False
+    return out.returncode == 0 and "idle" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    if not cluster_up():
+        if os.environ.get("MASKVID_REQUIRE_SLURM") == "1":
+            pytest.fail("MASKVID_REQUIRE_SLURM=1 but no SLURM cluster answers (tests/slurm/cluster.sh start)")
+        pytest.skip("no SLURM cluster (start one with tests/slurm/cluster.sh)")
+    return tiny_training_setup(tmp_path_factory.mktemp("slurm"))
+
+
+def job_state(job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    match = re.search(r"JobState=(\w+)", out)
+    return match.group(1) if match else "GONE"
+
+
+def wait_for(predicate, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    text = log.read_text()[-6000:] if log.exists() else "(no job output)"
+    pytest.fail(f"timed out waiting for {what}; job output:\n{text}")
+
+
+@pytest.mark.parametrize("nodes,tasks", [(1, 2), (2, 1)], ids=["1node_x2tasks", "2nodes_x1task"])
+def test_sbatch_checkpoints_requeues_and_resumes(setup, nodes, tasks, tmp_path):
+    run = tmp_path / "run"
+    data = setup["data"]
+    log = tmp_path / "job.out"
+    overrides = [
+        "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", str(STEPS),
+        "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(run),
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath", str(run / "checkpoints"), "--trainer.callbacks.every_n_train_steps", "20",
+        "--trainer.callbacks.save_last", "true",
+        "--data.train_shards", str(data / "train"), "--data.val_shards", str(data / "val"),
+        "--data.num_frames", "9", "--data.resolution", "32", "--data.batch_size", "2", "--data.num_workers", "0",
+    ]
+    # The CPU overrides of the GPU template: no gres, small tasks, the test's config and strategy.
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--gres=none", f"--nodes={nodes}", f"--ntasks-per-node={tasks}",
+         "--cpus-per-task=1", "--time=20", f"--output={log}",
+         f"--export=ALL,CONFIG={setup['configs']['maskgit']},STRATEGY=ddp,MASTER_ADDR=127.0.0.1",
+         str(REPO / "launch/slurm/stage2.sbatch"), *overrides],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    try:
+        # Training is under way once the first periodic checkpoint exists.
+        wait_for(lambda: any(run.glob("checkpoints/*step=20*")), 240, "the first checkpoint", log)
+        subprocess.run(["scancel", "-s", "USR1", job], check=True)
+        # The job saves, requeues itself and waits (SLURM holds a requeued job ~2 minutes): release it.
+        wait_for(lambda: job_state(job) in ("PENDING", "REQUEUED"), 120, "the requeue", log)
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+        wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"), 400,
+                 "the requeued job to finish", log)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    text = log.read_text()
+    assert job_state(job) in ("COMPLETED", "GONE"), text[-6000:]
+    saved = re.search(r"preemption signal: saved (\S+requeue-step=(\d+)\.ckpt)", text)
+    assert saved, text[-6000:]
+    assert "restart 1 " in text  # the same script ran again, as the requeued job
+    assert f"--ckpt_path auto -> {saved.group(1)}" in text
+    step_saved = int(saved.group(2))
+    assert 20 <= step_saved < STEPS
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == STEPS

@@ -1,0 +1,138 @@
+"""The strategy factory, `--ckpt_path auto`, the preemption callback and torch.compile, in one
+process (the multi-process runs are in test_distributed.py and test_slurm.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from launch.requeue import SlurmRequeue, find_resume_checkpoint
+from launch.strategies import (
+    DeepSpeedZeroStrategy,
+    FSDP2Strategy,
+    MaskvidDDPStrategy,
+    StrategyConfigError,
+    _blocks,
+    build_strategy,
+)
+from tests.conftest import REPO, run_cli
+from tests.stage2_fixtures import tiny_training_setup
+
+
+def test_build_strategy_by_name():
+    assert build_strategy("cpu") == "auto"
+    assert isinstance(build_strategy("ddp"), MaskvidDDPStrategy)
+    fsdp = build_strategy("fsdp", activation_checkpointing=True)
+    assert isinstance(fsdp, FSDP2Strategy) and fsdp.activation_checkpointing
+    zero3 = build_strategy("deepspeed_zero3")
+    assert isinstance(zero3, DeepSpeedZeroStrategy) and zero3.config["zero_optimization"]["stage"] == 3
+    with pytest.raises(StrategyConfigError, match="choose cpu, ddp, fsdp"):
+        build_strategy("horovod")
+
+
+def test_blocks_are_found_innermost_first():
+    inner = nn.ModuleList([nn.Linear(2, 2)])
+    outer_block = nn.Module()
+    outer_block.inner = inner
+    outer_block.proj = nn.Linear(2, 2)
+    net = nn.Module()
+    net.layers = nn.ModuleList([outer_block, nn.Linear(2, 2)])
+    net.no_params = nn.ModuleList([nn.ReLU()])
+    found = _blocks(net)
+    assert found.index(inner[0]) < found.index(outer_block)  # a child is sharded before its parent
+    assert all(any(True for _ in m.parameters()) for m in found) and len(found) == 3
+
+
+def _touch_ckpt(path: Path, when: float, complete: bool = True, sharded: bool = False) -> Path:
+    if sharded:
+        path.mkdir(parents=True)
+        (path / "__0_0.distcp").write_bytes(b"x")
+        if complete:
+            (path / ".metadata").write_bytes(b"x")
+            (path / "meta.pt").write_bytes(b"x")
+        for f in path.iterdir():
+            os.utime(f, (when, when))
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" if complete else b"")
+        os.utime(path, (when, when))
+    return path
+
+
+def test_ckpt_path_auto_picks_the_newest_complete_checkpoint(tmp_path):
+    root, ckpts = tmp_path / "run", tmp_path / "elsewhere"
+    trainer = SimpleNamespace(default_root_dir=str(root), callbacks=[ModelCheckpoint(dirpath=ckpts)])
+    assert find_resume_checkpoint(trainer) is None  # nothing yet: a fresh start
+    now = time.time()
+    _touch_ckpt(ckpts / "last.ckpt", now - 100)
+    requeue = _touch_ckpt(root / "requeue-step=40.ckpt", now - 50, sharded=True)
+    assert find_resume_checkpoint(trainer) == str(requeue)
+    # A newer directory that never finished writing (no .metadata) is not a checkpoint yet.
+    _touch_ckpt(root / "requeue-step=60.ckpt", now, complete=False, sharded=True)
+    assert find_resume_checkpoint(trainer) == str(requeue)
+    newest = _touch_ckpt(ckpts / "step=70.ckpt", now + 10)
+    assert find_resume_checkpoint(trainer) == str(newest)
+
+
+class _SignalAt(SlurmRequeue):
+    """Sends itself the preemption signal at a given step (as `scancel -s USR1` would)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(requeue=False)
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_training_setup(tmp_path_factory.mktemp("strategies"))
+
+
+def _fit(setup, run: Path, steps: int, *extra: str):
+    data = setup["data"]
+    return run_cli(
+        "fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(setup["configs"]["maskgit"]),
+        "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
+        "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
+        "--data.train_shards", str(data / "train"), "--data.val_shards", str(data / "val"),
+        "--data.num_frames", "9", "--data.resolution", "32", "--data.batch_size", "2", "--data.num_workers", "0",
+        *extra, timeout=600)
+
+
+@pytest.mark.slow
+def test_preemption_signal_saves_stops_and_auto_resumes(setup, tmp_path):
+    run = tmp_path / "run"
+    out = _fit(setup, run, 8, "--trainer.callbacks+=tests.test_strategies._SignalAt",
+               "--trainer.callbacks.at", "3", "--ckpt_path", "auto")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "nothing to resume: starting fresh" in out.stderr
+    saved = run / "requeue-step=4.ckpt"  # flagged during step 3, saved at its end
+    assert saved.is_file() and "preemption signal: saved" in out.stdout
+    assert torch.load(saved, weights_only=True)["global_step"] == 4
+    out = _fit(setup, run, 8, "--ckpt_path", "auto")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"--ckpt_path auto -> {saved}" in out.stderr
+    assert max(torch.load(p, weights_only=True)["global_step"] for p in run.rglob("*.ckpt")) == 8
+    # The resumed run logged steps 4..7 only: it continued, it did not start over.
+    import csv
+
+    (metrics,) = sorted(run.rglob("version_1/metrics.csv"))
+    with open(metrics) as f:
+        assert sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")}) == [4, 5, 6, 7]
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train(setup, tmp_path):
+    out = _fit(setup, tmp_path / "run", 2, "--model.init_args.compile", "true")
+    assert out.returncode == 0, out.stderr[-4000:]
