@@ -9,7 +9,10 @@ every optimizer.
               generator step leaves the discriminator without gradients.
 - fsdp:       FSDP2 (`fully_shard`) through ModelParallelStrategy: one FSDP unit per transformer
               block, then each network's root; optional activation checkpointing per block;
-              bf16 parameters with fp32 gradient reduction, buffers untouched (codebooks stay fp32).
+              bf16 parameters with fp32 gradient reduction; modules marked `full_precision` (quantizers,
+              whose codes bf16 would round onto each other) compute in fp32; buffers untouched.
+              Networks marked `replicate_under_fsdp` (the discriminator: R1's double backward)
+              are replicated data-parallel instead.
               Checkpoints are DCP directories, loadable at another world size.
 - deepspeed:  ZeRO stage 2 or 3; on a CPU accelerator (tests, laptops) the same class runs over
               gloo. One optimizer only: the GAN tokenizer is refused at startup.
@@ -139,13 +142,44 @@ class FSDP2Strategy(ModelParallelStrategy):
         mesh = self.device_mesh["data_parallel"]
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.param_dtype]
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
         for network in _networks(module):
+            if getattr(network, "replicate_under_fsdp", False):
+                _replicate(network, mesh.get_group())
+                continue
+            # Modules that must compute in fp32 (quantizer codebooks) say so with
+            # `full_precision = True`, and become FSDP units of their own.
+            root_policy = fp32 if getattr(network, "full_precision", False) else policy
+            for sub in network.modules():
+                if sub is not network and getattr(sub, "full_precision", False):
+                    fully_shard(sub, mesh=mesh, mp_policy=fp32, reshard_after_forward=self.reshard_after_forward)
             for block in _blocks(network):
                 if self.activation_checkpointing:
                     checkpoint(block)
-                fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-            fully_shard(network, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+                fully_shard(block, mesh=mesh, mp_policy=root_policy, reshard_after_forward=self.reshard_after_forward)
+            fully_shard(network, mesh=mesh, mp_policy=root_policy, reshard_after_forward=self.reshard_after_forward)
         module._maskvid_parallelized = True
+
+
+def _replicate(network: nn.Module, group) -> None:
+    """Data parallel by hand for a network that FSDP2 must not shard: rank 0's weights on every
+    rank, and each gradient averaged over the group as soon as it is accumulated. (DDP itself
+    refuses a network whose parameters are frozen at its first forward, as the discriminator is
+    during the generator's step.)"""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    source = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for tensor in [*network.parameters(), *network.buffers()]:
+            dist.broadcast(tensor, src=source, group=group)
+
+    def average(param: torch.Tensor) -> None:
+        dist.all_reduce(param.grad, group=group)
+        param.grad.div_(world)
+
+    for param in network.parameters():
+        param.register_post_accumulate_grad_hook(average)
 
 
 class DeepSpeedZeroStrategy(DeepSpeedStrategy):
@@ -185,7 +219,7 @@ class DeepSpeedZeroStrategy(DeepSpeedStrategy):
 
     def setup_distributed(self) -> None:
         if self._on_cpu:
-            from lightning.pytorch.utilities.seed import reset_seed
+            from lightning.fabric.utilities.seed import reset_seed
 
             reset_seed()
             self.set_world_ranks()
@@ -200,6 +234,9 @@ class DeepSpeedZeroStrategy(DeepSpeedStrategy):
                 "manual optimization (the GAN tokenizer has a generator and a discriminator optimizer). "
                 "Use configs/trainer/ddp.yaml or configs/trainer/fsdp.yaml for it."
             )
+        # DeepSpeed clips inside its engine: hand it the module's own clip (its hook cannot act).
+        clip = trainer.gradient_clip_val or getattr(self.lightning_module, "hparams", {}).get("grad_clip", 0.0)
+        self.config.setdefault("gradient_clipping", float(clip or 0.0))
         super().setup(trainer)
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):

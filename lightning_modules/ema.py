@@ -37,9 +37,10 @@ class EMA(nn.Module):
         n = float(self.updates)
         # Early on the average would be dominated by the random init; ramp the decay up.
         decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-        # Under FSDP2 both are sharded alike; each rank averages its own shards.
+        # Under FSDP2 and ZeRO-3 both are sharded alike; each rank averages its own shards.
+        # (`_local` before `detach`: a detached ZeRO-3 parameter loses its partition.)
         ema_params = [_local(p) for p in self.module.parameters()]
-        params = [_local(p.detach()) for p in network.parameters()]
+        params = [_local(p).detach() for p in network.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         # Buffers (codebook usage counters, ...) are copied: they are state, not weights.
         for e, b in zip(self.module.buffers(), network.buffers()):

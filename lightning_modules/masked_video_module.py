@@ -19,6 +19,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_modules.ema import EMA
+from lightning_modules.optim import adamw, clip_grad_norm
 from lightning_modules.schedules import warmup_cosine
 from models.config import instantiate
 from models.sampling import SamplingOptions, mask_ratio, maskgit_sample
@@ -259,9 +260,7 @@ class MaskedVideoModule(LightningModule):
             self.backbone_ema.update(self.backbone)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        clip = gradient_clip_val or self.hparams.grad_clip
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        clip_grad_norm(self, optimizer, gradient_clip_val or self.hparams.grad_clip)
 
     def parallel_networks(self) -> list[nn.Module]:
         """What a sharding strategy shards: the trainable backbone and its EMA copy. The frozen
@@ -270,7 +269,9 @@ class MaskedVideoModule(LightningModule):
 
     def configure_model(self) -> None:
         # Sharding and compilation are the strategy module's business (launch/strategies.py).
-        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        # Also called by load_from_checkpoint, with no trainer: nothing to shard then.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        parallelize = getattr(strategy, "parallelize", None)
         if parallelize is not None:
             parallelize(self)
         if self.hparams.compile and not getattr(self, "_compiled", False):
@@ -285,10 +286,9 @@ class MaskedVideoModule(LightningModule):
         for name, p in self.backbone.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or name.endswith(_NO_DECAY) or "token_emb" in name else decay).append(p)
-        fused = all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
-        optimizer = torch.optim.AdamW(
+        optimizer = adamw(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=hp.betas, fused=fused,
+            self.trainer, lr=hp.lr, betas=hp.betas,
         )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         scheduler = LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, int(total), hp.min_lr_ratio))

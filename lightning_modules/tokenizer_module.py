@@ -19,6 +19,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from lightning_modules.ema import EMA
 from lightning_modules.media import log_reconstructions
+from lightning_modules.optim import adamw, clip_grad_norm
 from lightning_modules.schedules import warmup_cosine
 from metrics.codebook import CodebookUsage
 from models.config import instantiate
@@ -139,7 +140,9 @@ class TokenizerModule(LightningModule):
 
     def configure_model(self) -> None:
         # Sharding and compilation are the strategy module's business (launch/strategies.py).
-        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        # Also called by load_from_checkpoint, with no trainer: nothing to shard then.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        parallelize = getattr(strategy, "parallelize", None)
         if parallelize is not None:
             parallelize(self)
         if self.hparams.compile and not getattr(self, "_compiled", False):
@@ -152,15 +155,10 @@ class TokenizerModule(LightningModule):
         hp = self.hparams
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         schedule = warmup_cosine(hp.warmup_steps, int(total), hp.min_lr_ratio)
-        opt_g = torch.optim.AdamW(
-            self._param_groups(self.tokenizer), lr=hp.lr, betas=hp.betas, fused=_can_fuse(self.tokenizer)
-        )
+        opt_g = adamw(self._param_groups(self.tokenizer), self.trainer, lr=hp.lr, betas=hp.betas)
         optimizers, schedulers = [opt_g], [LambdaLR(opt_g, schedule)]
         if self.discriminator is not None:
-            opt_d = torch.optim.AdamW(
-                self._param_groups(self.discriminator), lr=hp.disc_lr or hp.lr, betas=hp.betas,
-                fused=_can_fuse(self.discriminator),
-            )
+            opt_d = adamw(self._param_groups(self.discriminator), self.trainer, lr=hp.disc_lr or hp.lr, betas=hp.betas)
             optimizers.append(opt_d)
             # Stepped only once the GAN is on, so its count starts at gan_start_step.
             start = hp.gan_start_step
@@ -189,7 +187,9 @@ class TokenizerModule(LightningModule):
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
         gan_on = self.discriminator is not None and self.global_step >= hp.gan_start_step
 
+        self.tokenizer.record_head_io = gan_on  # for the adaptive weight
         recon, q = self.tokenizer(video)
+        self.tokenizer.record_head_io = False
         rec = self.reconstruction_loss(recon, video, mask)
         nll = rec
         logs = {"train/recon_loss": rec.detach(), "train/quantizer_loss": q.loss.detach()}
@@ -209,9 +209,9 @@ class TokenizerModule(LightningModule):
         opt_g = optimizers[0]
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if hp.grad_clip > 0:
-            self.clip_gradients(opt_g, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+        clip_grad_norm(self, opt_g, hp.grad_clip)
         opt_g.step()
+        self.tokenizer.quantizer.restart_dead_codes()
         schedulers[0].step()
         if self.tokenizer_ema is not None:
             self.tokenizer_ema.update(self.tokenizer)
@@ -250,11 +250,11 @@ class TokenizerModule(LightningModule):
 
     def _adaptive_weight(self, nll: torch.Tensor, g_loss: torch.Tensor) -> torch.Tensor:
         """||d nll / d W_last|| / ||d g_loss / d W_last|| (VQGAN), capped, no gradient."""
-        params = [p for p in self.tokenizer.last_layer_weights() if p.requires_grad]
-        g_nll = torch.autograd.grad(nll, params, retain_graph=True, allow_unused=True)
-        g_gan = torch.autograd.grad(g_loss, params, retain_graph=True, allow_unused=True)
-        norm_nll = torch.cat([g.flatten() for g in g_nll if g is not None]).norm()
-        norm_gan = torch.cat([g.flatten() for g in g_gan if g is not None]).norm()
+        try:
+            norm_nll = self.tokenizer.head_weight_grad_norm(nll)
+            norm_gan = self.tokenizer.head_weight_grad_norm(g_loss)
+        finally:
+            self.tokenizer.head_io = []
         return (norm_nll / (norm_gan + 1e-4)).clamp(0.0, self.hparams.adaptive_weight_max).detach()
 
     def _discriminator_step(self, opt_d, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -276,8 +276,7 @@ class TokenizerModule(LightningModule):
             logs["train/r1"] = r1.detach()
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(d_loss)
-        if hp.grad_clip > 0:
-            self.clip_gradients(opt_d, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+        clip_grad_norm(self, opt_d, hp.grad_clip)
         _step_uncounted(opt_d)
         return logs
 
@@ -335,13 +334,6 @@ def _valid_frames(video: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     frames = frames[mask.bool()] if mask is not None else frames.flatten(0, 1)
     return frames.clamp(0, 1)
 
-
-def _can_fuse(net: nn.Module) -> bool:
-    """The fused Adam kernel (2.5x faster step on CPU) takes plain float tensors on CPU/CUDA."""
-    return all(
-        type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
-        for p in net.parameters()
-    )
 
 
 def _step_uncounted(optimizer) -> None:

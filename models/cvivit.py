@@ -78,6 +78,9 @@ class CViViT(nn.Module):
         self.dec_spatial = Transformer(dim, spatial_depth, heads, ff_mult)
         self.head_first = nn.Linear(dim, c * p * p)
         self.head_tubelet = nn.Linear(dim, c * pt * p * p)
+        # Off except around a GAN step: the recorded tensors keep that step's graph alive.
+        self.record_head_io = False
+        self.head_io: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -154,15 +157,31 @@ class CViViT(nn.Module):
         x = rearrange(x, "(b h w) t d -> (b t) (h w) d", h=h, w=w)
         x = x + rearrange(self._spatial_pos(self.dec_pos_h, self.dec_pos_w, h, w), "h w d -> (h w) d")
         x = rearrange(self.dec_spatial(x), "(b t) (h w) d -> b t h w d", t=t, h=h)
-        first = rearrange(
-            self.head_first(x[:, :1]), "b 1 h w (c p1 p2) -> b c 1 (h p1) (w p2)", p1=p, p2=p
-        )
+        heads = [(self.head_first, x[:, :1])] + ([(self.head_tubelet, x[:, 1:])] if t > 1 else [])
+        outputs = [head(inputs) for head, inputs in heads]
+        if self.record_head_io and torch.is_grad_enabled():
+            # For the adaptive GAN weight, which needs d loss / d head weight: sharded (FSDP2)
+            # weights are not the tensors the graph used, so that gradient is rebuilt from these.
+            self.head_io = [(inputs, out) for (_, inputs), out in zip(heads, outputs)]
+        first = rearrange(outputs[0], "b 1 h w (c p1 p2) -> b c 1 (h p1) (w p2)", p1=p, p2=p)
         if t == 1:
             return first
-        rest = rearrange(
-            self.head_tubelet(x[:, 1:]), "b t h w (c pt p1 p2) -> b c (t pt) (h p1) (w p2)", pt=pt, p1=p, p2=p
-        )
+        rest = rearrange(outputs[1], "b t h w (c pt p1 p2) -> b c (t pt) (h p1) (w p2)", pt=pt, p1=p, p2=p)
         return torch.cat([first, rest], dim=2)
+
+    def head_weight_grad_norm(self, loss: torch.Tensor) -> torch.Tensor:
+        """||d loss / d [head_first.weight, head_tubelet.weight]|| for the last decode with grad,
+        as dL/dW = sum_n dL/dy_n x_n^T from the heads' inputs x and outputs y: exact under every
+        strategy, including FSDP2 where the registered weights are shards outside the graph."""
+        if not self.head_io:
+            raise RuntimeError("head_weight_grad_norm needs a decode with record_head_io = True and gradients enabled")
+        grads = torch.autograd.grad(loss, [out for _, out in self.head_io], retain_graph=True, allow_unused=True)
+        total = loss.new_zeros((), dtype=torch.float32)
+        for (inputs, _), grad in zip(self.head_io, grads):
+            if grad is not None:
+                weight_grad = rearrange(grad.float(), "... o -> (...) o").T @ rearrange(inputs.float(), "... i -> (...) i")
+                total = total + weight_grad.square().sum()
+        return total.sqrt()
 
     def latent_frame_mask(self, frame_mask: torch.Tensor) -> torch.Tensor:
         """Frame mask [B, F] -> latent-frame mask [B, t]: a latent frame is real when the first

@@ -16,6 +16,10 @@ from models.config import module_config
 class VideoDiscriminator(nn.Module):
     """Video [B, C, F, H, W] -> patch logits [B, 1, f, h, w]."""
 
+    # FSDP2 replicates it (data parallel, fp32) rather than sharding it: the R1 penalty's double
+    # backward needs the gathered weights again after FSDP has freed them. It is small.
+    replicate_under_fsdp = True
+
     def __init__(
         self,
         channels: int = 3,
@@ -48,4 +52,6 @@ class VideoDiscriminator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.net(video)
+        # A bf16 reconstruction (FSDP2's mixed precision) meets fp32 weights here; autocast,
+        # where it is on, still picks the compute dtype.
+        return self.net(video.to(next(self.parameters()).dtype))

@@ -45,22 +45,28 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Masked queries read the latents only; latents read [latents, queries]."""
 
-    def __init__(self, dim: int, heads: int, ff_mult: float) -> None:
+    def __init__(self, dim: int, heads: int, ff_mult: float, write_latents: bool = True) -> None:
         super().__init__()
         self.norm_q, self.norm_l = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.read = CrossAttention(dim, heads)
         self.norm_ff_q = nn.LayerNorm(dim)
         self.ff_q = FeedForward(dim, ff_mult)
-        self.norm_l2, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.write = CrossAttention(dim, heads)
-        self.norm_ff_l = nn.LayerNorm(dim)
-        self.ff_l = FeedForward(dim, ff_mult)
+        # The last layer's latent update would feed nothing (only queries are read out): it has
+        # none, which saves its compute and leaves no unused parameters for DDP to trip on.
+        self.write_latents = write_latents
+        if write_latents:
+            self.norm_l2, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.write = CrossAttention(dim, heads)
+            self.norm_ff_l = nn.LayerNorm(dim)
+            self.ff_l = FeedForward(dim, ff_mult)
 
     def forward(
         self, queries: torch.Tensor, query_mask: torch.Tensor, latents: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         queries = queries + self.read(self.norm_q(queries), self.norm_l(latents))
         queries = queries + self.ff_q(self.norm_ff_q(queries))
+        if not self.write_latents:
+            return queries, latents
         both = torch.cat([latents, queries], dim=1)
         both_mask = torch.cat([torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device), query_mask], 1)
         latents = latents + self.write(self.norm_l2(latents), self.norm_kv(both), both_mask)
@@ -121,7 +127,8 @@ class MeBT(nn.Module):
         self.latents = nn.Parameter(torch.randn(1, num_latents, dim) * 0.02)
         self.text = TextConditioning(text_dim, dim)
         self.encoder = nn.ModuleList(EncoderLayer(dim, heads, ff_mult) for _ in range(depth))
-        self.decoder = nn.ModuleList(DecoderLayer(dim, heads, ff_mult) for _ in range(decoder_depth or depth))
+        n_dec = decoder_depth or depth
+        self.decoder = nn.ModuleList(DecoderLayer(dim, heads, ff_mult, write_latents=i < n_dec - 1) for i in range(n_dec))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)
         self.activation_checkpointing = False

@@ -36,6 +36,9 @@ class Quantizer(nn.Module):
 
     dim: int
     codebook_size: int
+    # Sharding strategies keep quantizers in fp32 compute (their own FSDP2 unit with an fp32
+    # policy): bf16 rounding of a codebook moves codes onto each other.
+    full_precision = True
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:  # pragma: no cover - interface
         raise NotImplementedError
@@ -47,6 +50,10 @@ class Quantizer(nn.Module):
     def window_usage(self) -> float:
         """Fraction of codes used since the last restart window began (1.0 when not tracked)."""
         return 1.0
+
+    def restart_dead_codes(self) -> int:
+        """Called by the training loop after each optimizer step; returns the codes restarted."""
+        return 0
 
 
 def perplexity_of(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
@@ -107,7 +114,7 @@ class VectorQuantizer(Quantizer):
         loss = F.mse_loss(q, flat.detach()) + self.beta * F.mse_loss(flat, q.detach())
         quantized = flat + (q - flat).detach()
         if self.training and torch.is_grad_enabled():
-            self._track_and_restart(indices, flat.detach())
+            self._track(indices, flat.detach())
         return QuantizerOutput(
             quantized=quantized.reshape(z.shape),
             indices=indices.reshape(z.shape[:-1]),
@@ -119,13 +126,24 @@ class VectorQuantizer(Quantizer):
         return float((self.window_counts > 0).float().mean())
 
     @torch.no_grad()
-    def _track_and_restart(self, indices: torch.Tensor, encodings: torch.Tensor) -> None:
+    def _track(self, indices: torch.Tensor, encodings: torch.Tensor) -> None:
         if self.restart_every <= 0:
             return
         self.window_counts += torch.bincount(indices, minlength=self.codebook_size).float()
         self.window_steps += 1
-        if int(self.window_steps) < self.restart_every:
-            return
+        if int(self.window_steps) >= self.restart_every:
+            self._candidates = encodings  # for restart_dead_codes(), after this step's update
+
+    @torch.no_grad()
+    def restart_dead_codes(self) -> int:
+        """At the end of a window of `restart_every` training steps, move every code that no
+        encoding chose onto one of the last batch's encodings (plus a little noise).
+
+        Called after the optimizer step rather than inside forward: under FSDP2 the codebook seen
+        in forward is a gathered copy, and only the sharded parameter outside it persists."""
+        encodings, self._candidates = getattr(self, "_candidates", None), None
+        if encodings is None:
+            return 0
         counts = self.window_counts.clone()
         distributed = dist.is_available() and dist.is_initialized()
         if distributed:
@@ -136,13 +154,25 @@ class VectorQuantizer(Quantizer):
             # replica keeps an identical codebook.
             picks = torch.randint(len(encodings), (len(dead),), device=encodings.device)
             noise = 0.01 * torch.randn(len(dead), self.dim, device=encodings.device)
-            fresh = F.normalize(encodings[picks] + noise, dim=-1).to(self.codebook.dtype)
+            fresh = F.normalize(encodings[picks] + noise, dim=-1)
             if distributed:
                 dist.broadcast(fresh, src=0)
-            self.codebook.data[dead] = fresh
+            self._write_codes(dead, fresh)
             self.restarted_total += len(dead)
         self.window_counts.zero_()
         self.window_steps.zero_()
+        return len(dead)
+
+    def _write_codes(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        codebook = self.codebook
+        if hasattr(codebook, "full_tensor"):  # an FSDP2 shard (DTensor): rewrite it from the whole
+            from torch.distributed.tensor import distribute_tensor
+
+            full = codebook.full_tensor()
+            full[rows] = values.to(full.dtype)
+            codebook.copy_(distribute_tensor(full, codebook.device_mesh, codebook.placements))
+        else:
+            codebook.data[rows] = values.to(codebook.dtype)
 
 
 class FSQ(Quantizer):

@@ -6,6 +6,8 @@ two "nodes" on one machine through env vars and through torchrun."""
 from __future__ import annotations
 
 import csv
+import functools
+import json
 import math
 import os
 import socket
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from tests.conftest import REPO, run_cli
 from tests.stage2_fixtures import tiny_training_setup
@@ -66,9 +69,67 @@ def saved_step(path: Path) -> int:
         meta = path / "meta.pt"
         if meta.is_file():  # DCP (FSDP2)
             return torch.load(meta, weights_only=True)["global_step"]
-        (client,) = path.rglob("*model_states.pt")  # DeepSpeed: Lightning's state rides with rank 0's shard
+        # DeepSpeed: Lightning's state rides with rank 0's model states (ZeRO-3 writes one per rank).
+        client = min(path.rglob("*model_states.pt"), key=lambda p: (p.name != "mp_rank_00_model_states.pt", p.name))
         return torch.load(client, weights_only=False)["global_step"]
     return torch.load(path, weights_only=True)["global_step"]
+
+
+class _CheckFSDPLayout(Callback):
+    """Records, inside an FSDP2 run, what the strategy did to every network, as
+    `layout-rank{N}.json` in the run directory: the dtype each FSDP unit computes in (seen by a
+    forward pre-hook, after FSDP's own has gathered the weights), and what is sharded, fp32 and
+    optimised."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        self.compute = {}
+        for network in pl_module.parallel_networks():
+            for name, sub in (network.named_modules() if network is not None else ()):
+                if isinstance(sub, FSDPModule) and sub is not network:
+                    sub.register_forward_pre_hook(functools.partial(self._record, type(sub).__name__.removeprefix("FSDP")))
+
+    def _record(self, kind: str, module, args) -> None:
+        self.compute.setdefault(kind, set()).add(str(next(module.parameters()).dtype))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from torch.distributed.tensor import DTensor
+
+        networks = [n for n in pl_module.parallel_networks() if n is not None]
+        trained = [n for n in networks if not getattr(n, "replicate_under_fsdp", False)]
+        replicated = [n for n in networks if getattr(n, "replicate_under_fsdp", False)]
+        optimised = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        frozen = []
+        if hasattr(pl_module, "text_encoder"):  # stage 2: the tokenizer and the text encoder
+            frozen = [*pl_module.tokenizer.parameters(), *pl_module.text_encoder.model.parameters()]
+        report = {
+            "compute_dtypes": {k: sorted(v) for k, v in self.compute.items()},
+            "trained_all_sharded": all(isinstance(p, DTensor) for n in trained for p in n.parameters()),
+            "replicated": [type(n).__name__ for n in replicated
+                           if not any(isinstance(p, DTensor) for p in n.parameters())],
+            # Replicas must stay identical: their gradients are averaged over the ranks.
+            "replicated_checksum": [float(sum(p.double().abs().sum() for p in n.parameters())) for n in replicated],
+            "codes_restarted": int(getattr(getattr(pl_module.tokenizer, "quantizer", None), "restarted_total", 0)),
+            "master_dtypes": sorted({str(p.dtype) for n in networks for p in n.parameters()}),
+            "buffer_dtypes": sorted({str(b.dtype) for n in trained for b in n.buffers() if b.is_floating_point()}),
+            "frozen_count": len(frozen),
+            "frozen_sharded": any(isinstance(p, DTensor) for p in frozen),
+            "frozen_trainable": any(p.requires_grad for p in frozen),
+            "frozen_optimised": any(id(p) in optimised for p in frozen),
+        }
+        Path(trainer.default_root_dir, f"layout-rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def check_fsdp_layout(run: Path, units: dict[str, str]) -> dict:
+    for rank in (0, 1):
+        layout = json.loads((run / f"layout-rank{rank}.json").read_text())
+        for unit, dtype in units.items():
+            assert layout["compute_dtypes"].get(unit) == [dtype], layout
+        assert layout["trained_all_sharded"] and layout["master_dtypes"] == ["torch.float32"], layout
+        assert set(layout["buffer_dtypes"]) <= {"torch.float32"}, layout
+        assert not (layout["frozen_sharded"] or layout["frozen_trainable"] or layout["frozen_optimised"]), layout
+    return layout
 
 
 def check_run(out: subprocess.CompletedProcess, run: Path, steps: int) -> dict[int, float]:
@@ -84,8 +145,14 @@ def check_run(out: subprocess.CompletedProcess, run: Path, steps: int) -> dict[i
 @pytest.mark.parametrize("backbone", ["maskgit", "mebt"])
 def test_stage2_trains_on_two_processes(setup, strategy, backbone, tmp_path):
     run = tmp_path / "run"
-    out = run_cli("fit", *fit_args(setup, backbone, strategy, run, devices=2, steps=4), timeout=600)
+    layout = ["--trainer.callbacks+=tests.test_distributed._CheckFSDPLayout"] if strategy == "fsdp" else []
+    out = run_cli("fit", *fit_args(setup, backbone, strategy, run, devices=2, steps=4), *layout, timeout=600)
     check_run(out, run, 4)
+    if strategy == "fsdp":
+        # Blocks compute in bf16 over fp32 master weights; the frozen tokenizer and text encoder
+        # stay whole, frozen and outside the optimizer.
+        block = {"maskgit": "CrossBlock", "mebt": "EncoderLayer"}[backbone]
+        assert check_fsdp_layout(run, {block: "torch.bfloat16"})["frozen_count"] > 0
     last = run / "checkpoints" / "last.ckpt"
     # Sharded strategies write sharded directories; DDP one file.
     assert last.is_dir() == (strategy != "ddp")
@@ -104,8 +171,17 @@ def test_stage2_trains_on_two_processes(setup, strategy, backbone, tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_gan_tokenizer_trains_on_two_processes(setup, strategy, tmp_path):
     run = tmp_path / "run"
-    out = run_cli("fit", *fit_args(setup, "tokenizer", strategy, run, devices=2, steps=4), timeout=600)
+    layout = ["--trainer.callbacks+=tests.test_distributed._CheckFSDPLayout"] if strategy == "fsdp" else []
+    out = run_cli("fit", *fit_args(setup, "tokenizer", strategy, run, devices=2, steps=4), *layout, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-5000:]
+    if strategy == "fsdp":
+        # The codebook computes in fp32 (its own unit), the transformer blocks in bf16.
+        layout = check_fsdp_layout(run, {"VectorQuantizer": "torch.float32", "Block": "torch.bfloat16"})
+        assert layout["replicated"] == ["VideoDiscriminator"]  # R1's double backward: not sharded
+        other = json.loads((run / "layout-rank0.json").read_text())
+        assert layout["replicated_checksum"] == other["replicated_checksum"]
+        # Dead codes were restarted (every 2 steps) by writing into the sharded codebook.
+        assert layout["codes_restarted"] > 0
     assert all(math.isfinite(v) for v in losses(run, "train/d_loss").values()) and losses(run, "train/d_loss")
     assert saved_step(run / "checkpoints" / "last.ckpt") == 4
 

@@ -38,6 +38,7 @@ def test_dead_codes_restart_from_the_batch():
     for step in range(3):
         out = vq(z.clone().requires_grad_(True))
         assert set(out.indices.tolist()) == {0}
+        assert vq.restart_dead_codes() == (15 if step == 2 else 0)  # as the training loop calls it
         if step < 2:
             assert torch.equal(vq.codebook.detach(), before)
             assert vq.window_usage() == pytest.approx(1 / 16)
@@ -54,6 +55,7 @@ def test_no_restart_outside_training():
     before = vq.codebook.detach().clone()
     with torch.no_grad():
         vq(torch.randn(8, 4))
+    assert vq.restart_dead_codes() == 0
     assert torch.equal(vq.codebook.detach(), before) and int(vq.window_steps) == 0
 
 

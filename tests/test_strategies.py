@@ -4,6 +4,7 @@ process (the multi-process runs are in test_distributed.py and test_slurm.py).""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -113,16 +114,21 @@ def _fit(setup, run: Path, steps: int, *extra: str):
 @pytest.mark.slow
 def test_preemption_signal_saves_stops_and_auto_resumes(setup, tmp_path):
     run = tmp_path / "run"
-    out = _fit(setup, run, 8, "--trainer.callbacks+=tests.test_strategies._SignalAt",
+    checkpoints = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                   "--trainer.callbacks.dirpath", str(run / "checkpoints"), "--trainer.callbacks.every_n_train_steps", "8",
+                   "--trainer.callbacks.save_last", "true"]
+    out = _fit(setup, run, 8, *checkpoints, "--trainer.callbacks+=tests.test_strategies._SignalAt",
                "--trainer.callbacks.at", "3", "--ckpt_path", "auto")
     assert out.returncode == 0, out.stderr[-4000:]
     assert "nothing to resume: starting fresh" in out.stderr
     saved = run / "requeue-step=4.ckpt"  # flagged during step 3, saved at its end
     assert saved.is_file() and "preemption signal: saved" in out.stdout
     assert torch.load(saved, weights_only=True)["global_step"] == 4
-    out = _fit(setup, run, 8, "--ckpt_path", "auto")
+    out = _fit(setup, run, 8, *checkpoints, "--ckpt_path", "auto")
     assert out.returncode == 0, out.stderr[-4000:]
-    assert f"--ckpt_path auto -> {saved}" in out.stderr
+    # The requeue checkpoint, or `last` if ModelCheckpoint refreshed it as the run stopped (also step 4).
+    chosen = re.search(r"--ckpt_path auto -> (\S+)", out.stderr)
+    assert chosen and Path(chosen.group(1)) in (saved, run / "checkpoints" / "last.ckpt"), out.stderr[-3000:]
     assert max(torch.load(p, weights_only=True)["global_step"] for p in run.rglob("*.ckpt")) == 8
     # The resumed run logged steps 4..7 only: it continued, it did not start over.
     import csv

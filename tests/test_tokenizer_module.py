@@ -37,6 +37,7 @@ def test_reconstruction_loss_ignores_padded_frames():
 def test_adaptive_weight_is_the_gradient_norm_ratio_at_the_heads():
     module = small_module()
     video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    module.tokenizer.record_head_io = True
     recon, _ = module.tokenizer(video)
     nll = module.reconstruction_loss(recon, video)
     g_loss = -module.discriminator(recon).mean()

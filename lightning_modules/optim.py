@@ -1,0 +1,44 @@
+"""AdamW and gradient clipping that work under every precision and strategy maskvid runs.
+
+Two Lightning behaviours make this worth one place:
+- Lightning's mixed-precision plugin refuses to clip the gradients of a fused optimizer, because
+  with fp16 loss scaling such an optimizer unscales inside its own step. Under bf16 autocast there
+  is no scaler and nothing to unscale, so clipping is exactly the fp32 one.
+- DeepSpeed clips inside its engine (from its config), and a plain clip on `p.grad` would see
+  partitioned or missing gradients there; the strategy passes the module's clip into that config.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
+from torch import nn
+
+
+def _grad_scaler(trainer) -> object | None:
+    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+
+
+def adamw(param_groups: list[dict], trainer, **kwargs) -> torch.optim.AdamW:
+    """AdamW, fused where it can be: plain float parameters on CPU/CUDA (the fused kernel steps
+    about 2.5x faster on CPU) and no fp16 grad scaler (whose unscaling a fused step takes over,
+    which would put gradient clipping before the unscale)."""
+    params = [p for group in param_groups for p in group["params"]]
+    fused = _grad_scaler(trainer) is None and all(
+        type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
+    )
+    return torch.optim.AdamW(param_groups, fused=fused, **kwargs)
+
+
+def clip_grad_norm(module, optimizer, max_norm: float) -> None:
+    """Clip the gradient norm of `optimizer`'s parameters to `max_norm` (0 disables)."""
+    if max_norm <= 0:
+        return
+    plugin = module.trainer.precision_plugin
+    if type(plugin).__name__ == "MixedPrecision" and _grad_scaler(module.trainer) is None:
+        # bf16 autocast: nothing was scaled, so the plain clip (DTensor-aware under FSDP2) is right.
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer under manual optimization
+        Precision.clip_gradients(plugin, optimizer, max_norm, GradClipAlgorithmType.NORM)
+        return
+    module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm=GradClipAlgorithmType.NORM)
