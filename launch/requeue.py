@@ -6,7 +6,9 @@ The scheme (one, documented in the README):
   handler, at whatever point each rank happens to be; with sharded strategies that is a collective
   started at different places on different ranks. Here the handler only sets a flag; at the next
   batch boundary every rank agrees on it (one all-reduce), saves `requeue-step=N.ckpt` together
-  (a sharded directory under FSDP2/DeepSpeed), rank 0 runs `scontrol requeue`, and the run stops.
+  (a sharded directory under FSDP2/DeepSpeed) and the run stops cleanly; the sbatch body
+  (launch/slurm/srun_fit.sh) then runs `scontrol requeue` (rank 0 does it itself when started
+  some other way inside a SLURM job).
 - `--ckpt_path auto` resumes from the newest complete checkpoint under the run's
   `default_root_dir` and checkpoint directories (requeue, last or periodic), or starts fresh when
   there is none. The requeued job runs the identical command and continues.
@@ -27,6 +29,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 log = logging.getLogger("maskvid.requeue")
 
 REQUEUE_PREFIX = "requeue-step="
+# Set by launch/slurm/srun_fit.sh: rank 0 writes this file instead of requeueing itself.
+REQUEUE_FILE_ENV = "MASKVID_REQUEUE_FILE"
 
 
 class SlurmRequeue(Callback):
@@ -66,7 +70,13 @@ class SlurmRequeue(Callback):
             print(f"maskvid: preemption signal: saved {path}", flush=True)
             job = os.environ.get("SLURM_ARRAY_JOB_ID")
             job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ.get("SLURM_JOB_ID")
-            if self.requeue and job:
+            marker = os.environ.get(REQUEUE_FILE_ENV)
+            if self.requeue and marker:
+                # launch/slurm/srun_fit.sh requeues once every rank has exited cleanly: a requeue
+                # from here would have SLURM kill the ranks while they are still shutting down.
+                Path(marker).write_text(f"{job}\n")
+                print(f"maskvid: requeue requested ({marker})", flush=True)
+            elif self.requeue and job:
                 result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
                 print(f"maskvid: scontrol requeue {job}: exit {result.returncode} {result.stderr.strip()}", flush=True)
         trainer.should_stop = True

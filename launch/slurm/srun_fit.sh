@@ -20,7 +20,18 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
 echo "maskvid: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST" \
      "($SLURM_NNODES nodes x $SLURM_NTASKS_PER_NODE tasks), master $MASTER_ADDR:$MASTER_PORT"
+# On the preemption signal rank 0 (on this, the first, node) writes this file after the checkpoint,
+# and every rank exits cleanly; then this script requeues the job.
+export MASKVID_REQUEUE_FILE=${TMPDIR:-/tmp}/maskvid-requeue-$SLURM_JOB_ID
+rm -f "$MASKVID_REQUEUE_FILE"
 # --ckpt_path auto: the first run starts fresh, a requeued run resumes from its newest checkpoint.
-exec srun --kill-on-bad-exit=1 maskvid fit --config "$CONFIG" --config "configs/trainer/$STRATEGY.yaml" \
+status=0
+srun --kill-on-bad-exit=1 maskvid fit --config "$CONFIG" --config "configs/trainer/$STRATEGY.yaml" \
   --trainer.num_nodes "$SLURM_NNODES" --trainer.devices "$SLURM_NTASKS_PER_NODE" \
-  --ckpt_path auto "$@"
+  --ckpt_path auto "$@" || status=$?
+if [ -f "$MASKVID_REQUEUE_FILE" ]; then
+  rm -f "$MASKVID_REQUEUE_FILE"
+  echo "maskvid: checkpoint saved on the preemption signal; scontrol requeue $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"
