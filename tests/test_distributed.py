@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch import Callback
 
 from tests.conftest import REPO, run_cli
-from tests.stage2_fixtures import tiny_training_setup
+from tests.stage2_fixtures import BACKBONES, tiny_training_setup
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +94,7 @@ class _CheckFSDPLayout(Callback):
         self.compute.setdefault(kind, set()).add(str(next(module.parameters()).dtype))
 
     def on_train_end(self, trainer, pl_module) -> None:
+        from torch.distributed._composable.contract import _get_registry
         from torch.distributed.tensor import DTensor
 
         networks = [n for n in pl_module.parallel_networks() if n is not None]
@@ -113,6 +114,7 @@ class _CheckFSDPLayout(Callback):
             "codes_restarted": int(getattr(getattr(pl_module.tokenizer, "quantizer", None), "restarted_total", 0)),
             "master_dtypes": sorted({str(p.dtype) for n in networks for p in n.parameters()}),
             "buffer_dtypes": sorted({str(b.dtype) for n in trained for b in n.buffers() if b.is_floating_point()}),
+            "checkpointed_blocks": sum("checkpoint" in (_get_registry(m) or {}) for n in networks for m in n.modules()),
             "frozen_count": len(frozen),
             "frozen_sharded": any(isinstance(p, DTensor) for p in frozen),
             "frozen_trainable": any(p.requires_grad for p in frozen),
@@ -199,11 +201,16 @@ def test_fsdp_checkpoint_resumes_on_one_and_on_two_processes(setup, tmp_path):
     at4 = full / "checkpoints" / "step=4.ckpt"
     assert (at4 / ".metadata").is_file()
 
-    # Same world size: the resumed steps are the uninterrupted ones.
+    # Same world size: the resumed steps are the uninterrupted ones. This run also recomputes
+    # activations (activation checkpointing per block), which must not change a loss either.
     two = tmp_path / "resume2"
     out = run_cli("fit", *fit_args(setup, "maskgit", "fsdp", two, devices=2, steps=6), "--ckpt_path", str(at4),
-                  timeout=600)
+                  "--trainer.strategy.init_args.activation_checkpointing", "true",
+                  "--trainer.callbacks+=tests.test_distributed._CheckFSDPLayout", timeout=600)
     assert out.returncode == 0, out.stderr[-5000:]
+    blocks = BACKBONES["maskgit"]["init_args"]["depth"]
+    # Every block of the backbone and of its EMA copy is checkpointed.
+    assert check_fsdp_layout(two, {"CrossBlock": "torch.bfloat16"})["checkpointed_blocks"] == 2 * blocks
     resumed = losses(two)
     assert sorted(resumed) == [4, 5]
     for step in (4, 5):
