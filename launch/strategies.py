@@ -149,15 +149,14 @@ class FSDP2Strategy(ModelParallelStrategy):
                 continue
             # Modules that must compute in fp32 (quantizer codebooks) say so with
             # `full_precision = True`, and become FSDP units of their own.
-            root_policy = fp32 if getattr(network, "full_precision", False) else policy
             for sub in network.modules():
                 if sub is not network and getattr(sub, "full_precision", False):
                     fully_shard(sub, mesh=mesh, mp_policy=fp32, reshard_after_forward=self.reshard_after_forward)
             for block in _blocks(network):
                 if self.activation_checkpointing:
                     checkpoint(block)
-                fully_shard(block, mesh=mesh, mp_policy=root_policy, reshard_after_forward=self.reshard_after_forward)
-            fully_shard(network, mesh=mesh, mp_policy=root_policy, reshard_after_forward=self.reshard_after_forward)
+                fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+            fully_shard(network, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         module._maskvid_parallelized = True
 
 
