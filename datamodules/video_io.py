@@ -16,6 +16,7 @@ from typing import BinaryIO, Iterable, Iterator, Union
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 Source = Union[str, os.PathLike, bytes, BinaryIO]
 
@@ -171,6 +172,7 @@ def _iter_decoded(
     next_tick = 0.0
     emitted = 0
     index = 0
+    reformatter = VideoReformatter()  # reused: one swscale set-up per video, not per frame
     for frame in container.decode(stream):
         if target is None:
             w, h = frame.width, frame.height
@@ -190,7 +192,7 @@ def _iter_decoded(
                 continue
         else:
             repeats = 1
-        rgb = frame.to_ndarray(format="rgb24", width=target[0], height=target[1])
+        rgb = reformatter.reformat(frame, width=target[0], height=target[1], format="rgb24").to_ndarray()
         rgb = rotate(rgb, int(frame.rotation or 0))
         for _ in range(repeats):
             yield rgb

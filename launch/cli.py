@@ -40,12 +40,18 @@ TOOL_COMMANDS: dict[str, Command] = {
         "export": "launch.cmd_ckpt_export",
         "universal": "launch.cmd_ckpt_universal",
     },
+    "eval": {
+        "fvd": "launch.cmd_eval_fvd",
+        "real-stats": "launch.cmd_eval_real_stats",
+        "clipsim": "launch.cmd_eval_clipsim",
+    },
     "generate": "launch.cmd_generate",
     "demo": "launch.cmd_demo",
 }
 GROUP_HELP = {
     "ckpt": "Checkpoint tools: export any checkpoint to one inference file, convert DeepSpeed to universal",
     "data": "Data tools: build shards from your videos, make the synthetic dataset, preview a batch, tokenize",
+    "eval": "Evaluation: FVD between video sets, cached real-video statistics, CLIPSIM of generated videos",
 }
 
 EPILOG = """\
@@ -55,6 +61,8 @@ examples:
   maskvid data synthetic --out data/synthetic
   maskvid generate --ckpt last.ckpt --prompt "a red circle moving left" --out samples/
   maskvid ckpt export runs/x/checkpoints/last.ckpt --out model.pt
+  maskvid eval fvd --real data/synthetic/val --fake samples/ --i3d i3d_torchscript.pt
+  maskvid validate --config run/config.yaml --ckpt_path last.ckpt --model.init_args.i3d_path i3d.pt
   maskvid data preview --config configs/data/synthetic.yaml --split val
   maskvid fit --config configs/data/synthetic.yaml --config configs/trainer/cpu.yaml --model CLASS_PATH
 

@@ -4,6 +4,11 @@ The backbone arrives by injection (`class_path` in YAML: MaskGITBackbone, MeBT, 
 stage-1 tokenizer comes from its checkpoint and the frozen text encoder by name. Batches are either
 video clips (tokenized on the fly) or token-shard samples (tokens + cached text embeddings): the
 module takes whichever it is given.
+
+Validation logs the masked-token loss and accuracy, then generates `num_val_videos` videos per rank
+from the val captions and logs, over all ranks: FVD against the real val clips (`val/fvd_N`, N
+generated videos; when an I3D file is set), CLIPSIM (when a CLIP directory is set), caption
+accuracy (oracle-read, when the prompts are the synthetic dataset's) and rank 0's videos as media.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from lightning_modules.ema import EMA
 from lightning_modules.optim import adamw, clip_grad_norm
 from lightning_modules.schedules import warmup_cosine
+from lightning_modules.video_metrics import VideoEvalMetrics
+from metrics.caption_accuracy import target_attributes
 from models.config import instantiate
 from models.sampling import SamplingOptions, mask_ratio, maskgit_sample
 from models.stage2_checkpoint import STAGE2_KEY, STAGE2_FORMAT
@@ -28,6 +35,11 @@ from models.text_encoder import TextEncoder
 from models.tokenizer_checkpoint import load_tokenizer
 
 _NO_DECAY = ("pos_t", "pos_h", "pos_w", "null", "latents")
+# Validation-only settings: kept out of checkpoint hyperparameters, because LightningCLI lets a
+# checkpoint's hyperparameters override the command line, and `maskvid validate --ckpt_path`
+# must be able to switch metrics on or change how many videos they use.
+_EVAL_OPTIONS = ("num_val_videos", "num_log_videos", "val_sample_batch_size", "i3d_path", "fvd_real_stats",
+                 "clip_path", "caption_accuracy")
 
 
 class ConfigMismatchError(ValueError):
@@ -58,6 +70,12 @@ class MaskedVideoModule(LightningModule):
         temperature: float = 1.0,
         val_prompts: list[str] | None = None,
         num_val_videos: int = 4,
+        num_log_videos: int = 4,
+        val_sample_batch_size: int = 8,
+        i3d_path: str | None = None,
+        fvd_real_stats: str | None = None,
+        clip_path: str | None = None,
+        caption_accuracy: bool | None = None,
         log_fps: float = 8.0,
         mask_seed: int = 0,
         compile: bool = False,
@@ -85,8 +103,21 @@ class MaskedVideoModule(LightningModule):
             sample_steps: MaskGIT steps for validation samples (and the default for generate).
             cfg_scale: Classifier-free guidance scale for validation samples (and generate).
             temperature: Sampling temperature.
-            val_prompts: Prompts generated at each validation (default: the first val captions).
-            num_val_videos: Videos generated per validation.
+            val_prompts: Prompts for the validation samples, dealt out over the ranks and repeated to
+                fill num_val_videos per rank (default: the val captions each rank sees).
+            num_val_videos: Videos generated per rank at each validation; the metrics use those of
+                all ranks (FVD_N names N = ranks x this). 0 generates nothing.
+            num_log_videos: How many of rank 0's generated videos are logged as media.
+            val_sample_batch_size: Videos generated at once during validation.
+            i3d_path: I3D weights (state_dict or TorchScript file, see README "Metrics") for FVD
+                of the generated videos against the real val clips, logged as val/fvd_N; null skips FVD.
+            fvd_real_stats: Cached real-video statistics (`maskvid eval real-stats`) to compare with
+                instead of the val clips (needed on token shards, which hold no pixels).
+            clip_path: Local Hugging Face CLIP directory for CLIPSIM (val/clipsim: mean over frames
+                of the raw cosine with the prompt); null skips it.
+            caption_accuracy: Oracle-read caption accuracy (val/caption_acc/*) of the generated
+                videos. null: only when every prompt names synthetic attributes (the synthetic
+                dataset); true: on the prompts that do; false: never.
             log_fps: Frame rate of the logged mp4s.
             mask_seed: Seed of the training masks and caption drops. They are drawn from
                 (mask_seed, rank, step), so a resumed run masks exactly as an uninterrupted one.
@@ -99,7 +130,7 @@ class MaskedVideoModule(LightningModule):
             steps = [int(step) for step, _ in length_curriculum]
             if steps != sorted(steps) or any(int(t) < 1 for _, t in length_curriculum):
                 raise ValueError(f"length_curriculum must be [[step, latent_frames], ...] with ascending steps: {length_curriculum}")
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_hyperparameters(ignore=["backbone", *_EVAL_OPTIONS])
         self.hparams["backbone"] = backbone.config
         self.backbone = backbone
         self.backbone_ema = EMA(backbone, ema_decay) if ema_decay is not None else None
@@ -107,7 +138,13 @@ class MaskedVideoModule(LightningModule):
         # Frozen, reloaded by name, kept out of checkpoints, sharding and the optimizer.
         self._text_encoder: list[TextEncoder] = [TextEncoder(text_encoder, text_max_length)]
         self._check_compatible()
-        self._val_media: dict[str, Any] | None = None
+        self.num_val_videos = num_val_videos
+        self.num_log_videos = num_log_videos
+        self.val_sample_batch_size = max(1, val_sample_batch_size)
+        # FVD, CLIPSIM, caption accuracy; their networks stay out of checkpoints and sharding.
+        self.val_video = VideoEvalMetrics(i3d_path=i3d_path, fvd_real_stats=fvd_real_stats, clip_path=clip_path,
+                                          caption_accuracy=caption_accuracy)
+        self._val_prompts: list[tuple[str, dict[str, str] | None]] = []
 
     # -- wiring ---------------------------------------------------------------------------------
 
@@ -303,20 +340,64 @@ class MaskedVideoModule(LightningModule):
         size = len(batch["caption"]) if "caption" in batch else None
         self.log("val/loss", out["loss"], sync_dist=True, batch_size=size)
         self.log("val/masked_accuracy", out["accuracy"], sync_dist=True, batch_size=size)
-        if batch_idx == 0 and self.trainer.is_global_zero and self._val_media is None:
-            self._val_media = {"captions": list(batch.get("caption", []))}
+        if "video" in batch:
+            self.val_video.update_real(batch["video"])
+        if self.hparams.val_prompts:
+            return
+        infos = batch.get("meta", {}).get("info") or []
+        for i, caption in enumerate(batch.get("caption", [])):
+            if len(self._val_prompts) >= self.num_val_videos:
+                break
+            self._val_prompts.append((caption, target_attributes(caption, infos[i] if i < len(infos) else None)))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_prompts = []
+
+    def _rank_prompts(self, local: list[tuple[str, dict | None]]) -> list[tuple[str, dict | None]]:
+        """This rank's num_val_videos (prompt, attributes). Every rank gets exactly that many, so
+        that sharded backbones run the same collectives on every rank while sampling."""
+        n = self.num_val_videos
+        if self.hparams.val_prompts:
+            pool = [(p, target_attributes(p)) for p in self.hparams.val_prompts]
+        else:
+            pool = local
+            if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+                # A rank may have seen fewer captions (or none): deal from the union.
+                parts: list[Any] = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(parts, local)
+                pool = [item for part in parts for item in part]
+        if not pool:
+            return []
+        start = self.global_rank * n
+        return [pool[(start + i) % len(pool)] for i in range(n)]
 
     def on_validation_epoch_end(self) -> None:
-        media, self._val_media = self._val_media, None
-        if media is None or self.trainer.sanity_checking or self.hparams.num_val_videos <= 0:
+        local, self._val_prompts = self._val_prompts, []
+        if self.trainer.sanity_checking or self.num_val_videos <= 0 or not hasattr(self, "grid"):
+            self.val_video.reset()
             return
-        prompts = list(self.hparams.val_prompts or media["captions"])[: self.hparams.num_val_videos]
-        if not prompts or not hasattr(self, "grid"):
+        mine = self._rank_prompts(local)
+        if not mine:
+            self.val_video.reset()
             return
-        video = self.generate(prompts, self.grid, seed=0)
-        from lightning_modules.media import log_samples
+        shown: list[torch.Tensor] = []
+        step = self.val_sample_batch_size
+        for chunk, start in enumerate(range(0, len(mine), step)):
+            part = mine[start : start + step]
+            prompts = [p for p, _ in part]
+            # Ranks and chunks sample with different noise; the same run samples the same again.
+            video = self.generate(prompts, self.grid, seed=self.global_rank * 1_000_003 + chunk)
+            self.val_video.update_generated(video, prompts, [a for _, a in part])
+            if self.trainer.is_global_zero and len(shown) < self.num_log_videos:
+                shown.extend(video[: self.num_log_videos - len(shown)].cpu())
+        logs = self.val_video.compute("val/")  # collective: every rank gets here
+        self.val_video.reset()
+        if logs:
+            self.log_dict(logs)
+        if shown:
+            from lightning_modules.media import log_samples
 
-        log_samples(self.trainer, video, prompts, fps=self.hparams.log_fps)
+            log_samples(self.trainer, torch.stack(shown), [p for p, _ in mine[: len(shown)]], fps=self.hparams.log_fps)
 
     # -- sampling -------------------------------------------------------------------------------
 

@@ -4,6 +4,9 @@ The networks arrive by injection (`tokenizer`, `discriminator`); this module onl
 training recipe: reconstruction + quantizer + optional perceptual loss, an adversarial term with an
 adaptive weight switched on at `gan_start_step`, an R1 gradient penalty, warmup + cosine LR for both
 optimizers, gradient clipping, an EMA copy for validation and export, and the logging.
+
+Validation logs PSNR and SSIM (per frame, averaged), codebook usage and perplexity, and, when an
+I3D file is configured, the reconstruction FVD (`val/rfvd_N`, N clips) of all ranks together.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from lightning_modules.ema import EMA
 from lightning_modules.media import log_reconstructions
 from lightning_modules.optim import adamw, clip_grad_norm
 from lightning_modules.schedules import warmup_cosine
+from lightning_modules.video_metrics import VideoEvalMetrics
 from metrics.codebook import CodebookUsage
 from models.config import instantiate
 from models.cvivit import CViViT
@@ -56,6 +60,7 @@ class TokenizerModule(LightningModule):
         ema_decay: float | None = 0.999,
         num_log_videos: int = 4,
         log_fps: float = 8.0,
+        i3d_path: str | None = None,
         compile: bool = False,
     ) -> None:
         """
@@ -85,6 +90,10 @@ class TokenizerModule(LightningModule):
             ema_decay: Decay of the EMA copy used for validation and export; null disables.
             num_log_videos: Clips shown in the reconstruction grid and mp4 each validation.
             log_fps: Frame rate of the reconstruction mp4.
+            i3d_path: I3D weights (state_dict or TorchScript file, see README "Metrics") for the
+                reconstruction FVD of the validation clips, logged as val/rfvd_N; null skips it.
+                Not stored in checkpoint hyperparameters, so `maskvid validate --ckpt_path` takes
+                it from the command line.
             compile: torch.compile each transformer block (after sharding, under any strategy).
         """
         super().__init__()
@@ -94,7 +103,7 @@ class TokenizerModule(LightningModule):
             tokenizer = instantiate(tokenizer)
         if isinstance(discriminator, dict):
             discriminator = instantiate(discriminator)
-        self.save_hyperparameters(ignore=["tokenizer", "discriminator"])
+        self.save_hyperparameters(ignore=["tokenizer", "discriminator", "i3d_path"])
         self.hparams["tokenizer"] = tokenizer.config
         self.hparams["discriminator"] = discriminator.config if discriminator is not None else None
         self.automatic_optimization = False
@@ -112,9 +121,13 @@ class TokenizerModule(LightningModule):
             from models.perceptual import PerceptualLoss
 
             self._perceptual.append(PerceptualLoss(perceptual_path))
-        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        # PSNR per frame, then averaged (the video-tokenizer convention), rather than torchmetrics'
+        # default of one PSNR over the pooled squared error of every frame.
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.val_codebook = CodebookUsage(tokenizer.vocab_size)
+        # The I3D inside stays out of state_dict and sharding (see lightning_modules/video_metrics.py).
+        self.val_video = VideoEvalMetrics(i3d_path=i3d_path, fvd_name="rfvd")
         self._media: dict[str, Any] | None = None
 
     # -- setup ----------------------------------------------------------------------------------
@@ -295,6 +308,8 @@ class TokenizerModule(LightningModule):
         self.val_psnr.update(frames_recon, frames_real)
         self.val_ssim.update(frames_recon, frames_real)
         self.val_codebook.update(q.indices)
+        self.val_video.update_real(video)
+        self.val_video.update_generated(recon.clamp(-1, 1))
         if batch_idx == 0 and self.trainer.is_global_zero and self.hparams.num_log_videos > 0:
             n = self.hparams.num_log_videos
             self._media = {"real": video[:n], "recon": recon[:n], "captions": list(batch.get("caption", []))[:n]}
@@ -305,7 +320,11 @@ class TokenizerModule(LightningModule):
         usage = self.val_codebook.compute()
         self.log("val/codebook_usage", usage["usage"].float())
         self.log("val/perplexity", usage["perplexity"].float())
-        for metric in (self.val_psnr, self.val_ssim, self.val_codebook):
+        # Already over all ranks (torchmetrics syncs in compute), so no sync_dist.
+        video_logs = self.val_video.compute("val/")
+        if video_logs:
+            self.log_dict(video_logs)
+        for metric in (self.val_psnr, self.val_ssim, self.val_codebook, self.val_video):
             metric.reset()
         if self._media is not None and not self.trainer.sanity_checking:
             log_reconstructions(self.trainer, fps=self.hparams.log_fps, **self._media)

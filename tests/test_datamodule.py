@@ -243,3 +243,27 @@ def test_bad_options_fail_early():
         VideoDataModule(train_shards="x", num_frames=0)
     with pytest.raises(ValueError, match="train_shards is not set"):
         VideoDataModule().train_dataloader()
+
+
+def test_clip_pixels_equal_plain_pyav_conversion():
+    """The clip decoder reuses one swscale context per video (benchmarks/data_throughput.py); its
+    pixels must equal PyAV's per-frame `to_ndarray(width=, height=)`, bit for bit."""
+    import io
+
+    import av
+    import numpy as np
+
+    from datamodules.clips import ClipSpec, decode_clip
+    from datamodules.video_io import encode_mp4
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:96, 0:128]
+    frames = [((np.sin(0.07 * xx + 0.05 * yy + 0.4 * t)[..., None] * 90 + 120)
+               + rng.integers(0, 30, (96, 128, 3))).clip(0, 255).astype(np.uint8) for t in range(10)]
+    data, _ = encode_mp4(frames, fps=8)
+    clip, mask = decode_clip(data, ClipSpec(num_frames=6, size=48))
+    with av.open(io.BytesIO(data)) as container:
+        # Short side 96 -> 48: 64x48, center-cropped to 48x48.
+        plain = [f.to_ndarray(format="rgb24", width=64, height=48)[:, 8:56] for _, f in zip(range(6), container.decode(video=0))]
+    assert mask.all() and clip.shape == (6, 48, 48, 3)
+    np.testing.assert_array_equal(clip, np.stack(plain))
