@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import gc
 import math
-from typing import Any, Optional
+import signal
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader, get_worker_info
@@ -59,14 +60,36 @@ def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+# Preemption signals the trainer's main process handles (launch/preemption.py). Sent to the whole
+# process group (Kubernetes, spot instances, SLURM's `--signal`), they would otherwise reach the
+# workers too, and PyTorch's worker handler dies on a SIGTERM not sent by its parent, taking the
+# run down before it has saved. The main process still stops its workers by itself.
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class _IgnorePreemptionSignals:
+    """worker_init_fn: ignore WORKER_IGNORED_SIGNALS, then run the caller's own init, if any."""
+
+    def __init__(self, then: Optional[Callable[[int], None]] = None) -> None:
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in WORKER_IGNORED_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)
+
+
 class VideoLoader(DataLoader):
     """DataLoader that yields the batch contract: video float [B,C,T,H,W] in [-1, 1].
 
     normalize=False leaves video as uint8 [B,T,H,W,C] for conversion on the device.
+    Workers ignore SIGTERM and SIGUSR1 (see WORKER_IGNORED_SIGNALS).
     """
 
     def __init__(self, dataset: Any, normalize: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("collate_fn", collate_clips)
+        kwargs["worker_init_fn"] = _IgnorePreemptionSignals(kwargs.get("worker_init_fn"))
         super().__init__(dataset, **kwargs)
         self.normalize = normalize
 

@@ -7,6 +7,7 @@ count and name it without knowing about PyAV, PIL or JSON.
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -24,6 +25,18 @@ class BadSample(Exception):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def check_member_key(raw: dict[str, Any]) -> None:
+    """BadSample for a sample whose tar member names are absolute or climb with `..`.
+
+    Shards are read in memory and nothing from them is extracted, but keys end up in file names
+    (previews, token shards, reports); a hostile shard must not be able to aim those anywhere.
+    """
+    key = str(raw.get("__key__", ""))
+    parts = key.replace("\\", "/").split("/")
+    if posixpath.isabs(key) or key.startswith("\\") or ".." in parts or "\0" in key:
+        raise BadSample("unsafe member path", repr(key)[:200])
 
 
 @dataclass

@@ -10,7 +10,9 @@ without decoding, and continue. Lightning only keeps rank 0's non-tensor state f
 checkpoints, which is why the position must be derivable rather than stored.
 
 A bad sample at raw position j is replaced by the next good one (j+1, ...), so positions never
-drift when data is bad; each bad sample is counted once and logged with its shard and key.
+drift when data is bad; each bad sample is counted once and logged with its shard and key. A
+sample whose tar member path is absolute or contains `..` is bad too (its key never reaches a
+file name); shards are only ever read in memory, never extracted.
 
 Val: a finite stream in which every sample is seen exactly once across ranks and workers: whole
 shards are dealt out when there are enough of them, otherwise samples are dealt round-robin.
@@ -33,7 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import shardlists, tariterators
 
 from datamodules.errors import DataError
-from datamodules.samples import BadSample, SampleDecoder
+from datamodules.samples import BadSample, SampleDecoder, check_member_key
 from datamodules.shard_writer import INDEX_NAME
 
 log = logging.getLogger("maskvid.data")
@@ -220,6 +222,7 @@ class TrainStream(IterableDataset):
                 raw, bad = ahead[i]
                 if not bad:
                     try:
+                        check_member_key(raw)
                         sample = self.decoder(raw, rng)
                         break
                     except BadSample as e:
@@ -280,12 +283,22 @@ class ValStream(IterableDataset):
                 for i, raw in enumerate(r for url in self.urls for r in _read_shard(url))
                 if i % parts == part
             )
+        # Each sample goes out once the next good one is decoded (or the stream has ended), carrying
+        # the skips up to there: bad samples after the last good one are then counted too.
+        pending = None
         for raw in raws:
             try:
+                check_member_key(raw)
                 sample = self.decoder(raw, None)
             except BadSample as e:
                 self.skipped += 1
                 log.warning("skipping bad sample key=%s shard=%s: %s", raw.get("__key__"), raw.get("__url__"), e)
                 continue
-            sample["meta"].update(worker=physical, position=-1, skipped=self.skipped)
-            yield sample
+            if pending is not None:
+                pending["meta"]["skipped"] = self.skipped
+                yield pending
+            sample["meta"].update(worker=physical, position=-1)
+            pending = sample
+        if pending is not None:
+            pending["meta"]["skipped"] = self.skipped
+            yield pending

@@ -80,7 +80,10 @@ def _video_stream(container: av.container.InputContainer) -> av.video.stream.Vid
             # An mp4 cut before its index opens fine but holds no stream: damage, not audio.
             raise VideoDecodeError("unreadable or corrupt", "no streams found (truncated, or not a media file)")
         raise VideoDecodeError("no video stream", f"only {', '.join(types)} streams")
-    return container.streams.video[0]
+    stream = container.streams.video[0]
+    if stream.codec_context is None:  # a damaged header: FFmpeg found no decoder for it
+        raise VideoDecodeError("unreadable or corrupt", "the video stream has no decodable codec")
+    return stream
 
 
 def _stream_fps(stream: av.video.stream.VideoStream) -> float:

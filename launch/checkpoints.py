@@ -1,6 +1,9 @@
 """Checkpoint formats and conversions: single files, FSDP2 DCP directories, DeepSpeed directories.
 
 - `checkpoint_kind(path)`: "file" | "dcp" | "deepspeed".
+- `verify_checkpoint(path)`: raises `CheckpointCorruptError` naming the path unless the checkpoint
+  is complete: every CRC of a file (and of every .pt file in a DeepSpeed tag), every shard file and
+  byte range a DCP `.metadata` names.
 - `deepspeed_world_size(path)`: the data-parallel size a DeepSpeed checkpoint was written at.
 - `to_universal(path, out)`: DeepSpeed -> universal checkpoint (loadable at any world size).
 - `export(path, out)`: any checkpoint -> one file with the weights and everything
@@ -14,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,6 +27,16 @@ UNIVERSAL_TAG = "checkpoint"  # Lightning's DeepSpeed tag; the universal copy ke
 
 class CheckpointFormatError(ValueError):
     """The path is not a checkpoint maskvid knows how to read."""
+
+
+class CheckpointCorruptError(CheckpointFormatError):
+    """A checkpoint that exists but is incomplete or damaged (a killed write, a truncated copy)."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"checkpoint {path} is incomplete or corrupt ({reason}); resume from an earlier "
+                         "checkpoint, or pass --ckpt_path auto to pick the newest complete one")
 
 
 def checkpoint_kind(path: str | Path) -> str:
@@ -38,6 +52,77 @@ def checkpoint_kind(path: str | Path) -> str:
             f"{path} is a directory but neither a DCP checkpoint (no .metadata) nor a DeepSpeed one (no 'latest')"
         )
     raise CheckpointFormatError(f"checkpoint not found: {path}")
+
+
+# (path, size, mtime) of files whose CRCs were checked in this process: auto-resume checks a
+# candidate, then the strategy checks it again when it loads it.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def _verify_zip(path: Path, owner: Path) -> None:
+    """A torch.save file: readable central directory, a pickle record, every CRC right. (torch.load
+    itself reads damaged tensor bytes without complaint.)"""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    name = path.name if path == owner else str(path.relative_to(owner))
+    if stat.st_size == 0:
+        raise CheckpointCorruptError(owner, f"{name} is empty")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(n.endswith("data.pkl") for n in archive.namelist()):
+                raise CheckpointCorruptError(owner, f"{name} holds no torch pickle record")
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointCorruptError(owner, f"{name}: {exc} (truncated?)") from None
+    if bad is not None:
+        raise CheckpointCorruptError(owner, f"{name}: CRC mismatch in record {bad}")
+    _VERIFIED.add(key)
+
+
+def _verify_dcp(path: Path) -> None:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        # DCP's own metadata format is a pickle (torch's; see README "Reliability").
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle raises many types
+        raise CheckpointCorruptError(path, f".metadata unreadable: {type(exc).__name__}: {str(exc)[:200]}") from None
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            raise CheckpointCorruptError(path, f"shard {name} is missing")
+        if shard.stat().st_size < size:
+            raise CheckpointCorruptError(path, f"shard {name} is truncated ({shard.stat().st_size} < {size} bytes)")
+    if (path / "meta.pt").exists():
+        _verify_zip(path / "meta.pt", path)
+
+
+def verify_checkpoint(path: str | Path) -> Path:
+    """`path` if it is a complete checkpoint; CheckpointCorruptError (naming it) otherwise."""
+    path = Path(path)
+    try:
+        kind = checkpoint_kind(path)
+    except CheckpointFormatError as exc:
+        if path.is_dir():
+            raise CheckpointCorruptError(path, str(exc).removeprefix(f"{path} is ")) from None
+        raise
+    if kind == "file":
+        _verify_zip(path, path)
+    elif kind == "dcp":
+        _verify_dcp(path)
+    else:
+        tag = _deepspeed_tag_dir(path)
+        files = sorted(tag.rglob("*.pt")) if tag.is_dir() else []
+        if not files:
+            raise CheckpointCorruptError(path, f"no state files under {tag.name}/")
+        for file in files:
+            _verify_zip(file, path)
+    return path
 
 
 def _deepspeed_tag_dir(path: Path) -> Path:

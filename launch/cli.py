@@ -127,8 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         tune_host_allocator()
 
-        run_lightning_cli(argv)
-        return 0
+        return run_lightning_cli(argv)
     only = argv[0] if argv and argv[0] in TOOL_COMMANDS else None
     parser = build_parser(only=only)
     args = parser.parse_args(argv)

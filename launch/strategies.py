@@ -16,6 +16,9 @@ every optimizer.
               Checkpoints are DCP directories, loadable at another world size.
 - deepspeed:  ZeRO stage 2 or 3; on a CPU accelerator (tests, laptops) the same class runs over
               gloo. One optimizer only: the GAN tokenizer is refused at startup.
+
+Sharded checkpoint directories are written under a staging name and renamed into place once every
+rank has written (launch/checkpoint_io.py), and verified before they are loaded.
 """
 
 from __future__ import annotations
@@ -132,6 +135,20 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)  # one file: CheckpointIO
+        from launch.checkpoint_io import save_directory_atomically
+
+        save_directory_atomically(self, filepath, lambda staging: super(FSDP2Strategy, self).save_checkpoint(
+            checkpoint, staging, storage_options))
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        from launch.checkpoints import verify_checkpoint
+
+        verify_checkpoint(self.broadcast(str(checkpoint_path)))
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
     def parallelize(self, module) -> None:
         """Shard `module`'s trainable networks in place; called from its configure_model()."""
         from torch.distributed._composable import checkpoint
@@ -226,13 +243,17 @@ class DeepSpeedZeroStrategy(DeepSpeedStrategy):
             return
         super().setup_distributed()
 
-    def setup(self, trainer) -> None:
-        if not self.lightning_module.automatic_optimization:
+    def check_module(self, module) -> None:
+        """Refuse what DeepSpeed cannot train (also called by the CLI before anything is written)."""
+        if not module.automatic_optimization:
             raise StrategyConfigError(
-                f"DeepSpeed takes one optimizer, and {type(self.lightning_module).__name__} trains with "
+                f"trainer.strategy: DeepSpeed takes one optimizer, and {type(module).__name__} trains with "
                 "manual optimization (the GAN tokenizer has a generator and a discriminator optimizer). "
                 "Use configs/trainer/ddp.yaml or configs/trainer/fsdp.yaml for it."
             )
+
+    def setup(self, trainer) -> None:
+        self.check_module(self.lightning_module)
         # DeepSpeed clips inside its engine: hand it the module's own clip (its hook cannot act).
         clip = trainer.gradient_clip_val or getattr(self.lightning_module, "hparams", {}).get("grad_clip", 0.0)
         self.config.setdefault("gradient_clipping", float(clip or 0.0))
@@ -243,9 +264,9 @@ class DeepSpeedZeroStrategy(DeepSpeedStrategy):
         it, `<name>.universal`, once), then loaded as such."""
         from pathlib import Path
 
-        from launch.checkpoints import checkpoint_kind, deepspeed_world_size, is_universal, to_universal
+        from launch.checkpoints import checkpoint_kind, deepspeed_world_size, is_universal, to_universal, verify_checkpoint
 
-        path = Path(self.broadcast(str(checkpoint_path)))
+        path = verify_checkpoint(self.broadcast(str(checkpoint_path)))
         if checkpoint_kind(path) == "deepspeed" and not is_universal(path) and deepspeed_world_size(path) != self.world_size:
             target = path.with_name(path.name + ".universal")
             if self.is_global_zero and not target.is_dir():
@@ -257,6 +278,12 @@ class DeepSpeedZeroStrategy(DeepSpeedStrategy):
         if checkpoint_kind(path) == "deepspeed" and is_universal(path):
             self.deepspeed_engine._config.load_universal_checkpoint = True
         return super().load_checkpoint(path, weights_only)
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        from launch.checkpoint_io import save_directory_atomically
+
+        save_directory_atomically(self, filepath, lambda staging: super(DeepSpeedZeroStrategy, self).save_checkpoint(
+            checkpoint, staging, storage_options))
 
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
         import deepspeed

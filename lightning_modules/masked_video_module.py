@@ -23,16 +23,19 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
 from lightning_modules.ema import EMA
 from lightning_modules.optim import adamw, clip_grad_norm
 from lightning_modules.schedules import warmup_cosine
 from lightning_modules.video_metrics import VideoEvalMetrics
 from metrics.caption_accuracy import target_attributes
+from metrics.clip_model import CLIPLoadError
+from metrics.i3d import I3DWeightsError
 from models.config import instantiate
 from models.sampling import SamplingOptions, mask_ratio, maskgit_sample
 from models.stage2_checkpoint import STAGE2_KEY, STAGE2_FORMAT
 from models.text_encoder import TextEncoder
-from models.tokenizer_checkpoint import load_tokenizer
+from models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
 
 _NO_DECAY = ("pos_t", "pos_h", "pos_w", "null", "latents")
 # Validation-only settings: kept out of checkpoint hyperparameters, because LightningCLI lets a
@@ -40,10 +43,6 @@ _NO_DECAY = ("pos_t", "pos_h", "pos_w", "null", "latents")
 # must be able to switch metrics on or change how many videos they use.
 _EVAL_OPTIONS = ("num_val_videos", "num_log_videos", "val_sample_batch_size", "i3d_path", "fvd_real_stats",
                  "clip_path", "caption_accuracy")
-
-
-class ConfigMismatchError(ValueError):
-    """The tokenizer, backbone, text encoder and data do not fit together."""
 
 
 class MaskedVideoModule(LightningModule):
@@ -134,7 +133,10 @@ class MaskedVideoModule(LightningModule):
         self.hparams["backbone"] = backbone.config
         self.backbone = backbone
         self.backbone_ema = EMA(backbone, ema_decay) if ema_decay is not None else None
-        self.tokenizer = load_tokenizer(tokenizer_path)
+        try:
+            self.tokenizer = load_tokenizer(tokenizer_path)
+        except TokenizerCheckpointError as exc:
+            raise ModelOptionError("tokenizer_path", exc) from None
         # Frozen, reloaded by name, kept out of checkpoints, sharding and the optimizer.
         self._text_encoder: list[TextEncoder] = [TextEncoder(text_encoder, text_max_length)]
         self._check_compatible()
@@ -142,8 +144,13 @@ class MaskedVideoModule(LightningModule):
         self.num_log_videos = num_log_videos
         self.val_sample_batch_size = max(1, val_sample_batch_size)
         # FVD, CLIPSIM, caption accuracy; their networks stay out of checkpoints and sharding.
-        self.val_video = VideoEvalMetrics(i3d_path=i3d_path, fvd_real_stats=fvd_real_stats, clip_path=clip_path,
-                                          caption_accuracy=caption_accuracy)
+        try:
+            self.val_video = VideoEvalMetrics(i3d_path=i3d_path, fvd_real_stats=fvd_real_stats, clip_path=clip_path,
+                                              caption_accuracy=caption_accuracy)
+        except I3DWeightsError as exc:
+            raise ModelOptionError("i3d_path", exc) from None
+        except CLIPLoadError as exc:
+            raise ModelOptionError("clip_path", exc) from None
         self._val_prompts: list[tuple[str, dict[str, str] | None]] = []
 
     # -- wiring ---------------------------------------------------------------------------------
@@ -175,13 +182,20 @@ class MaskedVideoModule(LightningModule):
             grid = self.tokenizer.token_grid(num_frames, resolution)
             self.backbone.check_grid(grid)
         except ValueError as exc:
-            raise ConfigMismatchError(f"data does not fit the models: {exc}") from None
+            raise ConfigMismatchError(
+                f"data does not fit the models (data.num_frames={num_frames}, data.resolution={resolution}): {exc}"
+            ) from None
         return grid
 
-    def setup(self, stage: str) -> None:
-        hparams = getattr(getattr(self.trainer, "datamodule", None), "hparams", {})
+    def check_data(self, datamodule) -> None:
+        """Raise ConfigMismatchError if the datamodule's clips do not fit (the CLI calls this
+        before anything is written; setup() again inside the run)."""
+        hparams = getattr(datamodule, "hparams", {})
         if "num_frames" in hparams and "resolution" in hparams:
             self.grid = self.token_grid(hparams["num_frames"], hparams["resolution"])
+
+    def setup(self, stage: str) -> None:
+        self.check_data(getattr(self.trainer, "datamodule", None))
 
     def on_fit_start(self) -> None:
         self.text_encoder.to(self.device)
@@ -292,7 +306,11 @@ class MaskedVideoModule(LightningModule):
         self.log("loss", out["loss"], prog_bar=True, logger=False, batch_size=size)
         return out["loss"]
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Here rather than in on_train_batch_end: callbacks (ModelCheckpoint) run their batch-end
+        # hooks before the module's, so a checkpoint taken there would lack this step's EMA
+        # update, and a run resumed from it would drift from the uninterrupted average.
         if self.backbone_ema is not None:
             self.backbone_ema.update(self.backbone)
 

@@ -20,12 +20,14 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
 from lightning_modules.ema import EMA
 from lightning_modules.media import log_reconstructions
 from lightning_modules.optim import adamw, clip_grad_norm
 from lightning_modules.schedules import warmup_cosine
 from lightning_modules.video_metrics import VideoEvalMetrics
 from metrics.codebook import CodebookUsage
+from metrics.i3d import I3DWeightsError
 from models.config import instantiate
 from models.cvivit import CViViT
 from models.discriminator import VideoDiscriminator
@@ -111,35 +113,48 @@ class TokenizerModule(LightningModule):
         self.discriminator = discriminator
         self.tokenizer_ema = EMA(tokenizer, ema_decay) if ema_decay is not None else None
         if perceptual_weight > 0 and not perceptual_path:
-            raise ValueError(
-                "perceptual_weight > 0 needs perceptual_path: a local VGG16 weights file "
+            raise ModelOptionError(
+                "perceptual_path", "perceptual_weight > 0 needs perceptual_path: a local VGG16 weights file "
                 "(maskvid downloads nothing). Set model.init_args.perceptual_path or perceptual_weight: 0."
             )
         # Kept out of the module tree: frozen, not checkpointed, not sharded, not optimized.
         self._perceptual: list[nn.Module] = []
         if perceptual_weight > 0:
-            from models.perceptual import PerceptualLoss
+            from models.perceptual import PerceptualLoss, PerceptualWeightsError
 
-            self._perceptual.append(PerceptualLoss(perceptual_path))
+            try:
+                self._perceptual.append(PerceptualLoss(perceptual_path))
+            except PerceptualWeightsError as exc:
+                raise ModelOptionError("perceptual_path", exc) from None
         # PSNR per frame, then averaged (the video-tokenizer convention), rather than torchmetrics'
         # default of one PSNR over the pooled squared error of every frame.
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.val_codebook = CodebookUsage(tokenizer.vocab_size)
         # The I3D inside stays out of state_dict and sharding (see lightning_modules/video_metrics.py).
-        self.val_video = VideoEvalMetrics(i3d_path=i3d_path, fvd_name="rfvd")
+        try:
+            self.val_video = VideoEvalMetrics(i3d_path=i3d_path, fvd_name="rfvd")
+        except I3DWeightsError as exc:
+            raise ModelOptionError("i3d_path", exc) from None
         self._media: dict[str, Any] | None = None
 
     # -- setup ----------------------------------------------------------------------------------
 
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
+    def check_data(self, datamodule) -> None:
+        """Raise ConfigMismatchError if the datamodule's clips do not fit the tokenizer (the CLI
+        calls this before anything is written; setup() again inside the run)."""
         hparams = getattr(datamodule, "hparams", {})
         if "num_frames" in hparams and "resolution" in hparams:
             try:
                 self.tokenizer.token_grid(hparams["num_frames"], hparams["resolution"])
             except ValueError as exc:
-                raise ValueError(f"data does not fit the tokenizer: {exc}") from None
+                raise ConfigMismatchError(
+                    f"data does not fit the tokenizer (data.num_frames={hparams['num_frames']}, "
+                    f"data.resolution={hparams['resolution']}): {exc}"
+                ) from None
+
+    def setup(self, stage: str) -> None:
+        self.check_data(getattr(self.trainer, "datamodule", None))
 
     def on_fit_start(self) -> None:
         for net in self._perceptual:

@@ -53,17 +53,22 @@ def test_blocks_are_found_innermost_first():
 
 
 def _touch_ckpt(path: Path, when: float, complete: bool = True, sharded: bool = False) -> Path:
+    """A real checkpoint (auto-resume verifies candidates), or one whose write never finished."""
     if sharded:
-        path.mkdir(parents=True)
-        (path / "__0_0.distcp").write_bytes(b"x")
-        if complete:
-            (path / ".metadata").write_bytes(b"x")
-            (path / "meta.pt").write_bytes(b"x")
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"w": torch.ones(4)}, checkpoint_id=str(path), no_dist=True)
+        torch.save({"global_step": 1}, path / "meta.pt")
+        if not complete:
+            (path / ".metadata").unlink()
         for f in path.iterdir():
             os.utime(f, (when, when))
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"x" if complete else b"")
+        if complete:
+            torch.save({"global_step": 1}, path)
+        else:
+            path.write_bytes(b"")
         os.utime(path, (when, when))
     return path
 
