@@ -99,3 +99,12 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path
         text=True,
         timeout=timeout,
     )
+
+
+def metrics_rows(root: Path) -> list[dict]:
+    """The rows of the one CSVLogger metrics.csv under a run directory."""
+    import csv
+
+    (path,) = root.rglob("metrics.csv")
+    with open(path) as f:
+        return list(csv.DictReader(f))

@@ -14,7 +14,6 @@ the run with one clear line.
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import math
@@ -32,7 +31,7 @@ import yaml
 
 from datamodules.samples import BadSample, SampleDecoder
 from datamodules.video_io import VideoDecodeError
-from tests.conftest import REPO, mp4_item, ramp_video, write_shards
+from tests.conftest import REPO, metrics_rows, mp4_item, ramp_video, write_shards
 from tests.reliability_helpers import STEP_LOG_ENV, read_step_log
 from tests.stage2_fixtures import tiny_training_setup
 
@@ -54,12 +53,6 @@ def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess
 def data_args(data: Path | str, val: Path | str | None = None) -> list[str]:
     return ["--data.train_shards", str(data), "--data.val_shards", str(val or data), "--data.num_frames", "9",
             "--data.resolution", "32", "--data.batch_size", "2", "--data.num_workers", "0"]
-
-
-def metric_rows(run: Path) -> list[dict]:
-    (path,) = run.rglob("metrics.csv")
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 # -- NaN / Inf --------------------------------------------------------------------------------------
@@ -102,7 +95,7 @@ def test_non_finite_steps_are_skipped_counted_and_k_in_a_row_stop_the_run(setup,
         for trained in (0, 3):
             assert math.isfinite(rows[trained]["loss"]) and checksum[trained] != checksum.get(trained - 1), rank
         assert rows[3]["train/skipped_steps"] == 2.0  # counted (the logged value at step 3)
-    logged = [float(r["train/skipped_steps"]) for r in metric_rows(run) if r.get("train/skipped_steps")]
+    logged = [float(r["train/skipped_steps"]) for r in metrics_rows(run) if r.get("train/skipped_steps")]
     assert logged[:6] == [0.0, 1.0, 2.0, 2.0, 3.0, 4.0], logged
     # Every checkpoint written is finite, and holds the count.
     for path in sorted((run / "checkpoints").glob("*.ckpt")):
@@ -212,7 +205,7 @@ def test_training_on_shards_with_20_percent_bad_samples(twenty_percent_bad, tmp_
                "--trainer.enable_progress_bar", "false", *data_args(shards), "--data.num_workers", "1")
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-4000:]
-    rows = metric_rows(run)
+    rows = metrics_rows(run)
     assert max(int(r["step"]) for r in rows if r.get("train/loss")) == 29  # all 30 steps ran
     skipped = [float(r["data/skipped"]) for r in rows if r.get("data/skipped")]
     assert skipped[-1] >= 1 and skipped == sorted(skipped)

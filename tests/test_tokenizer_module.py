@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from models.cvivit import CViViT
 from models.discriminator import VideoDiscriminator
 from models.quantizer import VectorQuantizer
 from models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, metrics_rows, run_cli
 
 
 def small_module(**kw) -> TokenizerModule:
@@ -106,12 +105,6 @@ def fit_args(data: Path, root: Path, config: Path) -> list[str]:
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
         "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "2",
     ]
-
-
-def metrics_rows(root: Path) -> list[dict]:
-    (path,) = root.rglob("metrics.csv")
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.slow
