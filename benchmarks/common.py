@@ -72,7 +72,8 @@ class StepTimer:
     step `flop_step`, which is excluded from the timings (counting slows it down).
     """
 
-    def __init__(self, flop_step: int = 0, device: str = "cpu", roof_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, flop_step: int = 0, device: str = "cpu", roof_dtype: torch.dtype = torch.float32,
+                 roof_n: int = 2048) -> None:
         from lightning.pytorch.callbacks import Callback
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -97,7 +98,7 @@ class StepTimer:
                     timer.times.append(elapsed)
                     # The roof right next to each step: this machine's speed drifts by tens of
                     # percent within a minute, so a ratio is only meaningful taken side by side.
-                    timer.roofs.append(matmul_roof(device, roof_dtype, repeats=3))
+                    timer.roofs.append(matmul_roof(device, roof_dtype, n=roof_n, repeats=3))
 
         self.callback = _Callback()
         self.times: list[float] = []
@@ -128,12 +129,16 @@ class StepTimer:
 
 def fit_steps(
     module, batch: dict, steps: int, device: str = "cpu", precision: str = "32-true", flop_step: int = 0,
-    roof_dtype: torch.dtype = torch.float32,
+    roof_dtype: torch.dtype = torch.float32, roof_n: int = 2048, callbacks: tuple = (),
 ) -> StepTimer:
-    """Run `steps` real training steps of `module` on copies of `batch`; returns the timer."""
+    """Run `steps` real training steps of `module` on copies of `batch`; returns the timer.
+
+    roof_n: side of the square matmul of the roof measured beside each step. callbacks: extra
+    Lightning callbacks, run before the timer's (so their batch hooks wrap the timed step and
+    stay clear of the roof measurement)."""
     from lightning.pytorch import Trainer
 
-    timer = StepTimer(flop_step=flop_step, device=device, roof_dtype=roof_dtype)
+    timer = StepTimer(flop_step=flop_step, device=device, roof_dtype=roof_dtype, roof_n=roof_n)
 
     class Repeat(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -150,7 +155,7 @@ def fit_steps(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer.callback],
+        callbacks=[*callbacks, timer.callback],
         limit_val_batches=0,
     )
     trainer.fit(module, train_dataloaders=loader)

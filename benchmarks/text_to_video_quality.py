@@ -28,6 +28,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import emit  # noqa: E402
 
+from launch.demo_pipeline import BUDGET_SPLIT  # noqa: E402  (the same split as `maskvid demo`)
+
 
 def maskvid(*args: str, log: Path) -> float:
     """Run a real `maskvid` command in the run directory (where the demo configs' relative
@@ -64,7 +66,7 @@ def score(index_path: Path, prompts_jsonl: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=40.0, help="training budget for both stages (tokenizing included)")
-    parser.add_argument("--tokenizer-minutes", type=float, default=None, help="stage-1 share (default: 35%%)")
+    parser.add_argument("--tokenizer-minutes", type=float, default=None, help=f"stage-1 minutes (default: {100 * BUDGET_SPLIT['tokenizer']:.0f}%% of --minutes, as in `maskvid demo`)")
     parser.add_argument("--videos-per-prompt", type=int, default=4)
     parser.add_argument("--backbone", choices=["maskgit", "mebt"], default="maskgit")
     parser.add_argument("--data", type=Path, default=REPO / "data/synthetic", help="synthetic dataset (built if absent)")
@@ -79,7 +81,7 @@ def main() -> int:
     if not (args.data / "train").is_dir():
         timings["data_s"] = maskvid("data", "synthetic", "--out", str(args.data), "--quiet", log=log)
     start = time.perf_counter()  # the budget covers the two stages, not rendering the dataset
-    tok_minutes = args.tokenizer_minutes or 0.35 * args.minutes
+    tok_minutes = args.tokenizer_minutes or BUDGET_SPLIT["tokenizer"] * args.minutes
     timings["tokenizer_s"] = maskvid(
         "fit", "--config", str(REPO / "configs/experiment/tokenizer_demo.yaml"),
         "--data.train_shards", str(args.data / "train"), "--data.val_shards", str(args.data / "val"),

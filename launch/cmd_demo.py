@@ -1,134 +1,107 @@
-"""Run the built-in demo end to end on synthetic data (CPU or GPU), writing what it saw.
+"""Run the whole pipeline in one command, on synthetic data or your shards, and write a report.
 
-Today the demo covers the data pipeline: it renders the synthetic captioned dataset (moving
-coloured shapes) as WebDataset shards, streams train and val batches through VideoDataModule
-exactly as `maskvid fit` would, reads every val clip back with the attribute oracle (a check
-that decoding, cropping and normalisation preserved the content), and saves:
+Steps, each a real maskvid command run in --out (so the report can print how to reproduce it):
 
-  OUT/preview-train.png, OUT/preview-val.png   clips x frames with captions
-  OUT/clips/*.mp4                              the first val batch as videos
-  OUT/demo.json                                shapes, ranges, clips/s, oracle accuracy
+  1. data       maskvid data synthetic (skipped with --train-shards/--val-shards)
+  2. check      stream train/val as fit does; previews; oracle accuracy of the val clips
+  3. tokenizer  maskvid fit --config configs/experiment/tokenizer_demo.yaml
+  4. tokenize   maskvid data tokenize (train and val)
+  5. stage2     maskvid fit --config configs/experiment/{mebt,maskgit}_demo.yaml --data.samples tokens
+  6. generate   maskvid generate for the seen and held-out prompts (or --prompts FILE)
+  7. score      caption accuracy (oracle), FVD (--i3d-path) and CLIPSIM (--clip-path)
+  8. report     OUT/summary.json and a self-contained OUT/report.html
 
-Existing demo data is reused unless --rebuild. Model training joins the demo as the tokenizer
-and stage-2 models land.
+--minutes is shared between the two fits (35% tokenizer, the rest stage 2 including tokenizing;
+see BUDGET_SPLIT in launch/demo_pipeline.py); data, generation and scoring are timed apart. The
+default finishes in about 30 minutes on a 2-core CPU. Rerun with the same --out to resume: finished
+steps are skipped (OUT/steps/*.json) and an interrupted fit continues from its last checkpoint.
 
-example:
-  maskvid demo
-  maskvid demo --out runs/demo2 --num-train 2048 --rebuild
+examples:
+  maskvid demo --out runs/demo                     # about 30 minutes on a laptop CPU
+  maskvid demo --out runs/demo_quick --quick       # smoke run, under 5 minutes
+  maskvid demo --out runs/demo_phenaki --backbone maskgit --minutes 60
+  maskvid demo --out runs/mine --train-shards shards/mine --val-shards shards/mine_val --prompts prompts.txt
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from datamodules.errors import DataError
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="where previews and demo.json go (default: runs/demo)")
-    parser.add_argument("--data-dir", default="data/synthetic",
-                        help="synthetic shards (default: data/synthetic, what configs/data/synthetic.yaml reads)")
-    parser.add_argument("--num-train", type=int, default=512, help="train clips to render (default: 512)")
-    parser.add_argument("--num-val", type=int, default=64, help="val clips to render (default: 64)")
-    parser.add_argument("--num-heldout", type=int, default=64, help="held-out-combination clips (default: 64)")
-    parser.add_argument("--frames", type=int, default=17, help="frames per clip (default: 17)")
-    parser.add_argument("--size", type=int, default=64, help="frame size in pixels (default: 64)")
-    parser.add_argument("--batch-size", type=int, default=8, help="clips per batch (default: 8)")
-    parser.add_argument("--workers", type=int, default=2, help="data worker processes (default: 2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data and stream (default: 0)")
-    parser.add_argument("--rebuild", action="store_true", help="re-render the synthetic data even if present")
-
-
-def _build_data(args: argparse.Namespace) -> dict[str, Any]:
-    from datamodules.synthetic import build_synthetic
-
-    data_dir = Path(args.data_dir)
-    marker = data_dir / "attributes.json"
-    if marker.exists() and not args.rebuild:
-        info = json.loads(marker.read_text())
-        print(f"[1/4] reusing synthetic data in {data_dir} (pass --rebuild to re-render)")
-        return info
-    print(f"[1/4] rendering synthetic data into {data_dir}")
-    build_synthetic(
-        data_dir,
-        seed=args.seed,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        num_heldout=args.num_heldout,
-        size=args.size,
-        frames=args.frames,
-        samples_per_shard=max(16, args.num_train // 8),
-        workers=args.workers,
-        overwrite=True,
-    )
-    return json.loads(marker.read_text())
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"),
+                        help="run directory: data, runs, samples, summary.json, report.html (default: runs/demo)")
+    parser.add_argument("--minutes", type=_positive_float, default=None,
+                        help="training budget of both fits together (default: 25, or 2 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run under 5 minutes: tiny data, a few steps per stage, 3 prompts per set")
+    parser.add_argument("--backbone", choices=["mebt", "maskgit"], default="mebt",
+                        help="stage-2 model: mebt (default) or maskgit (Phenaki)")
+    parser.add_argument("--devices", type=_positive_int, default=1,
+                        help="processes per fit; >1 adds configs/trainer/ddp.yaml (default: 1)")
+    parser.add_argument("--train-shards", metavar="PATTERN", default=None,
+                        help="your video shards (`maskvid data shards`): directory, brace pattern or URLs; "
+                             "needs --val-shards. Default: render the synthetic dataset")
+    parser.add_argument("--val-shards", metavar="PATTERN", default=None, help="your validation shards")
+    parser.add_argument("--prompts", type=Path, metavar="FILE", default=None,
+                        help="prompts to generate (one per line, or JSONL with 'prompt'); default: the synthetic "
+                             "seen and held-out prompts, or your val captions")
+    parser.add_argument("--videos-per-prompt", type=_positive_int, default=None,
+                        help="samples per prompt (default: 2, or 1 with --quick)")
+    parser.add_argument("--max-prompts", type=_positive_int, default=None,
+                        help="prompts used per set (default: all, or 3 with --quick)")
+    parser.add_argument("--i3d-path", metavar="PATH", default=None,
+                        help="I3D weights for FVD (stage-2 validation and the final score); FVD is null without")
+    parser.add_argument("--clip-path", metavar="DIR", default=None,
+                        help="local Hugging Face CLIP directory for CLIPSIM; null without")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the samples (default: 0)")
+    parser.add_argument("--quiet", action="store_true", help="only the step lines, not each command's output")
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from datamodules.pixels import to_uint8
-    from datamodules.preview import contact_sheet, save_batch_videos
-    from datamodules.video_datamodule import VideoDataModule
-    from metrics.oracle import caption_accuracy
+    from launch.demo_pipeline import FULL, QUICK, DemoPipeline
 
-    info = _build_data(args)
-    data_dir = Path(args.data_dir)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dm = VideoDataModule(
-        train_shards=str(data_dir / "train"),
-        val_shards=str(data_dir / "val"),
-        num_frames=int(info.get("frames", args.frames)),
-        resolution=int(info.get("size", args.size)),
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        seed=args.seed,
-    )
-
-    print("[2/4] streaming train batches (resampled, shuffled, random temporal crops)")
-    train_batches = []
-    start = time.perf_counter()
-    for batch in tqdm(dm.train_dataloader(), total=4, desc="train stream", unit="batch"):
-        train_batches.append(batch)
-        if len(train_batches) == 4:
-            break
-    train_rate = 4 * args.batch_size / (time.perf_counter() - start)
-
-    print("[3/4] streaming the whole val split and reading it back with the oracle")
-    videos, attrs, val_batches = [], [], []
-    for batch in tqdm(dm.val_dataloader(), desc="val stream", unit="batch"):
-        val_batches.append(batch)
-        videos += list(to_uint8(batch["video"]))
-        attrs += batch["meta"]["info"]
-    if not videos:
-        raise DataError(f"the val split in {data_dir / 'val'} produced no clips")
-    accuracy = caption_accuracy(videos, attrs)
-
-    print(f"[4/4] writing previews to {out}")
-    first_train, first_val = train_batches[0], val_batches[0]
-    contact_sheet(first_train["video"], first_train["caption"], first_train["frame_mask"]).save(out / "preview-train.png")
-    contact_sheet(first_val["video"], first_val["caption"], first_val["frame_mask"]).save(out / "preview-val.png")
-    mp4s = save_batch_videos(first_val["video"], out / "clips", fps=float(info.get("fps", 8.0)), prefix="val")
-    video = first_train["video"]
-    summary = {
-        "data": str(data_dir),
-        "train_batch": {"video": list(video.shape), "dtype": str(video.dtype),
-                        "range": [round(video.min().item(), 3), round(video.max().item(), 3)],
-                        "frame_mask": list(first_train["frame_mask"].shape), "captions": first_train["caption"][:4]},
-        "train_clips_per_s": round(train_rate, 1),
-        "val_clips": len(videos),
-        "oracle_accuracy_on_val": {k: round(v, 4) for k, v in accuracy.items() if k != "n"},
-        "skipped_samples": dm.skipped,
-        "previews": [str(out / "preview-train.png"), str(out / "preview-val.png")],
-        "videos": [str(p) for p in mp4s[:3]] + (["..."] if len(mp4s) > 3 else []),
-    }
-    (out / "demo.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
-    print(f"\ndone. Look at {out / 'preview-train.png'}; train on this data with "
-          f"`maskvid fit --config configs/data/synthetic.yaml --config configs/trainer/cpu.yaml --model ...`")
+    if (args.train_shards is None) != (args.val_shards is None):
+        raise DataError("--train-shards and --val-shards go together (both your shards, or neither for synthetic data)")
+    recipe = QUICK if args.quick else FULL
+    if args.videos_per_prompt is not None:
+        recipe = replace(recipe, videos_per_prompt=args.videos_per_prompt)
+    if args.max_prompts is not None:
+        recipe = replace(recipe, max_prompts=args.max_prompts)
+    minutes = args.minutes if args.minutes is not None else (2.0 if args.quick else 25.0)
+    demo = DemoPipeline(args.out, recipe, minutes, backbone=args.backbone, devices=args.devices,
+                        train_shards=args.train_shards, val_shards=args.val_shards, prompts=args.prompts,
+                        i3d_path=args.i3d_path, clip_path=args.clip_path, seed=args.seed,
+                        echo=lambda line: tqdm.write(line), stream_output=not args.quiet)
+    demo.preflight()
+    bar = tqdm(total=len(demo.steps()), desc="maskvid demo", unit="step", dynamic_ncols=True)
+    try:
+        summary = demo.run(progress=bar.update)
+    finally:
+        bar.close()
+    print(json.dumps({k: summary[k] for k in ("checkpoints", "metrics", "seconds")}, indent=1))
+    print(f"\ndone. Open {summary['report']} in a browser; summary in {demo.out / 'summary.json'}.\n"
+          f"Generate more: maskvid generate --ckpt {summary['checkpoints']['stage2']} "
+          f"--prompt \"a red circle moving to the left\" --out samples/")
     return 0

@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="MaskGIT steps, 12-48 typical (default: the checkpoint's)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default: the checkpoint's)")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the checkpoint's)")
+    parser.add_argument("--noise", type=float, default=None,
+                        help="initial Gumbel noise on the re-masking confidences, annealed to 0 (default: the checkpoint's)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same videos (default: 0)")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts generated together (default: 4)")
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         cfg_scale=d.cfg_scale if args.cfg_scale is None else args.cfg_scale,
         temperature=args.temperature or d.temperature,
         top_k=args.top_k,
-        noise=d.noise,
+        noise=d.noise if args.noise is None else args.noise,
     )
     try:
         options.check()

@@ -67,6 +67,7 @@ class MaskedVideoModule(LightningModule):
         sample_steps: int = 18,
         cfg_scale: float = 3.0,
         temperature: float = 1.0,
+        sample_noise: float = 4.5,
         val_prompts: list[str] | None = None,
         num_val_videos: int = 4,
         num_log_videos: int = 4,
@@ -102,6 +103,8 @@ class MaskedVideoModule(LightningModule):
             sample_steps: MaskGIT steps for validation samples (and the default for generate).
             cfg_scale: Classifier-free guidance scale for validation samples (and generate).
             temperature: Sampling temperature.
+            sample_noise: Initial scale of the Gumbel noise on the re-masking confidences, annealed
+                to 0 over the steps (MaskGIT's choice temperature; lower commits more greedily).
             val_prompts: Prompts for the validation samples, dealt out over the ranks and repeated to
                 fill num_val_videos per rank (default: the val captions each rank sees).
             num_val_videos: Videos generated per rank at each validation; the metrics use those of
@@ -425,7 +428,8 @@ class MaskedVideoModule(LightningModule):
     ) -> torch.Tensor:
         """prompts -> videos [B, C, F, H, W] in [-1, 1] (EMA backbone)."""
         options = options or SamplingOptions(
-            steps=self.hparams.sample_steps, cfg_scale=self.hparams.cfg_scale, temperature=self.hparams.temperature
+            steps=self.hparams.sample_steps, cfg_scale=self.hparams.cfg_scale, temperature=self.hparams.temperature,
+            noise=self.hparams.sample_noise,
         )
         text, text_mask = self.text_encoder(prompts)
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -444,6 +448,7 @@ class MaskedVideoModule(LightningModule):
             "tokenizer": self.tokenizer.config,
             "tokenizer_prefix": "tokenizer.",
             "text_encoder": {"name_or_path": hp.text_encoder, "max_length": hp.text_max_length},
-            "sampling": {"steps": hp.sample_steps, "cfg_scale": hp.cfg_scale, "temperature": hp.temperature},
+            "sampling": {"steps": hp.sample_steps, "cfg_scale": hp.cfg_scale, "temperature": hp.temperature,
+                         "noise": hp.sample_noise},
             "grid": list(getattr(self, "grid", ())) or None,
         }

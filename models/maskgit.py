@@ -92,6 +92,9 @@ class MaskGITBackbone(nn.Module):
         self.grid = tuple(grid)
         self.text_dim = text_dim
         self.token_emb = nn.Embedding(vocab_size + 1, dim)
+        # The same scale as the position tables: nn.Embedding's N(0, 1) would drown position
+        # (0.02) by 50x, and the model would learn where tokens are only after hundreds of steps.
+        nn.init.normal_(self.token_emb.weight, std=0.02)
         t, h, w = self.grid
         self.pos_t = nn.Parameter(torch.randn(t, dim) * 0.02)
         self.pos_h = nn.Parameter(torch.randn(h, dim) * 0.02)

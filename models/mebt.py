@@ -121,6 +121,9 @@ class MeBT(nn.Module):
         self.text_dim = text_dim
         self.dim = dim
         self.token_emb = nn.Embedding(vocab_size, dim)
+        # The same scale as the position tables: nn.Embedding's N(0, 1) would drown position
+        # (0.02) by 50x, and the model would learn where tokens are only after hundreds of steps.
+        nn.init.normal_(self.token_emb.weight, std=0.02)
         self.mask_emb = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_h = nn.Parameter(torch.randn(self.grid[1], dim) * 0.02)
         self.pos_w = nn.Parameter(torch.randn(self.grid[2], dim) * 0.02)

@@ -40,12 +40,13 @@ def stage2_overrides(model: dict, tmp_path: Path) -> list[str]:
     init = model["init_args"]
     vocab = init["backbone"]["init_args"]["vocab_size"]
     for cfg in sorted((REPO / "configs/model").glob("cvivit_*.yaml")):
-        tok = yaml.safe_load(cfg.read_text())["model"]["init_args"]["tokenizer"]
-        if tok["init_args"]["quantizer"]["init_args"]["codebook_size"] == vocab:
+        # Built, not read: an FSQ quantizer's vocabulary is the product of its levels.
+        tokenizer = instantiate(yaml.safe_load(cfg.read_text())["model"]["init_args"]["tokenizer"])
+        if tokenizer.vocab_size == vocab:
             break
     else:
         raise AssertionError(f"no tokenizer config with {vocab} codes for {init['backbone']}")
-    ckpt = write_tokenizer_checkpoint(tmp_path / "tok.ckpt", instantiate(tok))
+    ckpt = write_tokenizer_checkpoint(tmp_path / "tok.ckpt", tokenizer)
     args = ["--model.init_args.tokenizer_path", str(ckpt)]
     if not str(init.get("text_encoder", "packaged:minilm")).startswith("packaged:"):
         text_dim = init["backbone"]["init_args"]["text_dim"]

@@ -1,0 +1,118 @@
+"""Measurements `maskvid demo` takes: the data-pipeline check, the oracle's caption accuracy of
+generated videos, and metrics read back from the fits' CSV logs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from datamodules.errors import DataError
+
+
+def check_data(train_shards: str, val_shards: str, out: Path, workers: int = 2, seed: int = 0,
+               synthetic: bool = True, batch_size: int = 8, train_batches: int = 2) -> dict[str, Any]:
+    """Stream train and val exactly as `maskvid fit` does; previews, shapes, ranges, and (when the
+    clips carry synthetic attributes) the oracle's reading of every val clip: decoding, cropping
+    and normalisation must keep the content the captions describe."""
+    from datamodules.pixels import to_uint8
+    from datamodules.preview import contact_sheet
+    from datamodules.synthetic import parse_caption
+    from datamodules.video_datamodule import VideoDataModule
+    from metrics.oracle import caption_accuracy
+
+    dm = VideoDataModule(train_shards=train_shards, val_shards=val_shards, num_frames=17, resolution=64,
+                         batch_size=batch_size, num_workers=workers, seed=seed)
+    start = time.perf_counter()
+    first_train = None
+    for i, batch in enumerate(dm.train_dataloader()):
+        first_train = first_train or batch
+        if i + 1 >= train_batches:
+            break
+    train_rate = train_batches * batch_size / (time.perf_counter() - start)
+    videos, attrs, captions, first_val = [], [], [], None
+    for batch in dm.val_dataloader():
+        first_val = first_val or batch
+        infos = batch["meta"]["info"] if synthetic else [None] * len(batch["caption"])
+        for video, info, caption in zip(to_uint8(batch["video"]), infos, batch["caption"]):
+            captions.append(caption)
+            # The synthetic json holds the true attributes; other captions only if they parse.
+            target = info if info and "colour" in info else parse_caption(caption)
+            if target is not None:
+                videos.append(video)
+                attrs.append(target)
+    if first_train is None or first_val is None:
+        raise DataError(f"no clips streamed from {train_shards if first_train is None else val_shards}")
+    contact_sheet(first_train["video"], first_train["caption"], first_train["frame_mask"]).save(out / "preview-train.png")
+    contact_sheet(first_val["video"], first_val["caption"], first_val["frame_mask"]).save(out / "preview-val.png")
+    if not synthetic:
+        # The user's own val captions become the demo's prompts (unless --prompts is given).
+        distinct = list(dict.fromkeys(c.strip().replace("\n", " ") for c in captions if c.strip()))
+        (out / "prompts").mkdir(exist_ok=True)
+        (out / "prompts/val_captions.txt").write_text("\n".join(distinct[:16]) + "\n")
+    video = first_train["video"]
+    accuracy = caption_accuracy(videos, attrs) if videos else None
+    return {
+        "train_batch": {"video": list(video.shape), "dtype": str(video.dtype),
+                        "range": [round(video.min().item(), 3), round(video.max().item(), 3)]},
+        "train_clips_per_s": round(train_rate, 1),
+        "val_clips": len(captions),
+        "oracle_accuracy_on_val": ({k: round(v, 4) for k, v in accuracy.items()} if accuracy else
+                                   {"value": None, "reason": "no val caption names synthetic attributes"}),
+        "skipped_samples": dm.skipped,
+        "previews": [str(out / "preview-train.png"), str(out / "preview-val.png")],
+    }
+
+
+def oracle_accuracy(index_path: Path) -> dict[str, Any]:
+    """Caption accuracy of the videos `maskvid generate` listed in index.json, on the prompts the
+    synthetic vocabulary can parse; a note instead when none can."""
+    from datamodules.synthetic import parse_caption
+    from datamodules.video_io import decode_all
+    from metrics.oracle import caption_accuracy
+
+    index = json.loads(index_path.read_text())
+    scored = [(item, parse_caption(item["prompt"])) for item in index]
+    scored = [(item, attrs) for item, attrs in scored if attrs is not None]
+    if not scored:
+        return {"value": None, "reason": "the prompts do not name synthetic colour/shape/direction; "
+                                          "the oracle only reads the synthetic dataset"}
+    videos = [decode_all(video_path(item, index_path).read_bytes()) for item, _ in scored]
+    result = caption_accuracy(videos, [attrs for _, attrs in scored])
+    return {**{k: round(v, 4) for k, v in result.items()}, "unparsed_prompts": len(index) - len(scored)}
+
+
+def video_path(item: dict[str, Any], index_path: Path) -> Path:
+    """A video listed in index.json: its path as written, else beside the index (generate run
+    from another working directory writes paths relative to that one)."""
+    path = Path(item["path"])
+    return path if path.is_file() else index_path.parent / path.name
+
+
+def read_metrics(run_root: Path) -> list[dict[str, float]]:
+    """Rows of every Lightning CSV log under run_root (a resumed fit adds a version), as floats,
+    ordered by step."""
+    rows = []
+    for path in sorted(run_root.glob("lightning_logs/version_*/metrics.csv")):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                parsed = {}
+                for key, value in row.items():
+                    try:
+                        parsed[key] = float(value)
+                    except (TypeError, ValueError):
+                        continue
+                rows.append(parsed)
+    return sorted(rows, key=lambda r: r.get("step", 0.0))
+
+
+def tokenizer_psnr(run_root: Path) -> Optional[dict[str, float]]:
+    """The last val/psnr the tokenizer fit logged, with its step (None before any validation)."""
+    values = [(r["step"], r["val/psnr"]) for r in read_metrics(run_root) if not math.isnan(r.get("val/psnr", math.nan))]
+    if not values:
+        return None
+    step, value = values[-1]
+    return {"value": round(value, 3), "step": int(step), "source": "val/psnr in the fit's metrics.csv"}

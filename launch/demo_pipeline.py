@@ -1,0 +1,387 @@
+"""The steps of `maskvid demo`, each a real `maskvid` command (or a small in-process check),
+run once, recorded in OUT/steps/NAME.json, and skipped when the demo is rerun with the same --out.
+
+Every model step goes through the public CLI (`maskvid data synthetic`, `fit`, `data tokenize`,
+`generate`, `eval`) in a subprocess, so the demo exercises exactly what a user would run and its
+report can print the commands that reproduce each step. The subprocesses run with OUT as their
+working directory because the demo configs write to relative `runs/...` paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from datamodules.errors import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# How --minutes is shared between the two training stages (the one place to change it).
+# Stage 2 gets what is left after the tokenizer (which may stop early at max_steps) and tokenizing.
+# Rendering the data, generating and scoring are timed apart, outside the budget.
+BUDGET_SPLIT = {"tokenizer": 0.3, "stage2": 0.7}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes of one demo run. Step counts are caps: --minutes usually stops training first."""
+
+    num_train: int = 1024
+    num_val: int = 128
+    num_heldout: int = 128
+    samples_per_shard: int = 128
+    tokenizer_steps: Optional[int] = None  # None: the experiment config's max_steps
+    stage2_steps: Optional[int] = None
+    val_every: Optional[int] = None  # tokenizer; None: the config's val_check_interval
+    stage2_val_every: Optional[int] = None  # each stage-2 validation also samples videos: costly
+    limit_val_batches: Optional[int] = None
+    log_every: Optional[int] = None
+    num_val_videos: Optional[int] = None  # stage-2 validation samples per check
+    generate_steps: Optional[int] = None  # None: the checkpoint's sample_steps
+    max_prompts: Optional[int] = None  # per prompt set; None: all of them
+    videos_per_prompt: int = 2
+    recon_clips: int = 8  # real/reconstructed pairs shown in the report
+    workers: int = 2
+
+
+FULL = Recipe()
+# A smoke run (about 3 minutes on 2 cores): a handful of steps per stage, a few prompts.
+QUICK = Recipe(num_train=32, num_val=8, num_heldout=8, samples_per_shard=8, tokenizer_steps=4,
+               stage2_steps=4, val_every=2, stage2_val_every=4, limit_val_batches=1, log_every=1, num_val_videos=1,
+               generate_steps=4, max_prompts=3, videos_per_prompt=1, recon_clips=4, workers=1)
+
+
+def hms(minutes: float) -> str:
+    """--trainer.max_time format; Lightning needs at least a minute to be meaningful here."""
+    seconds = max(60, int(minutes * 60))
+    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@dataclass
+class StepRecord:
+    """What a finished step leaves in OUT/steps/NAME.json (its presence means 'done')."""
+
+    name: str
+    seconds: float
+    commands: list[str] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+class DemoPipeline:
+    """The demo's steps over one output directory. `steps()` lists them in order."""
+
+    def __init__(self, out: Path, recipe: Recipe, minutes: float, backbone: str = "mebt", devices: int = 1,
+                 train_shards: Optional[str] = None, val_shards: Optional[str] = None,
+                 prompts: Optional[Path] = None, i3d_path: Optional[str] = None, clip_path: Optional[str] = None,
+                 seed: int = 0, echo: Callable[[str], None] = print, stream_output: bool = True) -> None:
+        self.out = out.resolve()
+        self.recipe = recipe
+        self.minutes = minutes
+        self.backbone = backbone
+        self.devices = devices
+        self.seed = seed
+        self.echo = echo
+        self.stream_output = stream_output
+        self.i3d_path = str(Path(i3d_path).resolve()) if i3d_path else None
+        self.clip_path = str(Path(clip_path).resolve()) if clip_path else None
+        self.synthetic = train_shards is None
+        data = self.out / "data"
+        self.train_shards = absolute_shards(train_shards) if train_shards else str(data / "train")
+        self.val_shards = absolute_shards(val_shards) if val_shards else str(data / "val")
+        self.prompts_file = prompts.resolve() if prompts else None
+        self.log = self.out / "commands.log"
+        self.steps_dir = self.out / "steps"
+        self.tokens = self.out / "tokens"
+        self.stage2_name = f"{backbone}_demo"
+        # Where the demo configs' checkpoint callbacks write (relative to the cwd, OUT).
+        self.tokenizer_ckpt = self.out / "runs/tokenizer_demo/checkpoints/last.ckpt"
+        self.stage2_ckpt = self.out / f"runs/{self.stage2_name}/checkpoints/last.ckpt"
+        self.real_stats = self.out / "eval/real_stats.pt"
+        self._commands: list[str] = []
+
+    # -- checks before anything runs ---------------------------------------------------------------
+
+    def preflight(self) -> None:
+        """Bad input fails in a second with one line, not after the tokenizer has trained."""
+        from datamodules.streams import expand_shards
+        from launch.cmd_generate import read_prompts
+
+        if not self.synthetic:
+            for flag, spec in (("--train-shards", self.train_shards), ("--val-shards", self.val_shards)):
+                try:
+                    expand_shards(spec)
+                except DataError as exc:
+                    raise DataError(f"{flag} {spec}: {exc}") from None
+        if self.prompts_file is not None:
+            read_prompts(self.prompts_file)  # raises DataError naming the file (and line)
+        for flag, path in (("--i3d-path", self.i3d_path), ("--clip-path", self.clip_path)):
+            if path and not Path(path).exists():
+                raise DataError(f"{flag} {path}: no such file or directory")
+
+    # -- running commands --------------------------------------------------------------------------
+
+    def maskvid(self, *args: str) -> None:
+        """Run a real `maskvid` command in OUT; its output goes to commands.log (and the terminal,
+        Lightning's progress bar included). A failure names the log."""
+        self._commands.append("maskvid " + " ".join(shlex.quote(a) for a in args))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        with open(self.log, "ab") as log:
+            log.write(f"\n$ cd {self.out} && maskvid {' '.join(args)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=self.out, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            assert proc.stdout is not None
+            # Raw chunks, not lines: Lightning's bar redraws with \r.
+            while chunk := proc.stdout.read1(4096):
+                log.write(chunk)
+                if self.stream_output:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+            code = proc.wait()
+        if code != 0:
+            name = " ".join(args[:2]) if args[0] in ("data", "eval") else args[0]
+            raise DataError(f"`maskvid {name}` failed (exit {code}); its output is in {self.log}")
+
+    def _trainer_args(self, steps: Optional[int], minutes: float, val_every: Optional[int]) -> list[str]:
+        r = self.recipe
+        args = []
+        if self.devices > 1:
+            # Data parallel over --devices (gloo on CPU); the GAN's unused parameters are handled.
+            args += ["--config", str(REPO / "configs/trainer/ddp.yaml")]
+        args += ["--trainer.devices", str(self.devices), "--trainer.max_time", hms(minutes)]
+        if steps is not None:
+            args += ["--trainer.max_steps", str(steps)]
+        if val_every is not None:
+            args += ["--trainer.val_check_interval", str(val_every)]
+        if r.limit_val_batches is not None:
+            args += ["--trainer.limit_val_batches", str(r.limit_val_batches)]
+        if r.log_every is not None:
+            args += ["--trainer.log_every_n_steps", str(r.log_every)]
+        # An interrupted fit resumes from its newest complete checkpoint (fresh if none).
+        return args + ["--ckpt_path", "auto"]
+
+    # -- the steps ----------------------------------------------------------------------------------
+
+    def steps(self) -> list[tuple[str, str, Callable[[], dict[str, Any]]]]:
+        """(name, what it does, function) in order."""
+        steps = []
+        if self.synthetic:
+            steps.append(("data", "render the synthetic captioned dataset", self.step_data))
+        steps += [
+            ("check", "stream the data as fit will and read it back with the oracle", self.step_check),
+            ("tokenizer", "stage 1: fit the C-ViViT tokenizer", self.step_tokenizer),
+            ("tokenize", "tokenize the train and val shards", self.step_tokenize),
+            ("stage2", f"stage 2: fit the {self.backbone} transformer on the tokens", self.step_stage2),
+            ("generate", "generate videos for the seen and held-out prompts", self.step_generate),
+            ("score", "caption accuracy (oracle), FVD and CLIPSIM", self.step_score),
+            ("report", "write summary.json and report.html", self.step_report),
+        ]
+        return steps
+
+    def step_data(self) -> dict[str, Any]:
+        r = self.recipe
+        self.maskvid("data", "synthetic", "--out", "data", "--seed", str(self.seed), "--num-train", str(r.num_train),
+                     "--num-val", str(r.num_val), "--num-heldout", str(r.num_heldout),
+                     "--samples-per-shard", str(r.samples_per_shard), "--workers", str(r.workers), "--overwrite",
+                     "--quiet")
+        return {"data": str(self.out / "data")}
+
+    def step_check(self) -> dict[str, Any]:
+        from launch.demo_checks import check_data
+
+        return check_data(self.train_shards, self.val_shards, self.out, workers=self.recipe.workers,
+                          seed=self.seed, synthetic=self.synthetic)
+
+    def step_tokenizer(self) -> dict[str, Any]:
+        self.maskvid("fit", "--config", str(REPO / "configs/experiment/tokenizer_demo.yaml"),
+                     "--data.train_shards", self.train_shards, "--data.val_shards", self.val_shards,
+                     *self._trainer_args(self.recipe.tokenizer_steps, BUDGET_SPLIT["tokenizer"] * self.minutes,
+                                         self.recipe.val_every))
+        if not self.tokenizer_ckpt.is_file():
+            raise DataError(f"the tokenizer fit wrote no {self.tokenizer_ckpt}")
+        return {"checkpoint": str(self.tokenizer_ckpt)}
+
+    def step_tokenize(self) -> dict[str, Any]:
+        for split, shards in (("train", self.train_shards), ("val", self.val_shards)):
+            self.maskvid("data", "tokenize", "--tokenizer", str(self.tokenizer_ckpt), "--shards", shards,
+                         "--out", f"tokens/{split}", "--workers", str(self.recipe.workers), "--overwrite", "--quiet")
+        return {"tokens": str(self.tokens)}
+
+    def step_stage2(self) -> dict[str, Any]:
+        # Stage 2 gets what is left of the budget: its own share, whatever the tokenizer left
+        # unused (it stops at max_steps when that comes first), minus tokenizing.
+        used = _recorded_seconds(self.steps_dir, "tokenizer") + _recorded_seconds(self.steps_dir, "tokenize")
+        minutes = max(1.0, self.minutes - used / 60)
+        model = ["--model.init_args.tokenizer_path", str(self.tokenizer_ckpt)]
+        if self.recipe.num_val_videos is not None:
+            model += ["--model.init_args.num_val_videos", str(self.recipe.num_val_videos)]
+        if self.i3d_path:
+            # Token shards hold no pixels: FVD in validation compares with cached real statistics.
+            if not self.real_stats.is_file():
+                self.maskvid("eval", "real-stats", "--data", self.val_shards, "--i3d", self.i3d_path,
+                             "--out", str(self.real_stats), "--quiet")
+            model += ["--model.init_args.i3d_path", self.i3d_path, "--model.init_args.fvd_real_stats",
+                      str(self.real_stats)]
+        if self.clip_path:
+            model += ["--model.init_args.clip_path", self.clip_path]
+        self.maskvid("fit", "--config", str(REPO / f"configs/experiment/{self.stage2_name}.yaml"),
+                     "--data.samples", "tokens", "--data.train_shards", "tokens/train", "--data.val_shards",
+                     "tokens/val", *model,
+                     *self._trainer_args(self.recipe.stage2_steps, minutes, self.recipe.stage2_val_every))
+        if not self.stage2_ckpt.is_file():
+            raise DataError(f"the stage-2 fit wrote no {self.stage2_ckpt}")
+        return {"checkpoint": str(self.stage2_ckpt), "budget_minutes": round(minutes, 2)}
+
+    def prompt_sets(self) -> dict[str, list[str]]:
+        """The prompts to generate, per set: the synthetic seen/held-out lists, the val captions of
+        the user's shards, or --prompts FILE; each cut to --max-prompts."""
+        from launch.cmd_generate import read_prompts
+
+        if self.prompts_file is not None:
+            sets = {"prompts": read_prompts(self.prompts_file)}
+        elif self.synthetic:
+            sets = {s: read_prompts(self.out / f"data/prompts_{s}.txt") for s in ("seen", "heldout")}
+        else:
+            sets = {"val_captions": read_prompts(self.out / "prompts/val_captions.txt")}
+        limit = self.recipe.max_prompts
+        return {k: v[:limit] if limit else v for k, v in sets.items()}
+
+    def step_generate(self) -> dict[str, Any]:
+        result = {}
+        for name, prompts in self.prompt_sets().items():
+            path = self.out / f"prompts/{name}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(prompts) + "\n")
+            # Absolute --out: index.json then lists paths that resolve from anywhere.
+            args = ["generate", "--ckpt", str(self.stage2_ckpt), "--prompts", f"prompts/{name}.txt",
+                    "--videos-per-prompt", str(self.recipe.videos_per_prompt), "--batch-size", "8",
+                    "--seed", str(self.seed), "--out", str(self.out / f"generated/{name}"), "--quiet"]
+            if self.recipe.generate_steps is not None:
+                args += ["--steps", str(self.recipe.generate_steps)]
+            self.maskvid(*args)
+            result[name] = {"prompts": len(prompts), "index": str(self.out / f"generated/{name}/index.json")}
+        return result
+
+    def step_score(self) -> dict[str, Any]:
+        from launch.demo_checks import oracle_accuracy
+
+        result: dict[str, Any] = {"caption_accuracy": {}, "fvd": {}, "clipsim": {}}
+        for name in self.prompt_sets():
+            folder = self.out / f"generated/{name}"
+            result["caption_accuracy"][name] = oracle_accuracy(folder / "index.json")
+            if self.i3d_path:
+                self.maskvid("eval", "fvd", "--real", str(self.real_stats), "--fake", str(folder), "--i3d",
+                             self.i3d_path, "--json", f"eval/fvd_{name}.json", "--quiet")
+                result["fvd"][name] = json.loads((self.out / f"eval/fvd_{name}.json").read_text())
+            else:
+                result["fvd"][name] = {"value": None, "reason": "no I3D weights: pass --i3d-path"}
+            if self.clip_path:
+                self.maskvid("eval", "clipsim", "--videos", str(folder), "--clip", self.clip_path, "--json",
+                             f"eval/clipsim_{name}.json", "--quiet")
+                result["clipsim"][name] = json.loads((self.out / f"eval/clipsim_{name}.json").read_text())
+            else:
+                result["clipsim"][name] = {"value": None, "reason": "no CLIP model: pass --clip-path"}
+        return result
+
+    def step_report(self) -> dict[str, Any]:
+        from launch.demo_report import write_report
+
+        summary = self.write_summary()
+        page = write_report(self.out, summary, self.tokenizer_ckpt, self.val_shards, self.recipe.recon_clips,
+                            self.recipe.workers)
+        return {"report": str(page), "tokenizer_psnr_recon_clips": summary["metrics"].get("tokenizer_psnr_recon_clips")}
+
+    # -- bookkeeping -----------------------------------------------------------------------------------
+
+    def run(self, progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+        """Run the steps not recorded as done; returns the summary."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.steps_dir.mkdir(exist_ok=True)
+        steps = self.steps()
+        for i, (name, title, fn) in enumerate(steps, 1):
+            marker = self.steps_dir / f"{name}.json"
+            if marker.is_file():
+                self.echo(f"[{i}/{len(steps)}] {name}: done earlier, skipped ({title})")
+            else:
+                self.echo(f"[{i}/{len(steps)}] {name}: {title}")
+                # What comes after was made from this step's old output: it runs again too.
+                for later, _, _ in steps[i:]:
+                    (self.steps_dir / f"{later}.json").unlink(missing_ok=True)
+                self._commands = []
+                start = time.perf_counter()
+                result = fn()
+                record = StepRecord(name, round(time.perf_counter() - start, 1), self._commands, result)
+                # Written last and atomically: a step killed halfway has no marker and runs again.
+                tmp = marker.with_suffix(".tmp")
+                tmp.write_text(json.dumps(asdict(record), indent=1))
+                tmp.replace(marker)
+                self.write_summary()
+            if progress is not None:
+                progress(1)
+        return self.write_summary()
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        found = {}
+        for name, _, _ in self.steps():
+            marker = self.steps_dir / f"{name}.json"
+            if marker.is_file():
+                found[name] = json.loads(marker.read_text())
+        return found
+
+    def write_summary(self) -> dict[str, Any]:
+        from launch.demo_checks import tokenizer_psnr
+
+        records = self.records()
+        score = records.get("score", {}).get("result", {})
+        report = records.get("report", {}).get("result", {})
+        summary = {
+            "out": str(self.out),
+            "backbone": self.backbone,
+            "data": {"synthetic": self.synthetic, "train_shards": self.train_shards, "val_shards": self.val_shards},
+            "budget_minutes": self.minutes,
+            "budget_split": BUDGET_SPLIT,
+            "recipe": asdict(self.recipe),
+            "steps_done": list(records),
+            "checkpoints": {
+                "tokenizer": str(self.tokenizer_ckpt) if "tokenizer" in records else None,
+                "stage2": str(self.stage2_ckpt) if "stage2" in records else None,
+            },
+            "metrics": {
+                "tokenizer_psnr": tokenizer_psnr(self.out / "runs/tokenizer_demo") if "tokenizer" in records else None,
+                "tokenizer_psnr_recon_clips": report.get("tokenizer_psnr_recon_clips"),
+                "data_oracle_accuracy": records.get("check", {}).get("result", {}).get("oracle_accuracy_on_val"),
+                "caption_accuracy": score.get("caption_accuracy"),
+                "fvd": score.get("fvd"),
+                "clipsim": score.get("clipsim"),
+            },
+            "seconds": {name: rec["seconds"] for name, rec in records.items()},
+            "commands": {name: [f"cd {self.out} && {c}" for c in rec["commands"]] for name, rec in records.items()},
+            "report": str(self.out / "report.html") if (self.out / "report.html").is_file() else None,
+            "commands_log": str(self.log),
+        }
+        tmp = self.out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(self.out / "summary.json")
+        return summary
+
+
+def absolute_shards(spec: str) -> str:
+    """Local shard paths made absolute: the commands run in OUT, not where the user typed them.
+    URLs and pipe: commands pass through; '::'-joined lists are handled part by part."""
+    parts = []
+    for part in spec.split("::"):
+        remote = "://" in part or part.startswith("pipe:")
+        parts.append(part if remote else os.path.abspath(os.path.expanduser(part)))
+    return "::".join(parts)
+
+
+def _recorded_seconds(steps_dir: Path, name: str) -> float:
+    marker = steps_dir / f"{name}.json"
+    return float(json.loads(marker.read_text())["seconds"]) if marker.is_file() else 0.0
