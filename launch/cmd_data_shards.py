@@ -27,27 +27,7 @@ from __future__ import annotations
 import argparse
 
 from datamodules.shards import X264_PRESETS, EncodeOptions, build_shards, default_workers
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+from launch.arg_types import non_negative_int, positive_float, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,18 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="where to write the JSON report (default: OUT/report.json)")
     io.add_argument("--prefix", default="shard",
                     help="shard file name prefix: PREFIX-000000.tar ... (default: %(default)s)")
-    io.add_argument("--samples-per-shard", type=_positive_int, default=1000, metavar="N",
+    io.add_argument("--samples-per-shard", type=positive_int, default=1000, metavar="N",
                     help="samples per tar shard (default: %(default)s)")
     io.add_argument("--overwrite", action="store_true",
                     help="replace shards already in OUT (otherwise the command refuses)")
 
     video = parser.add_argument_group("video")
-    video.add_argument("--fps", type=_positive_float, default=None,
+    video.add_argument("--fps", type=positive_float, default=None,
                        help="resample to this frame rate, dropping or repeating frames "
                        "(default: keep the source rate)")
-    video.add_argument("--max-size", type=_positive_int, default=None, metavar="PIXELS",
+    video.add_argument("--max-size", type=positive_int, default=None, metavar="PIXELS",
                        help="downscale so the short side is at most this (default: keep size)")
-    video.add_argument("--max-frames", type=_positive_int, default=None, metavar="N",
+    video.add_argument("--max-frames", type=positive_int, default=None, metavar="N",
                        help="keep at most N frames of each video (default: all)")
     video.add_argument("--crf", type=int, default=18, metavar="0..51",
                        help="h264 quality, lower is better and bigger (default: %(default)s)")
@@ -81,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--empty-caption", choices=("skip", "keep"), default="skip",
                            help="videos with a missing or empty caption: skip them, or keep "
                            "them with caption \"\" for unconditional training (default: skip)")
-    run_group.add_argument("--workers", type=_non_negative_int, default=default_workers(),
+    run_group.add_argument("--workers", type=non_negative_int, default=default_workers(),
                            metavar="N", help="worker processes; 0 or 1 runs in this process "
                            "(default: %(default)s, i.e. min(4, CPUs))")
     run_group.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -31,32 +31,19 @@ from dataclasses import replace
 from pathlib import Path
 
 from datamodules.errors import DataError
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+from launch.arg_types import positive_float, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"),
                         help="run directory: data, runs, samples, summary.json, report.html (default: runs/demo)")
-    parser.add_argument("--minutes", type=_positive_float, default=None,
+    parser.add_argument("--minutes", type=positive_float, default=None,
                         help="training budget of both fits together (default: 25, or 2 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run under 5 minutes: tiny data, a few steps per stage, 3 prompts per set")
     parser.add_argument("--backbone", choices=["mebt", "maskgit"], default="mebt",
                         help="stage-2 model: mebt (default) or maskgit (Phenaki)")
-    parser.add_argument("--devices", type=_positive_int, default=1,
+    parser.add_argument("--devices", type=positive_int, default=1,
                         help="processes per fit; >1 adds configs/trainer/ddp.yaml (default: 1)")
     parser.add_argument("--train-shards", metavar="PATTERN", default=None,
                         help="your video shards (`maskvid data shards`): directory, brace pattern or URLs; "
@@ -65,9 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, metavar="FILE", default=None,
                         help="prompts to generate (one per line, or JSONL with 'prompt'); default: the synthetic "
                              "seen and held-out prompts, or your val captions")
-    parser.add_argument("--videos-per-prompt", type=_positive_int, default=None,
+    parser.add_argument("--videos-per-prompt", type=positive_int, default=None,
                         help="samples per prompt (default: 2, or 1 with --quick)")
-    parser.add_argument("--max-prompts", type=_positive_int, default=None,
+    parser.add_argument("--max-prompts", type=positive_int, default=None,
                         help="prompts used per set (default: all, or 3 with --quick)")
     parser.add_argument("--i3d-path", metavar="PATH", default=None,
                         help="I3D weights for FVD (stage-2 validation and the final score); FVD is null without")

@@ -309,6 +309,14 @@ def _children(pid: int) -> list[int]:
             for c in (task / "children").read_text().split()]
 
 
+def _ignored_signals(pid: int) -> int:
+    """The SigIgn mask of a process (bit n-1 set: signal n is ignored)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigIgn in /proc/{pid}/status")
+
+
 def test_dataloader_workers_ignore_preemption_signals(setup):
     from datamodules.video_datamodule import VideoDataModule
 
@@ -319,6 +327,14 @@ def test_dataloader_workers_ignore_preemption_signals(setup):
     next(iterator)
     workers = sorted(set(_children(os.getpid())) - before)  # the DataLoader's worker processes
     assert len(workers) == 2
+    # A worker that has not yet served a batch may still be starting up, before its init has
+    # set the signals to ignored: wait until /proc says it ignores both (or fail on timeout).
+    wanted = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGUSR1 - 1))
+    deadline = time.monotonic() + 60
+    for pid in workers:
+        while not _ignored_signals(pid) & wanted == wanted:
+            assert time.monotonic() < deadline, f"worker {pid} never ignored SIGTERM/SIGUSR1"
+            time.sleep(0.05)
     for pid in workers:
         os.kill(pid, signal.SIGTERM)
         os.kill(pid, signal.SIGUSR1)
