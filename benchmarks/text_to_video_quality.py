@@ -15,7 +15,6 @@ Target: all-attribute ("joint") accuracy >= 70% on seen prompts (chance < 2%); h
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import emit  # noqa: E402
 
+from launch.demo_checks import oracle_accuracy  # noqa: E402
 from launch.demo_pipeline import BUDGET_SPLIT  # noqa: E402  (the same split as `maskvid demo`)
 
 
@@ -48,19 +48,6 @@ def maskvid(*args: str, log: Path) -> float:
 def hms(minutes: float) -> str:
     seconds = max(60, int(minutes * 60))
     return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def score(index_path: Path, prompts_jsonl: Path) -> dict:
-    from datamodules.video_io import decode_all
-    from metrics.oracle import caption_accuracy
-
-    attrs = {}
-    for line in prompts_jsonl.read_text().splitlines():
-        item = json.loads(line)
-        attrs[item["prompt"]] = item
-    index = json.loads(index_path.read_text())
-    videos = [decode_all(Path(item["path"]).read_bytes()) for item in index]
-    return caption_accuracy(videos, [attrs[item["prompt"]] for item in index])
 
 
 def main() -> int:
@@ -110,7 +97,7 @@ def main() -> int:
             "generate", "--ckpt", str(s2_ckpt), "--prompts", str(args.data / f"prompts_{split}.txt"),
             "--videos-per-prompt", str(args.videos_per_prompt), "--batch-size", "16", "--out", str(out), "--quiet",
             log=log)
-        results[split] = score(out / "index.json", args.data / f"prompts_{split}.jsonl")
+        results[split] = oracle_accuracy(out / "index.json")  # the same scoring as `maskvid demo`
     total = time.perf_counter() - start
     report = {
         "benchmark": "text_to_video_quality", "backbone": args.backbone, "budget_minutes": args.minutes,
