@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="MaskGIT steps, 12-48 typical (default: the checkpoint's)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default: the checkpoint's)")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the checkpoint's)")
+    parser.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None,
+                        help="guidance over the steps: constant, or linear from 1 to --cfg-scale (default: the checkpoint's)")
     parser.add_argument("--noise", type=float, default=None,
                         help="initial Gumbel noise on the re-masking confidences, annealed to 0 (default: the checkpoint's)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -114,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature or d.temperature,
         top_k=args.top_k,
         noise=d.noise if args.noise is None else args.noise,
+        cfg_schedule=args.cfg_schedule or d.cfg_schedule,
     )
     try:
         options.check()

@@ -27,6 +27,27 @@ REPO = Path(__file__).resolve().parents[1]
 # Stage 2 gets what is left after the tokenizer (which may stop early at max_steps) and tokenizing.
 # Rendering the data, generating and scoring are timed apart, outside the budget.
 BUDGET_SPLIT = {"tokenizer": 0.3, "stage2": 0.7}
+# The demo experiment configs' max_steps are sized to fill this budget on a 2-core CPU (the
+# text-to-video benchmark's 40 minutes). Another --minutes scales them, so that the learning-rate
+# schedules end when the budget does: a time limit that cut a cosine schedule short would stop
+# training at a high learning rate. On a faster machine the same steps just finish sooner.
+REFERENCE_MINUTES = 40.0
+
+
+def config_max_steps(config: Path) -> int:
+    """trainer.max_steps of an experiment config (its includes are not consulted: the demo
+    configs set it themselves)."""
+    import yaml
+
+    steps = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("max_steps")
+    if not isinstance(steps, int) or steps < 1:
+        raise DataError(f"{config} sets no trainer.max_steps for the demo to scale")
+    return steps
+
+
+def scaled_steps(config: Path, minutes: float) -> int:
+    """The config's max_steps scaled from REFERENCE_MINUTES to `minutes` of total budget."""
+    return max(1, round(config_max_steps(config) * minutes / REFERENCE_MINUTES))
 
 
 @dataclass(frozen=True)
@@ -37,7 +58,7 @@ class Recipe:
     num_val: int = 128
     num_heldout: int = 128
     samples_per_shard: int = 128
-    tokenizer_steps: Optional[int] = None  # None: the experiment config's max_steps
+    tokenizer_steps: Optional[int] = None  # None: the config's max_steps scaled to --minutes
     stage2_steps: Optional[int] = None
     val_every: Optional[int] = None  # tokenizer; None: the config's val_check_interval
     stage2_val_every: Optional[int] = None  # each stage-2 validation also samples videos: costly
@@ -155,6 +176,10 @@ class DemoPipeline:
         if self.devices > 1:
             # Data parallel over --devices (gloo on CPU); the GAN's unused parameters are handled.
             args += ["--config", str(REPO / "configs/trainer/ddp.yaml")]
+        # The demo configs layer trainer/cpu.yaml (CPU, fp32) and ddp.yaml asks for bf16: use the
+        # GPU when there is one (in bf16), else the CPU in fp32 (bf16 autocast is slow on CPU).
+        gpu = _cuda_available()
+        args += ["--trainer.accelerator", "gpu" if gpu else "cpu", "--trainer.precision", "bf16-mixed" if gpu else "32-true"]
         args += ["--trainer.devices", str(self.devices), "--trainer.max_time", hms(minutes)]
         if steps is not None:
             args += ["--trainer.max_steps", str(steps)]
@@ -200,10 +225,11 @@ class DemoPipeline:
                           seed=self.seed, synthetic=self.synthetic)
 
     def step_tokenizer(self) -> dict[str, Any]:
-        self.maskvid("fit", "--config", str(REPO / "configs/experiment/tokenizer_demo.yaml"),
+        config = REPO / "configs/experiment/tokenizer_demo.yaml"
+        steps = self.recipe.tokenizer_steps or scaled_steps(config, self.minutes)
+        self.maskvid("fit", "--config", str(config),
                      "--data.train_shards", self.train_shards, "--data.val_shards", self.val_shards,
-                     *self._trainer_args(self.recipe.tokenizer_steps, BUDGET_SPLIT["tokenizer"] * self.minutes,
-                                         self.recipe.val_every))
+                     *self._trainer_args(steps, BUDGET_SPLIT["tokenizer"] * self.minutes, self.recipe.val_every))
         if not self.tokenizer_ckpt.is_file():
             raise DataError(f"the tokenizer fit wrote no {self.tokenizer_ckpt}")
         return {"checkpoint": str(self.tokenizer_ckpt)}
@@ -231,10 +257,11 @@ class DemoPipeline:
                       str(self.real_stats)]
         if self.clip_path:
             model += ["--model.init_args.clip_path", self.clip_path]
-        self.maskvid("fit", "--config", str(REPO / f"configs/experiment/{self.stage2_name}.yaml"),
+        config = REPO / f"configs/experiment/{self.stage2_name}.yaml"
+        steps = self.recipe.stage2_steps or scaled_steps(config, self.minutes)
+        self.maskvid("fit", "--config", str(config),
                      "--data.samples", "tokens", "--data.train_shards", "tokens/train", "--data.val_shards",
-                     "tokens/val", *model,
-                     *self._trainer_args(self.recipe.stage2_steps, minutes, self.recipe.stage2_val_every))
+                     "tokens/val", *model, *self._trainer_args(steps, minutes, self.recipe.stage2_val_every))
         if not self.stage2_ckpt.is_file():
             raise DataError(f"the stage-2 fit wrote no {self.stage2_ckpt}")
         return {"checkpoint": str(self.stage2_ckpt), "budget_minutes": round(minutes, 2)}
@@ -380,6 +407,12 @@ def absolute_shards(spec: str) -> str:
         remote = "://" in part or part.startswith("pipe:")
         parts.append(part if remote else os.path.abspath(os.path.expanduser(part)))
     return "::".join(parts)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _recorded_seconds(steps_dir: Path, name: str) -> float:

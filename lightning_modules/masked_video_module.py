@@ -68,6 +68,7 @@ class MaskedVideoModule(LightningModule):
         cfg_scale: float = 3.0,
         temperature: float = 1.0,
         sample_noise: float = 4.5,
+        cfg_schedule: str = "constant",
         val_prompts: list[str] | None = None,
         num_val_videos: int = 4,
         num_log_videos: int = 4,
@@ -105,6 +106,8 @@ class MaskedVideoModule(LightningModule):
             temperature: Sampling temperature.
             sample_noise: Initial scale of the Gumbel noise on the re-masking confidences, annealed
                 to 0 over the steps (MaskGIT's choice temperature; lower commits more greedily).
+            cfg_schedule: Guidance over the sampling steps: "constant" (cfg_scale throughout) or
+                "linear" (from 1 up to cfg_scale at the last step).
             val_prompts: Prompts for the validation samples, dealt out over the ranks and repeated to
                 fill num_val_videos per rank (default: the val captions each rank sees).
             num_val_videos: Videos generated per rank at each validation; the metrics use those of
@@ -283,8 +286,10 @@ class MaskedVideoModule(LightningModule):
         flat = rearrange(tokens, "b t h w -> b (t h w)")
         inputs = torch.where(masked, torch.full_like(flat, backbone.mask_id), flat)
         drop = torch.rand(b, generator=generator, device=tokens.device) < drop_prob
-        logits = backbone(rearrange(inputs, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, drop_text=drop)
-        logits = rearrange(logits, "b t h w v -> b (t h w) v")[masked]
+        # Logits of the masked positions only (row-major, the order of flat[masked]): the head and
+        # the [B, N, V] tensor for observed positions would be wasted (a third of MeBT's memory).
+        logits = backbone(rearrange(inputs, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, drop_text=drop,
+                          masked_only=True)
         target = flat[masked]
         loss = F.cross_entropy(logits.float(), target, label_smoothing=self.hparams.label_smoothing)
         accuracy = (logits.argmax(-1) == target).float().mean()
@@ -429,7 +434,7 @@ class MaskedVideoModule(LightningModule):
         """prompts -> videos [B, C, F, H, W] in [-1, 1] (EMA backbone)."""
         options = options or SamplingOptions(
             steps=self.hparams.sample_steps, cfg_scale=self.hparams.cfg_scale, temperature=self.hparams.temperature,
-            noise=self.hparams.sample_noise,
+            noise=self.hparams.sample_noise, cfg_schedule=self.hparams.get("cfg_schedule", "constant"),
         )
         text, text_mask = self.text_encoder(prompts)
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -449,6 +454,6 @@ class MaskedVideoModule(LightningModule):
             "tokenizer_prefix": "tokenizer.",
             "text_encoder": {"name_or_path": hp.text_encoder, "max_length": hp.text_max_length},
             "sampling": {"steps": hp.sample_steps, "cfg_scale": hp.cfg_scale, "temperature": hp.temperature,
-                         "noise": hp.sample_noise},
+                         "noise": hp.sample_noise, "cfg_schedule": hp.get("cfg_schedule", "constant")},
             "grid": list(getattr(self, "grid", ())) or None,
         }

@@ -16,9 +16,14 @@ from datamodules.video_io import encode_mp4
 
 
 def media_dir(trainer) -> Path:
-    """`<log dir>/media`: next to the metrics of the run the media belong to."""
-    root = trainer.log_dir or trainer.default_root_dir
-    return Path(root) / "media"
+    """`<log dir>/media`: next to the metrics of the run the media belong to.
+
+    Not `trainer.log_dir`: under DDP that property broadcasts from rank 0, a collective, and media
+    are written by rank 0 alone, so it waited forever for the other ranks (a hang at the first
+    validation of every multi-process run that logs media). The logger's own log_dir is local."""
+    logger = trainer.logger
+    root = getattr(logger, "log_dir", None) if logger is not None else None
+    return Path(root or trainer.default_root_dir) / "media"
 
 
 def comparison_video(real: torch.Tensor, recon: torch.Tensor) -> np.ndarray:

@@ -3,8 +3,12 @@ cross-attention to text in every block.
 
 Backbones share one interface, so MaskedVideoModule and the sampler work with any of them:
 
-    forward(tokens [B, t, h, w] (mask id = vocab_size), text [B, L, Dt], text_mask [B, L])
-        -> logits [B, t, h, w, vocab_size]
+    forward(tokens [B, t, h, w] (mask id = vocab_size), text [B, L, Dt], text_mask [B, L],
+            drop_text [B] = None, masked_only=False)
+        -> logits [B, t, h, w, vocab_size], or [num_masked, vocab_size] with masked_only
+
+masked_only goes through forward (not a second method) so that wrappers that hook forward
+(FSDP2's unshard, DDP) see the training call.
 """
 
 from __future__ import annotations
@@ -18,31 +22,81 @@ from models.attention import CrossAttention, FeedForward, SelfAttention
 from models.config import module_config
 
 
-class CrossBlock(nn.Module):
-    """Pre-norm block: self-attention over video tokens, cross-attention to text, MLP."""
+class LocalMixing(nn.Module):
+    """Depthwise 3x3x3 convolution over the (t, h, w) token grid, zero-initialised.
 
-    def __init__(self, dim: int, heads: int, ff_mult: float = 4.0) -> None:
+    A locality prior that attention with learned absolute positions only acquires after many
+    steps: an object is a compact group of neighbouring tokens that moves a little per latent
+    frame. Zero init makes the block start as a plain transformer block."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.conv = nn.Conv3d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int, int], keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, D] in (t h w) order -> [B, N, D]. keep: optional bool [B, N]; positions not
+        kept enter the convolution as zeros (after the norm), so nothing of them reaches the output."""
+        t, h, w = grid
+        y = self.norm(x)
+        if keep is not None:
+            y = y * keep[..., None].to(y.dtype)
+        y = rearrange(y, "b (t h w) d -> b d t h w", t=t, h=h, w=w)
+        return rearrange(self.conv(y), "b d t h w -> b (t h w) d")
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm block: self-attention over video tokens, cross-attention to text, MLP (and, with
+    local_mixing, a depthwise convolution over the token grid after the self-attention)."""
+
+    def __init__(self, dim: int, heads: int, ff_mult: float = 4.0, local_mixing: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, heads)
+        self.local = LocalMixing(dim) if local_mixing else None
         self.norm2 = nn.LayerNorm(dim)
         self.cross = CrossAttention(dim, heads)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, grid: tuple[int, int, int] | None = None
+    ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
+        if self.local is not None:
+            x = x + self.local(x, grid)
         x = x + self.cross(self.norm2(x), text, text_mask)
         return x + self.ff(self.norm3(x))
 
 
 class TextConditioning(nn.Module):
-    """Projects text embeddings to the model width and supplies the learned null condition."""
+    """Projects text embeddings to the model width and supplies the learned null condition.
 
-    def __init__(self, text_dim: int, dim: int) -> None:
+    With `pooled`, it also gives one global vector per caption (the masked mean of the context
+    through a zero-initialised projection) that backbones add to every token: a direct path for
+    what the whole clip must show (colour, shape, motion), which cross-attention alone learns
+    slowly on a small budget. Zero init makes it a no-op at step 0.
+    """
+
+    def __init__(self, text_dim: int, dim: int, pooled: bool = False) -> None:
         super().__init__()
         self.proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, dim))
         self.null = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.global_proj = nn.Linear(dim, dim) if pooled else None
+        if self.global_proj is not None:
+            nn.init.zeros_(self.global_proj.weight)
+            nn.init.zeros_(self.global_proj.bias)
+
+    def pooled(self, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """(context [B, L, D], mask [B, L]) from forward -> [B, 1, D], or None without `pooled`.
+        A dropped caption pools to the null token alone, so CFG's unconditional pass stays text-free."""
+        if self.global_proj is None:
+            return None
+        weight = mask.to(context.dtype)[..., None]
+        mean = (context * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp(min=1)
+        return self.global_proj(mean)
 
     def forward(
         self, text: torch.Tensor | None, text_mask: torch.Tensor | None, batch: int, drop: torch.Tensor | None = None
@@ -74,6 +128,8 @@ class MaskGITBackbone(nn.Module):
         heads: int = 8,
         text_dim: int = 384,
         ff_mult: float = 4.0,
+        pooled_text: bool = False,
+        local_mixing: bool = False,
     ) -> None:
         """
         Args:
@@ -84,6 +140,10 @@ class MaskGITBackbone(nn.Module):
             heads: Attention heads.
             text_dim: Width of the text encoder's embeddings.
             ff_mult: MLP hidden width as a multiple of dim.
+            pooled_text: Also add a pooled caption vector to every token (besides the
+                cross-attention in each block).
+            local_mixing: Add a zero-initialised depthwise 3x3x3 convolution over the token grid to
+                every block (a locality prior: compact objects are learned in fewer steps).
         """
         super().__init__()
         self.config = module_config(self, locals())
@@ -99,8 +159,8 @@ class MaskGITBackbone(nn.Module):
         self.pos_t = nn.Parameter(torch.randn(t, dim) * 0.02)
         self.pos_h = nn.Parameter(torch.randn(h, dim) * 0.02)
         self.pos_w = nn.Parameter(torch.randn(w, dim) * 0.02)
-        self.text = TextConditioning(text_dim, dim)
-        self.blocks = nn.ModuleList(CrossBlock(dim, heads, ff_mult) for _ in range(depth))
+        self.text = TextConditioning(text_dim, dim, pooled=pooled_text)
+        self.blocks = nn.ModuleList(CrossBlock(dim, heads, ff_mult, local_mixing) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)
         self.activation_checkpointing = False
@@ -115,17 +175,26 @@ class MaskGITBackbone(nn.Module):
         text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         drop_text: torch.Tensor | None = None,
+        masked_only: bool = False,
     ) -> torch.Tensor:
+        """masked_only: return logits [num_masked, V] of the masked positions only, in row-major
+        order (`logits[tokens == mask_id]`): what the training loss needs, without the head's
+        matmul and the [B, N, V] tensor for the observed half."""
         b, t, h, w = tokens.shape
         self.check_grid((t, h, w))
         pos = self.pos_t[:t, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]
         x = self.token_emb(tokens) + pos
         x = rearrange(x, "b t h w d -> b (t h w) d")
         context, context_mask = self.text(text, text_mask, b, drop_text)
+        pooled = self.text.pooled(context, context_mask)
+        if pooled is not None:
+            x = x + pooled
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, context, context_mask, use_reentrant=False)
+                x = checkpoint(block, x, context, context_mask, (t, h, w), use_reentrant=False)
             else:
-                x = block(x, context, context_mask)
+                x = block(x, context, context_mask, (t, h, w))
+        if masked_only:
+            return self.head(self.norm(x[rearrange(tokens, "b t h w -> b (t h w)") == self.mask_id]))
         logits = self.head(self.norm(x))
         return rearrange(logits, "b (t h w) v -> b t h w v", t=t, h=h)

@@ -8,7 +8,8 @@ cross-attending to the latents only (decoder: queries read the latents, latents 
 
 Same interface as MaskGITBackbone, so MaskedVideoModule, the sampler and `maskvid generate` take
 either:
-    forward(tokens [B, t, h, w] (mask id = vocab_size), text, text_mask, drop_text) -> logits [B, t, h, w, V]
+    forward(tokens [B, t, h, w] (mask id = vocab_size), text, text_mask, drop_text, masked_only=False)
+        -> logits [B, t, h, w, V], or [num_masked, V] with masked_only
 Time positions are sinusoidal, so a model trained on T latent frames can be asked for more.
 """
 
@@ -21,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.attention import CrossAttention, FeedForward, SelfAttention, sinusoidal_embedding
 from models.config import module_config
-from models.maskgit import TextConditioning
+from models.maskgit import LocalMixing, TextConditioning
 
 
 class EncoderLayer(nn.Module):
@@ -98,6 +99,8 @@ class MeBT(nn.Module):
         num_latents: int = 256,
         text_dim: int = 384,
         ff_mult: float = 4.0,
+        pooled_text: bool = False,
+        local_context: bool = False,
     ) -> None:
         """
         Args:
@@ -112,6 +115,13 @@ class MeBT(nn.Module):
             num_latents: M, the number of latent tokens (the paper uses 256).
             text_dim: Width of the text encoder's embeddings.
             ff_mult: MLP hidden width as a multiple of dim.
+            pooled_text: Also add a pooled caption vector to the latents and to every masked
+                query (besides the text in the encoder's context), so that the decoder sees the
+                caption directly rather than only through the latents.
+            local_context: Give every position (observed and masked) a zero-initialised depthwise
+                3x3x3 convolution of the *observed* tokens around it (masked ones are zeros in
+                its input): a locality prior that keeps masked queries independent of each other
+                and the cost linear.
         """
         super().__init__()
         self.config = module_config(self, locals())
@@ -128,7 +138,8 @@ class MeBT(nn.Module):
         self.pos_h = nn.Parameter(torch.randn(self.grid[1], dim) * 0.02)
         self.pos_w = nn.Parameter(torch.randn(self.grid[2], dim) * 0.02)
         self.latents = nn.Parameter(torch.randn(1, num_latents, dim) * 0.02)
-        self.text = TextConditioning(text_dim, dim)
+        self.text = TextConditioning(text_dim, dim, pooled=pooled_text)
+        self.local = LocalMixing(dim) if local_context else None
         self.encoder = nn.ModuleList(EncoderLayer(dim, heads, ff_mult) for _ in range(depth))
         n_dec = decoder_depth or depth
         self.decoder = nn.ModuleList(DecoderLayer(dim, heads, ff_mult, write_latents=i < n_dec - 1) for i in range(n_dec))
@@ -161,7 +172,10 @@ class MeBT(nn.Module):
         text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         drop_text: torch.Tensor | None = None,
+        masked_only: bool = False,
     ) -> torch.Tensor:
+        """masked_only: logits [num_masked, V] of the masked positions in row-major order (what
+        the loss needs): only the queries go through the head, and no [B, N, V] tensor is built."""
         b, t, h, w = tokens.shape
         self.check_grid((t, h, w))
         flat = rearrange(tokens, "b t h w -> b (t h w)")
@@ -170,6 +184,12 @@ class MeBT(nn.Module):
 
         ctx_idx, ctx_valid = gather_sets(~masked)
         ctx = self.token_emb(flat.gather(1, ctx_idx).clamp(max=self.vocab_size - 1)) + pos[ctx_idx]
+        local = None
+        if self.local is not None:
+            # Masked positions enter as zeros: what a position learns is its observed neighbourhood.
+            observed = self.token_emb(flat.clamp(max=self.vocab_size - 1))
+            local = self.local(observed, (t, h, w), keep=~masked)  # [B, N, D]
+            ctx = ctx + local.gather(1, ctx_idx[..., None].expand(-1, -1, self.dim))
         text_ctx, text_ctx_mask = self.text(text, text_mask, b, drop_text)
         context = torch.cat([ctx, text_ctx], dim=1)
         context_mask = torch.cat([ctx_valid, text_ctx_mask], dim=1)
@@ -177,13 +197,23 @@ class MeBT(nn.Module):
         # repeat, not expand: under no_grad an expanded parameter view still "requires grad" with no
         # grad_fn, which breaks module hooks (torch.utils.flop_counter's module tracker).
         latents = self.latents.repeat(b, 1, 1)
+        pooled = self.text.pooled(text_ctx, text_ctx_mask)
+        if pooled is not None:
+            latents = latents + pooled
         for layer in self.encoder:
             latents = self._run(layer, latents, context, context_mask)
 
         q_idx, q_valid = gather_sets(masked)
         queries = self.mask_emb + pos[q_idx]
+        if local is not None:
+            queries = queries + local.gather(1, q_idx[..., None].expand(-1, -1, self.dim))
+        if pooled is not None:
+            queries = queries + pooled
         for layer in self.decoder:
             queries, latents = self._run(layer, queries, q_valid, latents)
+        if masked_only:
+            # gather_sets keeps each row's positions ascending, so this is row-major order.
+            return self.head(self.norm(queries[q_valid]))
         q_logits = self.head(self.norm(queries))  # [B, Nm, V]
 
         # Observed positions are given: their "prediction" is their own token, with certainty.

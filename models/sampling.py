@@ -37,6 +37,9 @@ def gumbel(shape: torch.Size | tuple, generator, device) -> torch.Tensor:
     return -torch.log((-torch.log(u)).clamp_(min=1e-20))
 
 
+CFG_SCHEDULES = ("constant", "linear")
+
+
 @dataclass
 class SamplingOptions:
     steps: int = 18
@@ -49,8 +52,21 @@ class SamplingOptions:
     """Sample only among the k most likely tokens."""
     noise: float = 4.5
     """Initial scale of the Gumbel noise on confidences, annealed linearly to 0."""
+    cfg_schedule: str = "constant"
+    """"constant": cfg_scale at every step; "linear": from 1 at the start up to cfg_scale at the
+    last step (as MUSE does). Guidance multiplies the odds of text-specific tokens at every
+    position, so a full scale while the layout is still open grows objects; late steps, which
+    fill in details, still get all of it."""
+
+    def guidance(self, step: int) -> float:
+        """Guidance scale at `step` (0-based) of `steps`."""
+        if self.cfg_schedule == "linear":
+            return 1.0 + (self.cfg_scale - 1.0) * (step + 1) / self.steps
+        return self.cfg_scale
 
     def check(self) -> None:
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.temperature <= 0:
@@ -112,7 +128,7 @@ def maskgit_sample(
     total_unknown = unknown.sum(dim=1)  # [B]
     for step in range(options.steps):
         logits = guided_logits(
-            backbone, rearrange(tokens, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, options.cfg_scale
+            backbone, rearrange(tokens, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, options.guidance(step)
         )
         logits = rearrange(logits, "b t h w v -> b (t h w) v") / options.temperature
         if options.top_k is not None:

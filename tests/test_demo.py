@@ -72,6 +72,26 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps_done"] == STEPS
 
 
+@pytest.mark.slow
+def test_demo_quick_on_two_processes_with_maskgit(tmp_path):
+    """--devices 2: both fits run data parallel (DDP over gloo on CPU) and the result generates."""
+    out = tmp_path / "demo2"
+    run = run_cli("demo", "--out", str(out), "--quick", "--devices", "2", "--backbone", "maskgit", "--quiet",
+                  timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_done"] == STEPS
+    log = (out / "commands.log").read_text()
+    assert log.count("--trainer.devices 2") == 2 and "configs/trainer/ddp.yaml" in log
+    assert "maskgit_demo.yaml" in log
+    # On a CPU the fits run in fp32 (ddp.yaml's bf16 is for GPUs).
+    assert log.count("--trainer.accelerator cpu --trainer.precision 32-true") == 2
+    # Both ranks trained: DDP wrote one checkpoint, and it carries the maskgit backbone.
+    ckpt = out / summary["checkpoints"]["stage2"]
+    assert ckpt.is_file() and "maskgit_demo" in str(ckpt)
+    assert summary["metrics"]["caption_accuracy"]["seen"]["n"] == 3
+
+
 def test_demo_bad_input_is_one_line(tmp_path):
     missing = run_cli("demo", "--out", str(tmp_path / "a"), "--train-shards", str(tmp_path / "nope"),
                       "--val-shards", str(tmp_path / "nope"))
@@ -87,3 +107,18 @@ def test_demo_bad_input_is_one_line(tmp_path):
     assert bad.returncode == 2 and "prompts.jsonl:1" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert not (tmp_path / "c/steps").exists()  # nothing ran
+
+
+def test_step_caps_scale_with_the_budget(tmp_path):
+    from launch.demo_pipeline import REFERENCE_MINUTES, REPO, config_max_steps, scaled_steps
+    from datamodules.errors import DataError
+
+    for name in ("tokenizer_demo", "maskgit_demo", "mebt_demo"):
+        config = REPO / f"configs/experiment/{name}.yaml"
+        full = config_max_steps(config)
+        assert scaled_steps(config, REFERENCE_MINUTES) == full
+        assert scaled_steps(config, REFERENCE_MINUTES / 2) == round(full / 2)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_time: 00:00:10:00\n")
+    with pytest.raises(DataError, match="max_steps"):
+        config_max_steps(bad)

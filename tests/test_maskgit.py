@@ -62,11 +62,12 @@ def test_loss_counts_only_masked_positions(parts):
     class Spy(torch.nn.Module):
         mask_id, vocab_size = 64, 64
 
-        def forward(self, inputs, text, text_mask, drop_text=None):
+        def forward(self, inputs, text, text_mask, drop_text=None, masked_only=False):
             captured["inputs"] = inputs.clone()
             # Perfect at unmasked positions, uniform at masked ones: only masked ones may count.
             logits = torch.zeros(*inputs.shape, 64)
-            return logits.scatter(-1, tokens[..., None], 50.0 * (inputs != 64)[..., None].float())
+            logits = logits.scatter(-1, tokens[..., None], 50.0 * (inputs != 64)[..., None].float())
+            return logits[inputs == 64] if masked_only else logits
 
     out = m.masked_loss(Spy(), batch, generator=torch.Generator().manual_seed(0))
     assert out["loss"].item() == pytest.approx(math.log(64), rel=1e-4)
@@ -130,3 +131,95 @@ def test_video_batches_are_tokenized_on_the_fly(parts):
     assert latent.tolist() == [[True, True, True], [True, True, False]]
     loss = m.masked_loss(m.backbone, {"video": video, "frame_mask": frame_mask, "caption": ["a b", "c"]})["loss"]
     assert torch.isfinite(loss) and loss.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["maskgit", "mebt"])
+def test_pooled_text_starts_as_a_no_op_and_keeps_the_null_condition_text_free(kind):
+    from models.mebt import MeBT
+
+    def build(pooled: bool):
+        torch.manual_seed(0)
+        if kind == "maskgit":
+            return MaskGITBackbone(vocab_size=64, grid=(3, 4, 4), dim=32, depth=2, heads=2, text_dim=32,
+                                   pooled_text=pooled).eval()
+        return MeBT(vocab_size=64, grid=(3, 4, 4), dim=32, depth=2, heads=2, num_latents=8, text_dim=32,
+                    pooled_text=pooled).eval()
+
+    plain, pooled = build(False), build(True)
+    pooled.load_state_dict(plain.state_dict(), strict=False)  # same weights; global_proj stays zero
+    tokens = torch.randint(0, 64, (2, 3, 4, 4))
+    tokens[:, 1:] = plain.mask_id
+    text, mask = torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.bool)
+    torch.testing.assert_close(pooled(tokens, text, mask), plain(tokens, text, mask))
+    with torch.no_grad():
+        pooled.text.global_proj.weight.normal_(0, 0.5)
+    # Now the pooled vector carries the caption to every masked position...
+    with_pool = pooled(tokens, text, mask)
+    assert not torch.allclose(with_pool, plain(tokens, text, mask))
+    # ...and a dropped caption still pools to the null token alone: CFG's unconditional pass.
+    dropped = pooled(tokens, text, mask, drop_text=torch.tensor([True, True]))
+    torch.testing.assert_close(dropped, pooled(tokens))
+    torch.testing.assert_close(pooled(tokens, torch.randn(2, 6, 32), mask, drop_text=torch.tensor([True, True])),
+                               dropped)
+
+
+@pytest.mark.parametrize("kind", ["maskgit", "mebt"])
+def test_masked_only_logits_are_the_full_logits_at_the_masked_positions_in_order(kind):
+    from models.mebt import MeBT
+
+    torch.manual_seed(0)
+    if kind == "maskgit":
+        net = MaskGITBackbone(vocab_size=64, grid=(3, 4, 4), dim=32, depth=2, heads=2, text_dim=32).eval()
+    else:
+        net = MeBT(vocab_size=64, grid=(3, 4, 4), dim=32, depth=2, heads=2, num_latents=8, text_dim=32).eval()
+    tokens = torch.randint(0, 64, (3, 3, 4, 4))
+    # Different masked counts per row: MeBT pads its query sets, which must not leak into the result.
+    for row, ratio in enumerate((0.2, 0.6, 0.9)):
+        tokens[row][torch.rand(3, 4, 4) < ratio] = net.mask_id
+    text, mask = torch.randn(3, 6, 32), torch.ones(3, 6, dtype=torch.bool)
+    drop = torch.tensor([False, True, False])
+    full = net(tokens, text, mask, drop_text=drop)
+    only = net(tokens, text, mask, drop_text=drop, masked_only=True)
+    torch.testing.assert_close(only, full[tokens == net.mask_id], rtol=1e-5, atol=1e-5)
+
+
+def test_linear_cfg_schedule_ramps_from_one_to_the_scale(monkeypatch):
+    import models.sampling as sampling
+
+    options = SamplingOptions(steps=4, cfg_scale=3.0, cfg_schedule="linear")
+    assert [options.guidance(k) for k in range(4)] == [1.5, 2.0, 2.5, 3.0]
+    assert SamplingOptions(steps=4, cfg_scale=3.0).guidance(0) == 3.0
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        SamplingOptions(cfg_schedule="cosine").check()
+    # The sampler asks for exactly those scales, step by step.
+    seen = []
+    real = sampling.guided_logits
+    monkeypatch.setattr(sampling, "guided_logits", lambda *a: seen.append(a[-1]) or real(*a))
+    text, mask = torch.randn(1, 6, 32), torch.ones(1, 6, dtype=torch.bool)
+    out = maskgit_sample(backbone().eval(), (3, 4, 4), text, mask, options, torch.Generator().manual_seed(0))
+    assert seen == [1.5, 2.0, 2.5, 3.0] and not (out == 64).any()
+
+
+def test_local_mixing_starts_as_a_no_op_and_reads_only_the_3x3x3_neighbourhood():
+    from models.maskgit import LocalMixing
+
+    torch.manual_seed(0)
+    plain = backbone()
+    torch.manual_seed(0)
+    local = MaskGITBackbone(vocab_size=64, grid=(5, 4, 4), dim=32, depth=2, heads=2, text_dim=32, local_mixing=True)
+    local.load_state_dict(plain.state_dict(), strict=False)
+    tokens = torch.randint(0, 65, (2, 3, 4, 4))
+    text, mask = torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.bool)
+    torch.testing.assert_close(local.eval()(tokens, text, mask), plain.eval()(tokens, text, mask))
+
+    mix = LocalMixing(8)
+    with torch.no_grad():
+        mix.conv.weight.normal_()
+    grid = (3, 4, 4)
+    x = torch.randn(1, 48, 8)
+    changed = x.clone()
+    changed[0, 0] += torch.randn(8)  # token (t=0, h=0, w=0)
+    diff = (mix(changed, grid) - mix(x, grid)).abs().sum(-1).reshape(grid)
+    near = torch.zeros(grid, dtype=torch.bool)
+    near[:2, :2, :2] = True
+    assert (diff[near] > 0).all() and (diff[~near] == 0).all()

@@ -115,3 +115,32 @@ def test_sampling_fills_every_masked_position_with_partial_context():
     out = maskgit_sample(m, (3, 4, 4), text, mask, SamplingOptions(steps=4), torch.Generator().manual_seed(0),
                          prime=prime)
     assert not (out == m.mask_id).any() and torch.equal(out[:, :1], prime)
+
+
+def test_local_context_reads_only_observed_neighbours_and_starts_as_a_no_op():
+    from models.maskgit import LocalMixing
+
+    plain, local = net(), net(local_context=True)
+    local.load_state_dict(plain.state_dict(), strict=False)
+    tokens = torch.randint(0, 64, (2, 3, 4, 4))
+    tokens[:, 1:] = plain.mask_id
+    text, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    torch.testing.assert_close(local(tokens, text, mask), plain(tokens, text, mask))
+
+    # Masked positions enter the convolution as zeros: their (embedding) content never leaks.
+    mix = LocalMixing(8)
+    with torch.no_grad():
+        mix.conv.weight.normal_()
+    x, keep = torch.randn(1, 48, 8), torch.rand(1, 48) < 0.5
+    changed = x.clone()
+    changed[~keep] = torch.randn(int((~keep).sum()), 8)
+    torch.testing.assert_close(mix(changed, (3, 4, 4), keep=keep), mix(x, (3, 4, 4), keep=keep))
+
+    # With a trained (non-zero) convolution, a masked position's prediction sees its observed
+    # neighbour through it.
+    with torch.no_grad():
+        local.local.conv.weight.normal_(0, 0.5)
+    neighbour = tokens.clone()
+    neighbour[0, 0, 0, 0] = (tokens[0, 0, 0, 0] + 1) % 64
+    before, after = local(tokens, text, mask), local(neighbour, text, mask)
+    assert not torch.allclose(before[0, 1, 0, 0], after[0, 1, 0, 0])
