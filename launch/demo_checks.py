@@ -85,6 +85,41 @@ def oracle_accuracy(index_path: Path) -> dict[str, Any]:
     return {**{k: round(v, 4) for k, v in result.items()}, "unparsed_prompts": len(index) - len(scored)}
 
 
+def reconstruction_accuracy(tokenizer_ckpt: Path, token_shards: str, limit: int = 128,
+                            batch_size: int = 16) -> dict[str, Any]:
+    """The oracle's caption accuracy on the tokenizer's decode of real clips' tokens, through mp4
+    as generated videos go: the most stage 2 can score, since it can only emit such tokens. Far
+    below the data's own accuracy, the tokenizer (not stage 2) is what limits caption accuracy."""
+    import torch
+
+    from datamodules.pixels import to_uint8
+    from datamodules.streams import ValStream, expand_shards
+    from datamodules.synthetic import parse_caption
+    from datamodules.token_samples import TokenSampleDecoder
+    from datamodules.video_io import decode_all, encode_mp4
+    from metrics.oracle import caption_accuracy
+    from models.tokenizer_checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_ckpt)
+    tokens, attrs = [], []
+    for sample in ValStream(expand_shards(token_shards), TokenSampleDecoder()):
+        info = sample["meta"]["info"]
+        target = info if "colour" in info else parse_caption(sample["caption"])
+        if target is not None:
+            tokens.append(sample["tokens"])
+            attrs.append(target)
+        if len(tokens) >= limit:
+            break
+    if not tokens:
+        return {"value": None, "reason": "no val caption names synthetic attributes"}
+    videos = []
+    with torch.no_grad():
+        for i in range(0, len(tokens), batch_size):
+            for video in to_uint8(tokenizer.decode(torch.stack(tokens[i:i + batch_size]))).numpy():
+                videos.append(decode_all(encode_mp4(list(video), fps=8.0, reproducible=True)[0]))
+    return {k: round(v, 4) for k, v in caption_accuracy(videos, attrs).items()}
+
+
 def video_path(item: dict[str, Any], index_path: Path) -> Path:
     """A video listed in index.json: its path as written, else beside the index (generate run
     from another working directory writes paths relative to that one)."""

@@ -238,7 +238,10 @@ class DemoPipeline:
         for split, shards in (("train", self.train_shards), ("val", self.val_shards)):
             self.maskvid("data", "tokenize", "--tokenizer", str(self.tokenizer_ckpt), "--shards", shards,
                          "--out", f"tokens/{split}", "--workers", str(self.recipe.workers), "--overwrite", "--quiet")
-        return {"tokens": str(self.tokens)}
+        from launch.demo_checks import reconstruction_accuracy
+
+        return {"tokens": str(self.tokens),
+                "reconstruction_oracle_accuracy": reconstruction_accuracy(self.tokenizer_ckpt, str(self.tokens / "val"))}
 
     def step_stage2(self) -> dict[str, Any]:
         # Stage 2 gets what is left of the budget: its own share, whatever the tokenizer left
@@ -384,6 +387,9 @@ class DemoPipeline:
                 "tokenizer_psnr": tokenizer_psnr(self.out / "runs/tokenizer_demo") if "tokenizer" in records else None,
                 "tokenizer_psnr_recon_clips": report.get("tokenizer_psnr_recon_clips"),
                 "data_oracle_accuracy": records.get("check", {}).get("result", {}).get("oracle_accuracy_on_val"),
+                # The ceiling for caption accuracy: the oracle on the tokenizer's decode of val tokens.
+                "reconstruction_oracle_accuracy": records.get("tokenize", {}).get("result", {}).get(
+                    "reconstruction_oracle_accuracy"),
                 "caption_accuracy": score.get("caption_accuracy"),
                 "fvd": score.get("fvd"),
                 "clipsim": score.get("clipsim"),

@@ -201,7 +201,9 @@ def write_report(out: Path, summary: dict[str, Any], tokenizer_ckpt: Path, val_s
     m = summary["metrics"]
     rows = [("tokenizer PSNR (val/psnr, fit log)", _value(m.get("tokenizer_psnr"))),
             ("tokenizer PSNR (report's val clips)", _value(psnr)),
-            ("data-pipeline oracle accuracy on val clips", _value(m.get("data_oracle_accuracy")))]
+            ("data-pipeline oracle accuracy on val clips", _value(m.get("data_oracle_accuracy"))),
+            ("oracle accuracy of tokenizer reconstructions (stage 2's ceiling)",
+             _value(m.get("reconstruction_oracle_accuracy")))]
     for key in ("caption_accuracy", "fvd", "clipsim"):
         for name, value in (m.get(key) or {}).items():
             rows.append((f"{key} — {name}", _value(value)))

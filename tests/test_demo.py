@@ -32,6 +32,9 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     assert isinstance(metrics["tokenizer_psnr_recon_clips"]["value"], float)
     # The data pipeline keeps the clips' content intact (the oracle reads every val clip back).
     assert metrics["data_oracle_accuracy"]["joint"] >= 0.99
+    # The ceiling stage 2 is scored against: the oracle on the 4-step tokenizer's reconstructions.
+    ceiling = metrics["reconstruction_oracle_accuracy"]
+    assert ceiling["n"] == 8 and 0.0 <= ceiling["joint"] <= ceiling["colour"] <= 1.0
     for split in ("seen", "heldout"):
         acc = metrics["caption_accuracy"][split]
         assert acc["n"] == 3 and 0.0 <= acc["joint"] <= 1.0
