@@ -13,6 +13,14 @@ from typing import Any, Optional
 from datamodules.errors import DataError
 
 
+def intended_attributes(info: Optional[dict[str, Any]], caption: str) -> Optional[dict[str, Any]]:
+    """What a clip should show: the synthetic json's true attributes, else its caption's if it
+    parses (None: the oracle cannot score it)."""
+    from datamodules.synthetic import parse_caption
+
+    return info if info and "colour" in info else parse_caption(caption)
+
+
 def check_data(train_shards: str, val_shards: str, out: Path, workers: int = 2, seed: int = 0,
                synthetic: bool = True, batch_size: int = 8, train_batches: int = 2) -> dict[str, Any]:
     """Stream train and val exactly as `maskvid fit` does; previews, shapes, ranges, and (when the
@@ -20,7 +28,6 @@ def check_data(train_shards: str, val_shards: str, out: Path, workers: int = 2, 
     and normalisation must keep the content the captions describe."""
     from datamodules.pixels import to_uint8
     from datamodules.preview import contact_sheet
-    from datamodules.synthetic import parse_caption
     from datamodules.video_datamodule import VideoDataModule
     from metrics.oracle import caption_accuracy
 
@@ -39,8 +46,7 @@ def check_data(train_shards: str, val_shards: str, out: Path, workers: int = 2, 
         infos = batch["meta"]["info"] if synthetic else [None] * len(batch["caption"])
         for video, info, caption in zip(to_uint8(batch["video"]), infos, batch["caption"]):
             captions.append(caption)
-            # The synthetic json holds the true attributes; other captions only if they parse.
-            target = info if info and "colour" in info else parse_caption(caption)
+            target = intended_attributes(info, caption)
             if target is not None:
                 videos.append(video)
                 attrs.append(target)
@@ -94,7 +100,6 @@ def reconstruction_accuracy(tokenizer_ckpt: Path, token_shards: str, limit: int 
 
     from datamodules.pixels import to_uint8
     from datamodules.streams import ValStream, expand_shards
-    from datamodules.synthetic import parse_caption
     from datamodules.token_samples import TokenSampleDecoder
     from datamodules.video_io import decode_all, encode_mp4
     from metrics.oracle import caption_accuracy
@@ -104,7 +109,7 @@ def reconstruction_accuracy(tokenizer_ckpt: Path, token_shards: str, limit: int 
     tokens, attrs = [], []
     for sample in ValStream(expand_shards(token_shards), TokenSampleDecoder()):
         info = sample["meta"]["info"]
-        target = info if "colour" in info else parse_caption(sample["caption"])
+        target = intended_attributes(info, sample["caption"])
         if target is not None:
             tokens.append(sample["tokens"])
             attrs.append(target)
