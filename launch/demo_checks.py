@@ -21,6 +21,11 @@ def intended_attributes(info: Optional[dict[str, Any]], caption: str) -> Optiona
     return info if info and "colour" in info else parse_caption(caption)
 
 
+def rounded(accuracy: dict[str, float]) -> dict[str, float]:
+    """caption_accuracy's fractions to 4 digits, as summary.json records them."""
+    return {k: round(v, 4) for k, v in accuracy.items()}
+
+
 def check_data(train_shards: str, val_shards: str, out: Path, workers: int = 2, seed: int = 0,
                synthetic: bool = True, batch_size: int = 8, train_batches: int = 2) -> dict[str, Any]:
     """Stream train and val exactly as `maskvid fit` does; previews, shapes, ranges, and (when the
@@ -66,7 +71,7 @@ def check_data(train_shards: str, val_shards: str, out: Path, workers: int = 2, 
                         "range": [round(video.min().item(), 3), round(video.max().item(), 3)]},
         "train_clips_per_s": round(train_rate, 1),
         "val_clips": len(captions),
-        "oracle_accuracy_on_val": ({k: round(v, 4) for k, v in accuracy.items()} if accuracy else
+        "oracle_accuracy_on_val": (rounded(accuracy) if accuracy else
                                    {"value": None, "reason": "no val caption names synthetic attributes"}),
         "skipped_samples": dm.skipped,
         "previews": [str(out / "preview-train.png"), str(out / "preview-val.png")],
@@ -88,7 +93,7 @@ def oracle_accuracy(index_path: Path) -> dict[str, Any]:
                                           "the oracle only reads the synthetic dataset"}
     videos = [decode_all(video_path(item, index_path).read_bytes()) for item, _ in scored]
     result = caption_accuracy(videos, [attrs for _, attrs in scored])
-    return {**{k: round(v, 4) for k, v in result.items()}, "unparsed_prompts": len(index) - len(scored)}
+    return {**rounded(result), "unparsed_prompts": len(index) - len(scored)}
 
 
 def reconstruction_accuracy(tokenizer_ckpt: Path, token_shards: str, limit: int = 128,
@@ -122,7 +127,7 @@ def reconstruction_accuracy(tokenizer_ckpt: Path, token_shards: str, limit: int 
         for i in range(0, len(tokens), batch_size):
             for video in to_uint8(tokenizer.decode(torch.stack(tokens[i:i + batch_size]))).numpy():
                 videos.append(decode_all(encode_mp4(list(video), fps=8.0, reproducible=True)[0]))
-    return {k: round(v, 4) for k, v in caption_accuracy(videos, attrs).items()}
+    return rounded(caption_accuracy(videos, attrs))
 
 
 def video_path(item: dict[str, Any], index_path: Path) -> Path:
