@@ -112,6 +112,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for kind, colour in (("maskgit", "C0"), ("mebt", "C1")):
@@ -125,6 +126,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, title in zip(axes, ("train step (s)", "train memory (GiB)", "sample, 16 steps + CFG (s)")):
         ax.set(xlabel="frames", title=title, xscale="log", yscale="log")
         ax.set_xticks([17, 33, 65, 129], labels=["17", "33", "65", "129"])
+        # A log axis also labels its minor ticks (2x10^1 ...), which overprint the frame counts.
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

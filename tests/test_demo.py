@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import re
 
 import pytest
 from PIL import Image
 
 from tests.conftest import run_cli
+from tests.test_metrics import fitted_clip, i3d_file  # noqa: F401 (fixtures)
 
 STEPS = ["data", "check", "tokenizer", "tokenize", "stage2", "generate", "score", "report"]
 
@@ -93,6 +95,26 @@ def test_demo_quick_on_two_processes_with_maskgit(tmp_path):
     ckpt = out / summary["checkpoints"]["stage2"]
     assert ckpt.is_file() and "maskgit_demo" in str(ckpt)
     assert summary["metrics"]["caption_accuracy"]["seen"]["n"] == 3
+
+
+@pytest.mark.slow
+def test_demo_quick_with_i3d_and_clip_scores_fvd_and_clipsim(tmp_path, i3d_file, fitted_clip):
+    """--i3d-path / --clip-path: real statistics are cached from the val shards, stage 2 validates
+    with them, and both prompt sets get a finite FVD and CLIPSIM in summary.json and the report."""
+    out = tmp_path / "demo"
+    run = run_cli("demo", "--out", str(out), "--quick", "--quiet", "--i3d-path", str(i3d_file),
+                  "--clip-path", str(fitted_clip), timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_done"] == STEPS
+    log = (out / "commands.log").read_text()
+    assert "maskvid eval real-stats" in log and "--model.init_args.i3d_path" in log
+    for split in ("seen", "heldout"):
+        fvd, clipsim = summary["metrics"]["fvd"][split], summary["metrics"]["clipsim"][split]
+        assert math.isfinite(fvd["fvd"]) and fvd["fvd"] >= 0 and fvd["num_fake"] == 3, fvd
+        assert -1.0 <= clipsim["clipsim"] <= 1.0 and clipsim["num_videos"] == 3, clipsim
+    page = (out / "report.html").read_text()
+    assert "fvd — seen" in page and "clipsim — heldout" in page
 
 
 def test_demo_bad_input_is_one_line(tmp_path):
