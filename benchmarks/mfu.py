@@ -171,11 +171,14 @@ def profile_callback(batch_idx: int, device: str, store: dict):
 # -- measurements ------------------------------------------------------------------------------
 
 
-def measure_train(module, batch, clips: int, args, roof_dtype: torch.dtype, start_roof: float) -> dict:
+def measure_train(module, batch, clips: int, args, roof_dtype: torch.dtype, start_roof: float,
+                  steps: int | None = None) -> dict:
+    """steps: timed steps (default args.steps)."""
+    steps = args.steps if steps is None else steps
     store: dict = {}
     callbacks = (profile_callback(1, args.device, store),) if args.top_ops else ()
     # Batch 0 counts FLOPs (untimed); batch 1 is profiled (dropped) or a warmup (skipped).
-    timer = fit_steps(module, batch, args.steps + 2, device=args.device, precision=args.precision,
+    timer = fit_steps(module, batch, steps + 2, device=args.device, precision=args.precision,
                       roof_dtype=roof_dtype, roof_n=args.roof_n, callbacks=callbacks)
     timer.times.pop(0)
     timer.roofs.pop(0)
@@ -261,7 +264,7 @@ def run(args) -> dict:
                 torch.manual_seed(0)
                 if name.startswith("tokenizer_"):
                     module, batch, clips = tokenizer_job(t, gan=name == "tokenizer_gan")
-                    row = measure_train(module, batch, clips, args, roof_dtype, start_roof)
+                    row = measure_train(module, batch, clips, args, roof_dtype, start_roof, args.tokenizer_steps)
                 elif name.startswith("stage2_"):
                     kind = name.removeprefix("stage2_")
                     module, batch, clips = stage2_job(kind, m, t, Path(tmp))
@@ -302,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="32-true",
                         help="Lightning precision: 32-true (default) or bf16-mixed (autocast; the roof in bf16 then)")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per workload (default 4; quick 2)")
+    parser.add_argument("--tokenizer-steps", type=int, default=None,
+                        help="timed steps of the tokenizer workloads (default 2x --steps: a T1 step is ~5x cheaper "
+                             "than an M1 one, and with 4 a single slow step moved the mean by 25 points)")
     parser.add_argument("--sample-steps", type=int, default=18, help="MaskGIT steps per sampled video (default 18)")
     parser.add_argument("--sample-repeats", type=int, default=None, help="timed samples (default 3; quick 1)")
     parser.add_argument("--roof-n", type=int, default=None,
@@ -314,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     if args.steps is None:
         args.steps = 2 if args.quick else 4
+    if args.tokenizer_steps is None:
+        args.tokenizer_steps = 2 * args.steps
     if args.sample_repeats is None:
         args.sample_repeats = 1 if args.quick else 3
     if args.roof_n is None:
