@@ -171,10 +171,8 @@ def profile_callback(batch_idx: int, device: str, store: dict):
 # -- measurements ------------------------------------------------------------------------------
 
 
-def measure_train(module, batch, clips: int, args, roof_dtype: torch.dtype, start_roof: float,
-                  steps: int | None = None) -> dict:
-    """steps: timed steps (default args.steps)."""
-    steps = args.steps if steps is None else steps
+def measure_train(module, batch, clips: int, steps: int, args, roof_dtype: torch.dtype, start_roof: float) -> dict:
+    """steps: timed steps (after the FLOP-counting and warmup batches)."""
     store: dict = {}
     callbacks = (profile_callback(1, args.device, store),) if args.top_ops else ()
     # Batch 0 counts FLOPs (untimed); batch 1 is profiled (dropped) or a warmup (skipped).
@@ -264,11 +262,11 @@ def run(args) -> dict:
                 torch.manual_seed(0)
                 if name.startswith("tokenizer_"):
                     module, batch, clips = tokenizer_job(t, gan=name == "tokenizer_gan")
-                    row = measure_train(module, batch, clips, args, roof_dtype, start_roof, args.tokenizer_steps)
+                    row = measure_train(module, batch, clips, args.tokenizer_steps, args, roof_dtype, start_roof)
                 elif name.startswith("stage2_"):
                     kind = name.removeprefix("stage2_")
                     module, batch, clips = stage2_job(kind, m, t, Path(tmp))
-                    row = measure_train(module, batch, clips, args, roof_dtype, start_roof)
+                    row = measure_train(module, batch, clips, args.steps, args, roof_dtype, start_roof)
                     row["tokens_per_s"] = round(clips * math.prod(m["grid"]) / row["step_s"], 1)
                     trained[kind] = module.backbone
                 else:
