@@ -16,6 +16,7 @@ The run directory keeps summary.json, report.html (videos, curves) and every com
 
     python benchmarks/text_to_video_quality.py                       # 40 minutes on a 2-core CPU
     python benchmarks/text_to_video_quality.py --backbone mebt --json-out benchmarks/results/t2v_mebt.json
+    python benchmarks/text_to_video_quality.py --full-data    # every size and background
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def main() -> int:
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="the demo's output directory (default: runs/t2v_benchmark_BACKBONE); rerunning resumes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the samples")
+    parser.add_argument("--full-data", action="store_true",
+                        help="render every size and background of the synthetic data, not the demo's large "
+                             "objects on black (launch/demo_pipeline.py DEMO_VARIATION)")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -50,6 +54,11 @@ def main() -> int:
     cmd = [sys.executable, "-m", "launch.cli", "demo", "--out", str(run), "--backbone", args.backbone,
            "--minutes", str(args.minutes), "--videos-per-prompt", str(args.videos_per_prompt),
            "--seed", str(args.seed), "--quiet"]
+    if args.full_data:
+        from datamodules.synthetic import FULL_VARIATION
+
+        cmd += ["--sizes", *FULL_VARIATION.sizes, "--speeds", *FULL_VARIATION.speeds,
+                "--backgrounds", *FULL_VARIATION.backgrounds]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)})
     if proc.returncode != 0:
@@ -65,6 +74,7 @@ def main() -> int:
         "timings_s": {k: round(v, 1) for k, v in seconds.items()},
         "tokenizer_psnr": summary["metrics"]["tokenizer_psnr"],
         "caption_accuracy": summary["metrics"]["caption_accuracy"],
+        "data_variation": summary["data"]["variation"],
         "checkpoints": summary["checkpoints"], "targets": {"seen_joint_accuracy": 0.7},
         "command": " ".join(cmd[1:]).replace("-m launch.cli", "maskvid"), "report": summary["report"],
         "commands_log": summary["commands_log"],

@@ -186,16 +186,49 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _SPLIT_IDS[split], index])
 
 
-def sample_attributes(combo: Combo, rng: np.random.Generator) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Variation:
+    """Which values of the free attributes a dataset draws from (default: all of them).
+
+    Fewer values make an easier dataset: e.g. only large objects on black, which a tokenizer at
+    32x32 reconstructs well enough for the oracle to read their shape (small 8-pixel objects lose
+    their corners). Captions stay true: a template that names the size names the one drawn.
+    """
+
+    sizes: tuple[str, ...] = SIZES
+    speeds: tuple[str, ...] = SPEEDS
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+
+    def __post_init__(self) -> None:
+        for name, values, vocab in (("sizes", self.sizes, SIZES), ("speeds", self.speeds, SPEEDS),
+                                    ("backgrounds", self.backgrounds, tuple(BACKGROUNDS))):
+            if not values:
+                raise DataError(f"synthetic {name}: at least one value is needed, from {list(vocab)}")
+            unknown = [v for v in values if v not in vocab]
+            if unknown:
+                raise DataError(f"synthetic {name}: unknown {unknown}; expected values from {list(vocab)}")
+            if len(set(values)) != len(values):
+                raise DataError(f"synthetic {name}: {list(values)} repeats a value")
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"sizes": list(self.sizes), "speeds": list(self.speeds), "backgrounds": list(self.backgrounds)}
+
+
+FULL_VARIATION = Variation()
+
+
+def sample_attributes(combo: Combo, rng: np.random.Generator, variation: Variation = FULL_VARIATION) -> dict[str, Any]:
     """Draw the free attributes (speed, size, background, caption template) for one triple."""
     colour, shape, direction = combo
+    # The same draws in the same order whatever the variation: the default reproduces the
+    # shards written before variations existed, byte for byte.
     return {
         "colour": colour,
         "shape": shape,
         "direction": direction,
-        "speed": SPEEDS[rng.integers(len(SPEEDS))],
-        "size": SIZES[rng.integers(len(SIZES))],
-        "background": list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
+        "speed": variation.speeds[rng.integers(len(variation.speeds))],
+        "size": variation.sizes[rng.integers(len(variation.sizes))],
+        "background": variation.backgrounds[rng.integers(len(variation.backgrounds))],
         "template": int(rng.integers(len(TEMPLATES))),
     }
 
@@ -268,7 +301,8 @@ class SyntheticSample:
     attrs: dict[str, Any]
 
 
-def render_sample(seed: int, split: str, index: int, size: int = 64, frames: int = 17) -> SyntheticSample:
+def render_sample(seed: int, split: str, index: int, size: int = 64, frames: int = 17,
+                  variation: Variation = FULL_VARIATION) -> SyntheticSample:
     """Sample `index` of `split` exactly as `build_synthetic` writes it (before encoding).
 
     Triples are dealt from a seed-shuffled cycle, so each one appears equally often in a split.
@@ -276,7 +310,7 @@ def render_sample(seed: int, split: str, index: int, size: int = 64, frames: int
     combos = split_combos(split)
     order = np.random.default_rng([seed, _SPLIT_IDS[split]]).permutation(len(combos))
     rng = sample_rng(seed, split, index)
-    attrs = sample_attributes(combos[order[index % len(combos)]], rng)
+    attrs = sample_attributes(combos[order[index % len(combos)]], rng, variation)
     video = render_video(attrs, size, frames, rng)
     attrs.update(seed=seed, split=split, index=index)
     return SyntheticSample(video, caption_for(attrs), attrs)
@@ -290,11 +324,12 @@ class _Job:
     size: int
     frames: int
     fps: float
+    variation: Variation = FULL_VARIATION
 
 
 def _encode_job(job: _Job) -> tuple[str, bytes, str, dict[str, Any]]:
     """Render and encode one sample (runs in worker processes)."""
-    sample = render_sample(job.seed, job.split, job.index, job.size, job.frames)
+    sample = render_sample(job.seed, job.split, job.index, job.size, job.frames, job.variation)
     mp4, n = encode_mp4(sample.video, job.fps, reproducible=True)
     meta = {
         "fps": job.fps,
@@ -368,11 +403,13 @@ def build_synthetic(
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    variation: Variation = FULL_VARIATION,
 ) -> SyntheticBuild:
     """Write `OUT/{train,val,heldout}/shard-*.tar`, the prompt files and attributes.json.
 
     A split with zero samples is skipped. Existing shards are only replaced with overwrite=True
     (DataError otherwise, raised before anything is rendered). workers=None: min(4, CPUs).
+    `variation` restricts the free attributes (size, speed, background) to some of their values.
     """
     if seed < 0:
         raise DataError(f"--seed must be >= 0, got {seed}")
@@ -396,7 +433,7 @@ def build_synthetic(
         # Open every sink first: each refuses existing shards before any time is spent rendering.
         for split in counts:
             sinks[split] = ShardSink(out / split, samples_per_shard, overwrite=overwrite, mtime=SHARD_MTIME)
-        jobs = [_Job(seed, split, i, size, frames, float(fps)) for split, n in counts.items() for i in range(n)]
+        jobs = [_Job(seed, split, i, size, frames, float(fps), variation) for split, n in counts.items() for i in range(n)]
         with tqdm(total=len(jobs), desc="synthetic", unit="clip", disable=not progress) as bar:
             for key, mp4, caption, meta in _run_jobs(jobs, workers):
                 sinks[meta["split"]].write(key, mp4, caption, meta)
@@ -417,6 +454,7 @@ def build_synthetic(
         "size": size,
         "frames": frames,
         "fps": float(fps),
+        "variation": variation.as_dict(),
         "splits": {s: {"pattern": build.patterns[s], "num_samples": n} for s, n in counts.items()},
     }
     (out / "attributes.json").write_text(json.dumps(info, indent=1))

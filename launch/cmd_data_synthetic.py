@@ -13,13 +13,14 @@ The same --seed gives byte-identical shards whatever --workers is.
 example:
   maskvid data synthetic --out data/synthetic
   maskvid data synthetic --out data/tiny --num-train 256 --num-val 32 --size 32 --overwrite
+  maskvid data synthetic --out data/easy --sizes large --backgrounds black   # less variation
 """
 
 from __future__ import annotations
 
 import argparse
 
-from datamodules.synthetic import HELDOUT_COMBOS, build_synthetic, seen_combos
+from datamodules.synthetic import BACKGROUNDS, HELDOUT_COMBOS, SIZES, SPEEDS, Variation, build_synthetic, seen_combos
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,11 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="render processes, 0 = in process (default: min(4, CPUs))"
     )
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), metavar="SIZE",
+                        help=f"object sizes to draw from, of {list(SIZES)} (default: all)")
+    parser.add_argument("--speeds", nargs="+", default=list(SPEEDS), metavar="SPEED",
+                        help=f"speeds to draw from, of {list(SPEEDS)} (default: all)")
+    parser.add_argument("--backgrounds", nargs="+", default=list(BACKGROUNDS), metavar="BACKGROUND",
+                        help=f"background colours to draw from, of {list(BACKGROUNDS)}; quote names with a "
+                             "space (default: all)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    variation = Variation(sizes=tuple(args.sizes), speeds=tuple(args.speeds), backgrounds=tuple(args.backgrounds))
     build = build_synthetic(
         args.out,
         seed=args.seed,
@@ -57,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        variation=variation,
     )
     print(
         f"synthetic dataset in {build.out_dir} (seed {args.seed}, {args.size}x{args.size}, "

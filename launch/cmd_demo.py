@@ -34,6 +34,7 @@ from pathlib import Path
 
 from datamodules.errors import DataError
 from launch.arg_types import positive_float, positive_int
+from launch.demo_pipeline import DEMO_VARIATION
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="I3D weights for FVD (stage-2 validation and the final score); FVD is null without")
     parser.add_argument("--clip-path", metavar="DIR", default=None,
                         help="local Hugging Face CLIP directory for CLIPSIM; null without")
+    parser.add_argument("--sizes", nargs="+", metavar="SIZE", default=None,
+                        help="synthetic object sizes (as `maskvid data synthetic --sizes`); default: "
+                             + " ".join(DEMO_VARIATION.sizes))
+    parser.add_argument("--speeds", nargs="+", metavar="SPEED", default=None,
+                        help="synthetic speeds; default: " + " ".join(DEMO_VARIATION.speeds))
+    parser.add_argument("--backgrounds", nargs="+", metavar="BACKGROUND", default=None,
+                        help="synthetic backgrounds; default: " + " ".join(map(repr, DEMO_VARIATION.backgrounds)))
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the samples (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="only the step lines, not each command's output")
 
@@ -78,6 +86,11 @@ def run(args: argparse.Namespace) -> int:
         recipe = replace(recipe, videos_per_prompt=args.videos_per_prompt)
     if args.max_prompts is not None:
         recipe = replace(recipe, max_prompts=args.max_prompts)
+    chosen = {k: tuple(v) for k in ("sizes", "speeds", "backgrounds") if (v := getattr(args, k)) is not None}
+    if chosen:
+        if args.train_shards is not None:
+            raise DataError("--sizes/--speeds/--backgrounds shape the synthetic data; they do nothing with --train-shards")
+        recipe = replace(recipe, variation=replace(recipe.variation, **chosen))
     minutes = args.minutes if args.minutes is not None else (2.0 if args.quick else 25.0)
     demo = DemoPipeline(args.out, recipe, minutes, backbone=args.backbone, devices=args.devices,
                         train_shards=args.train_shards, val_shards=args.val_shards, prompts=args.prompts,

@@ -44,6 +44,11 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
         assert metrics["fvd"][split]["value"] is None and "--i3d-path" in metrics["fvd"][split]["reason"]
         assert metrics["clipsim"][split]["value"] is None and "--clip-path" in metrics["clipsim"][split]["reason"]
     assert any("maskvid fit" in c and "tokenizer_demo.yaml" in c for c in summary["commands"]["tokenizer"])
+    # The data step rendered the demo's variation of the synthetic data, and says so.
+    from launch.demo_pipeline import DEMO_VARIATION
+
+    assert summary["data"]["variation"] == DEMO_VARIATION.as_dict()
+    assert json.loads((out / "data/attributes.json").read_text())["variation"] == DEMO_VARIATION.as_dict()
 
     # The stage-2 checkpoint generates as is, from another working directory.
     gen = run_cli("generate", "--ckpt", ckpts["stage2"], "--prompt", "a red circle moving to the left",
@@ -75,6 +80,9 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     assert (out / "steps/tokenizer.json").stat().st_mtime == stamp
     assert re.search(r"--ckpt_path auto -> \S*mebt_demo/checkpoints/\S*\.ckpt", (out / "commands.log").read_text())
     assert json.loads((out / "summary.json").read_text())["steps_done"] == STEPS
+    # Other data options on the same --out would silently be ignored (the data step is done): refused.
+    other = run_cli("demo", "--out", str(out), "--quick", "--quiet", "--sizes", "small")
+    assert other.returncode == 2 and "was rendered with" in other.stderr, other.stderr
 
 
 @pytest.mark.slow
@@ -82,7 +90,7 @@ def test_demo_quick_on_two_processes_with_maskgit(tmp_path):
     """--devices 2: both fits run data parallel (DDP over gloo on CPU) and the result generates."""
     out = tmp_path / "demo2"
     run = run_cli("demo", "--out", str(out), "--quick", "--devices", "2", "--backbone", "maskgit", "--quiet",
-                  timeout=900)
+                  "--backgrounds", "navy", "dark gray", timeout=900)
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps_done"] == STEPS
@@ -95,6 +103,9 @@ def test_demo_quick_on_two_processes_with_maskgit(tmp_path):
     ckpt = out / summary["checkpoints"]["stage2"]
     assert ckpt.is_file() and "maskgit_demo" in str(ckpt)
     assert summary["metrics"]["caption_accuracy"]["seen"]["n"] == 3
+    # --backgrounds reached the data step (a name with a space included).
+    assert summary["data"]["variation"]["backgrounds"] == ["navy", "dark gray"]
+    assert json.loads((out / "data/attributes.json").read_text())["variation"]["backgrounds"] == ["navy", "dark gray"]
 
 
 @pytest.mark.slow
@@ -132,6 +143,14 @@ def test_demo_bad_input_is_one_line(tmp_path):
     assert bad.returncode == 2 and "prompts.jsonl:1" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert not (tmp_path / "c/steps").exists()  # nothing ran
+
+    huge = run_cli("demo", "--out", str(tmp_path / "d"), "--sizes", "huge")
+    assert huge.returncode == 2 and "unknown ['huge']" in huge.stderr
+    assert len(huge.stderr.strip().splitlines()) == 1, huge.stderr
+    mine = run_cli("demo", "--out", str(tmp_path / "e"), "--train-shards", str(tmp_path), "--val-shards",
+                   str(tmp_path), "--sizes", "large")
+    assert mine.returncode == 2 and "--train-shards" in mine.stderr
+    assert not (tmp_path / "d/steps").exists() and not (tmp_path / "e/steps").exists()
 
 
 def test_step_caps_scale_with_the_budget(tmp_path):

@@ -22,6 +22,7 @@ from datamodules.synthetic import (
     SIZES,
     SPEEDS,
     TEMPLATES,
+    Variation,
     all_combos,
     build_synthetic,
     caption_for,
@@ -200,3 +201,37 @@ def test_cli_builds_then_refuses_to_overwrite(tmp_path, capsys):
     after = shard_bytes(out)
     assert after.keys() == before.keys() and after != before
     assert cli_main(["data", "synthetic", "--out", str(tmp_path / "x"), "--size", "15"]) == 2
+
+
+def test_variation_restricts_the_free_attributes_and_captions_stay_true(tmp_path, capsys):
+    out = tmp_path / "easy"
+    assert cli_main(["data", "synthetic", "--out", str(out), "--num-train", "24", "--num-val", "4",
+                     "--num-heldout", "0", "--size", "32", "--frames", "5", "--samples-per-shard", "32",
+                     "--workers", "0", "--quiet", "--sizes", "large", "--backgrounds", "dark gray"]) == 0
+    samples = read_split(out / "train")
+    assert {s["json"]["size"] for s in samples} == {"large"}
+    assert {s["json"]["background"] for s in samples} == {"dark gray"}
+    assert {s["json"]["speed"] for s in samples} == set(SPEEDS)  # not restricted: both still drawn
+    for s in samples:
+        named = parse_caption(s["txt"])
+        assert named.get("size", "large") == "large"
+        assert named.get("background", "dark gray") == "dark gray"
+        # The rendered object really is the large one: its bounding box is ~37.5% of the side.
+        first = decode_all(s["mp4"])[0].astype(float)
+        mask = np.abs(first - np.array(BACKGROUNDS["dark gray"])).sum(-1) > 90
+        rows = np.flatnonzero(mask.any(axis=1))
+        assert 0.3 * 32 <= rows[-1] - rows[0] + 1 <= 0.45 * 32
+    info = json.loads((out / "attributes.json").read_text())
+    assert info["variation"] == {"sizes": ["large"], "speeds": list(SPEEDS), "backgrounds": ["dark gray"]}
+
+
+def test_bad_variation_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(DataError, match="unknown \\['huge'\\]"):
+        Variation(sizes=("huge",))
+    with pytest.raises(DataError, match="at least one value"):
+        Variation(backgrounds=())
+    with pytest.raises(DataError, match="repeats"):
+        Variation(speeds=("slow", "slow"))
+    assert cli_main(["data", "synthetic", "--out", str(tmp_path / "x"), "--backgrounds", "purple"]) != 0
+    assert "purple" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x/*/shard-*.tar"))
