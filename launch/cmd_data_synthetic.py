@@ -23,6 +23,16 @@ import argparse
 from datamodules.synthetic import BACKGROUNDS, HELDOUT_COMBOS, SIZES, SPEEDS, Variation, build_synthetic, seen_combos
 
 
+def add_variation_arguments(parser: argparse.ArgumentParser, shown: Variation, default_all: bool = False) -> None:
+    """--sizes/--speeds/--backgrounds (shared with `maskvid demo`). default_all: the parsed default
+    is every value; otherwise None (the caller's recipe decides) and `shown` is what help names."""
+    for flag, metavar, vocab, values in (("--sizes", "SIZE", SIZES, shown.sizes), ("--speeds", "SPEED", SPEEDS, shown.speeds),
+                                         ("--backgrounds", "BACKGROUND", tuple(BACKGROUNDS), shown.backgrounds)):
+        parser.add_argument(flag, nargs="+", metavar=metavar, default=list(vocab) if default_all else None,
+                            help=f"synthetic {flag[2:]} to draw from, of {list(vocab)}; quote names with a space "
+                                 f"(default: {' '.join(map(repr, values))})")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="randomness of every sample (default: 0)")
@@ -40,13 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="render processes, 0 = in process (default: min(4, CPUs))"
     )
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), metavar="SIZE",
-                        help=f"object sizes to draw from, of {list(SIZES)} (default: all)")
-    parser.add_argument("--speeds", nargs="+", default=list(SPEEDS), metavar="SPEED",
-                        help=f"speeds to draw from, of {list(SPEEDS)} (default: all)")
-    parser.add_argument("--backgrounds", nargs="+", default=list(BACKGROUNDS), metavar="BACKGROUND",
-                        help=f"background colours to draw from, of {list(BACKGROUNDS)}; quote names with a "
-                             "space (default: all)")
+    add_variation_arguments(parser, Variation(), default_all=True)
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

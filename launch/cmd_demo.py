@@ -34,6 +34,7 @@ from pathlib import Path
 
 from datamodules.errors import DataError
 from launch.arg_types import positive_float, positive_int
+from launch.cmd_data_synthetic import add_variation_arguments
 from launch.demo_pipeline import DEMO_VARIATION
 
 
@@ -63,13 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="I3D weights for FVD (stage-2 validation and the final score); FVD is null without")
     parser.add_argument("--clip-path", metavar="DIR", default=None,
                         help="local Hugging Face CLIP directory for CLIPSIM; null without")
-    parser.add_argument("--sizes", nargs="+", metavar="SIZE", default=None,
-                        help="synthetic object sizes (as `maskvid data synthetic --sizes`); default: "
-                             + " ".join(DEMO_VARIATION.sizes))
-    parser.add_argument("--speeds", nargs="+", metavar="SPEED", default=None,
-                        help="synthetic speeds; default: " + " ".join(DEMO_VARIATION.speeds))
-    parser.add_argument("--backgrounds", nargs="+", metavar="BACKGROUND", default=None,
-                        help="synthetic backgrounds; default: " + " ".join(map(repr, DEMO_VARIATION.backgrounds)))
+    add_variation_arguments(parser, DEMO_VARIATION)
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the samples (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="only the step lines, not each command's output")
 
