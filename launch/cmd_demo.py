@@ -11,7 +11,7 @@ Steps, each a real maskvid command run in --out (so the report can print how to 
   7. score      caption accuracy (oracle), FVD (--i3d-path) and CLIPSIM (--clip-path)
   8. report     OUT/summary.json and a self-contained OUT/report.html
 
---minutes is shared between the two fits (30% tokenizer, the rest stage 2 including tokenizing;
+--minutes is shared between the two fits (20% tokenizer, the rest stage 2 including tokenizing;
 see BUDGET_SPLIT in launch/demo_pipeline.py); data, generation and scoring are timed apart. The
 configs' step counts fill 40 minutes on a 2-core CPU and are scaled to --minutes, so the learning
 rates decay fully within the budget (a GPU runs the same steps, sooner). The default finishes in

@@ -40,7 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="guidance over the steps: constant, or linear from 1 to --cfg-scale (default: the checkpoint's)")
     parser.add_argument("--noise", type=float, default=None,
                         help="initial Gumbel noise on the re-masking confidences, annealed to 0 (default: the checkpoint's)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: the checkpoint's)")
+    parser.add_argument("--refine-steps", type=int, default=None,
+                        help="refinement rounds after the MaskGIT steps: re-mask a random --refine-ratio of the "
+                             "generated tokens and predict them again from the rest (default: the checkpoint's)")
+    parser.add_argument("--refine-ratio", type=float, default=None,
+                        help="fraction of the tokens re-masked per refinement round (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same videos (default: 0)")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts generated together (default: 4)")
     parser.add_argument("--videos-per-prompt", type=int, default=1, help="samples per prompt (default: 1)")
@@ -114,9 +119,11 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps or d.steps,
         cfg_scale=d.cfg_scale if args.cfg_scale is None else args.cfg_scale,
         temperature=args.temperature or d.temperature,
-        top_k=args.top_k,
+        top_k=d.top_k if args.top_k is None else args.top_k,
         noise=d.noise if args.noise is None else args.noise,
         cfg_schedule=args.cfg_schedule or d.cfg_schedule,
+        refine_steps=d.refine_steps if args.refine_steps is None else args.refine_steps,
+        refine_ratio=d.refine_ratio if args.refine_ratio is None else args.refine_ratio,
     )
     try:
         options.check()

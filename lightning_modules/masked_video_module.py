@@ -14,6 +14,7 @@ accuracy (oracle-read, when the prompts are the synthetic dataset's) and rank 0'
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -69,6 +70,9 @@ class MaskedVideoModule(LightningModule):
         temperature: float = 1.0,
         sample_noise: float = 4.5,
         cfg_schedule: str = "constant",
+        top_k: int | None = None,
+        refine_steps: int = 0,
+        refine_ratio: float = 0.25,
         val_prompts: list[str] | None = None,
         num_val_videos: int = 4,
         num_log_videos: int = 4,
@@ -108,6 +112,10 @@ class MaskedVideoModule(LightningModule):
                 to 0 over the steps (MaskGIT's choice temperature; lower commits more greedily).
             cfg_schedule: Guidance over the sampling steps: "constant" (cfg_scale throughout) or
                 "linear" (from 1 up to cfg_scale at the last step).
+            top_k: Sample tokens among the k most likely only (null: all).
+            refine_steps: Refinement rounds after the sampling steps: each re-masks refine_ratio
+                of the generated tokens at random and predicts them again from the rest.
+            refine_ratio: Fraction of the tokens re-masked per refinement round.
             val_prompts: Prompts for the validation samples, dealt out over the ranks and repeated to
                 fill num_val_videos per rank (default: the val captions each rank sees).
             num_val_videos: Videos generated per rank at each validation; the metrics use those of
@@ -137,6 +145,11 @@ class MaskedVideoModule(LightningModule):
                 raise ValueError(f"length_curriculum must be [[step, latent_frames], ...] with ascending steps: {length_curriculum}")
         self.save_hyperparameters(ignore=["backbone", *_EVAL_OPTIONS])
         self.hparams["backbone"] = backbone.config
+        try:
+            self.sampling_options().check()
+        except ValueError as exc:  # e.g. temperature 0: fail at startup, not at the first validation
+            field = str(exc).split(" ")[0]
+            raise ModelOptionError({"steps": "sample_steps", "noise": "sample_noise"}.get(field, field), exc) from None
         self.backbone = backbone
         self.backbone_ema = EMA(backbone, ema_decay) if ema_decay is not None else None
         try:
@@ -432,15 +445,21 @@ class MaskedVideoModule(LightningModule):
         self, prompts: list[str], grid: tuple[int, int, int], seed: int = 0, options: SamplingOptions | None = None
     ) -> torch.Tensor:
         """prompts -> videos [B, C, F, H, W] in [-1, 1] (EMA backbone)."""
-        options = options or SamplingOptions(
-            steps=self.hparams.sample_steps, cfg_scale=self.hparams.cfg_scale, temperature=self.hparams.temperature,
-            noise=self.hparams.sample_noise, cfg_schedule=self.hparams.get("cfg_schedule", "constant"),
-        )
+        options = options or self.sampling_options()
         text, text_mask = self.text_encoder(prompts)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         backbone = self.sampling_backbone
         tokens = maskgit_sample(backbone, grid, text.to(self.device), text_mask.to(self.device), options, generator)
         return self.tokenizer.decode(tokens).clamp(-1, 1)
+
+    def sampling_options(self) -> SamplingOptions:
+        """The configured sampler (validation samples, and `maskvid generate`'s defaults)."""
+        hp = self.hparams
+        return SamplingOptions(
+            steps=hp.sample_steps, cfg_scale=hp.cfg_scale, temperature=hp.temperature, noise=hp.sample_noise,
+            cfg_schedule=hp.get("cfg_schedule", "constant"), top_k=hp.get("top_k"),
+            refine_steps=hp.get("refine_steps", 0), refine_ratio=hp.get("refine_ratio", 0.25),
+        )
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -453,7 +472,6 @@ class MaskedVideoModule(LightningModule):
             "tokenizer": self.tokenizer.config,
             "tokenizer_prefix": "tokenizer.",
             "text_encoder": {"name_or_path": hp.text_encoder, "max_length": hp.text_max_length},
-            "sampling": {"steps": hp.sample_steps, "cfg_scale": hp.cfg_scale, "temperature": hp.temperature,
-                         "noise": hp.sample_noise, "cfg_schedule": hp.get("cfg_schedule", "constant")},
+            "sampling": asdict(self.sampling_options()),
             "grid": list(getattr(self, "grid", ())) or None,
         }

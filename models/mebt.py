@@ -10,10 +10,13 @@ Same interface as MaskGITBackbone, so MaskedVideoModule, the sampler and `maskvi
 either:
     forward(tokens [B, t, h, w] (mask id = vocab_size), text, text_mask, drop_text, masked_only=False)
         -> logits [B, t, h, w, V], or [num_masked, V] with masked_only
-Time positions are sinusoidal, so a model trained on T latent frames can be asked for more.
+Time positions are sinusoids through a learned projection, so a model trained on T latent frames
+can be asked for more.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from einops import rearrange
@@ -137,6 +140,12 @@ class MeBT(nn.Module):
         self.mask_emb = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_h = nn.Parameter(torch.randn(self.grid[1], dim) * 0.02)
         self.pos_w = nn.Parameter(torch.randn(self.grid[2], dim) * 0.02)
+        # Time: sinusoids (defined for any t, so longer videos can be asked for) through a learned
+        # projection that starts at the scale of the other embeddings (std 0.02). Raw sin/cos
+        # (|x| ~ 0.7) drowned token identity and the (h, w) positions by ~35x, and the model
+        # learned where objects are, i.e. shape and direction, only slowly.
+        self.time_proj = nn.Linear(dim, dim, bias=False)
+        nn.init.normal_(self.time_proj.weight, std=0.02 / math.sqrt(dim / 2))
         self.latents = nn.Parameter(torch.randn(1, num_latents, dim) * 0.02)
         self.text = TextConditioning(text_dim, dim, pooled=pooled_text)
         self.local = LocalMixing(dim) if local_context else None
@@ -157,7 +166,7 @@ class MeBT(nn.Module):
             raise ValueError(f"token grid {tuple(grid)} exceeds the backbone's spatial grid {self.grid[1:]}")
 
     def positions(self, t: int, h: int, w: int, device) -> torch.Tensor:
-        time = sinusoidal_embedding(torch.arange(t, device=device), self.dim)
+        time = self.time_proj(sinusoidal_embedding(torch.arange(t, device=device), self.dim).to(self.pos_h.dtype))
         pos = time[:, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]
         return rearrange(pos, "t h w d -> (t h w) d")
 

@@ -5,6 +5,11 @@ every masked token at once, keep the most confident predictions and re-mask the 
 masked fraction follows cos(pi/2 * progress). Confidence gets Gumbel noise whose scale anneals to
 zero over the steps (exploration early, commitment late). Guidance runs the conditional and
 unconditional passes in one batched forward: logits = u + s * (c - u).
+Optional refinement rounds follow (`refine_steps`): each re-masks a random fraction of the
+generated tokens and predicts them again from all the others, so that tokens committed in the same
+step, which were drawn independently of each other, are redrawn knowing their neighbours (ragged
+object edges are the typical symptom). This is the predictor-corrector idea of Lezama et al.
+(2022) with a random corrector.
 All randomness comes from one torch.Generator: a seed gives the same video on the same machine.
 """
 
@@ -37,6 +42,15 @@ def gumbel(shape: torch.Size | tuple, generator, device) -> torch.Tensor:
     return -torch.log((-torch.log(u)).clamp_(min=1e-20))
 
 
+def uniform(shape: torch.Size | tuple, generator, device) -> torch.Tensor:
+    """U[0, 1) noise; a list of generators draws row b from generator b (as `gumbel`)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([uniform(tuple(shape[1:]), g, device) for g in generator])
+    return torch.rand(shape, generator=generator, device=device)
+
+
 CFG_SCHEDULES = ("constant", "linear")
 
 
@@ -58,6 +72,12 @@ class SamplingOptions:
     position, so a full scale while the layout is still open grows objects; late steps, which
     fill in details, still get all of it."""
 
+    refine_steps: int = 0
+    """Refinement rounds after the MaskGIT loop: each re-masks `refine_ratio` of the generated
+    tokens at random and predicts them again from the rest (0: none)."""
+    refine_ratio: float = 0.25
+    """Fraction of the generated tokens re-masked in each refinement round."""
+
     def guidance(self, step: int) -> float:
         """Guidance scale at `step` (0-based) of `steps`."""
         if self.cfg_schedule == "linear":
@@ -73,6 +93,10 @@ class SamplingOptions:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.refine_steps < 0:
+            raise ValueError(f"refine_steps must be >= 0, got {self.refine_steps}")
+        if not 0 < self.refine_ratio <= 1:
+            raise ValueError(f"refine_ratio must be in (0, 1], got {self.refine_ratio}")
 
 
 @torch.no_grad()
@@ -130,11 +154,8 @@ def maskgit_sample(
         logits = guided_logits(
             backbone, rearrange(tokens, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, options.guidance(step)
         )
-        logits = rearrange(logits, "b t h w v -> b (t h w) v") / options.temperature
-        if options.top_k is not None:
-            kth = logits.topk(min(options.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        log_probs = logits.log_softmax(dim=-1)
+        logits = rearrange(logits, "b t h w v -> b (t h w) v")
+        log_probs = _token_log_probs(logits, options)
         sampled = (log_probs + gumbel(log_probs.shape, generator, device)).argmax(dim=-1)
         confidence = log_probs.gather(-1, sampled[..., None]).squeeze(-1)
         progress = (step + 1) / options.steps
@@ -150,4 +171,24 @@ def maskgit_sample(
         masked_now = rank < remask[:, None]
         tokens = torch.where(masked_now, torch.full_like(sampled, mask_id), sampled)
         unknown = masked_now
+    generated = rearrange(torch.arange(t, device=device) >= (0 if prime is None else prime.shape[1]), "t -> 1 t 1 1")
+    generated = rearrange(generated.expand(b, t, h, w), "b t h w -> b (t h w)")
+    for _ in range(options.refine_steps):
+        redo = (uniform(tokens.shape, generator, device) < options.refine_ratio) & generated
+        inputs = torch.where(redo, torch.full_like(tokens, mask_id), tokens)
+        logits = guided_logits(
+            backbone, rearrange(inputs, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, options.guidance(options.steps - 1)
+        )
+        log_probs = _token_log_probs(rearrange(logits, "b t h w v -> b (t h w) v"), options)
+        sampled = (log_probs + gumbel(log_probs.shape, generator, device)).argmax(dim=-1)
+        tokens = torch.where(redo, sampled, tokens)
     return rearrange(tokens, "b (t h w) -> b t h w", t=t, h=h)
+
+
+def _token_log_probs(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
+    """Log-probabilities the tokens are drawn from: temperature, then top-k."""
+    logits = logits / options.temperature
+    if options.top_k is not None:
+        kth = logits.topk(min(options.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits.log_softmax(dim=-1)

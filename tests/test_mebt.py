@@ -144,3 +144,14 @@ def test_local_context_reads_only_observed_neighbours_and_starts_as_a_no_op():
     neighbour[0, 0, 0, 0] = (tokens[0, 0, 0, 0] + 1) % 64
     before, after = local(tokens, text, mask), local(neighbour, text, mask)
     assert not torch.allclose(before[0, 1, 0, 0], after[0, 1, 0, 0])
+
+
+
+def test_time_positions_start_at_the_scale_of_the_other_embeddings():
+    # Raw sin/cos time embeddings (|x| ~ 0.7) drowned token identity and (h, w) positions
+    # (std 0.02) by ~35x; the learned projection starts them at the same scale, for any length.
+    m = net(dim=64)
+    spatial = m.pos_h.std().item()
+    for t in (3, 33):
+        time = m.positions(t, 1, 1, "cpu") - m.pos_h[0] - m.pos_w[0]  # [t, D]: the time part alone
+        assert 0.5 * spatial < time.std().item() < 2 * spatial

@@ -113,8 +113,8 @@ def test_tokenize_train_generate(pipeline):
     story = root / "story.jsonl"
     story.write_text('{"prompt": "a red circle moving left", "num_frames": 5}\n'
                      '{"prompt": "a red circle moving up", "num_frames": 5}\n')
-    out = run_cli("generate", "--ckpt", str(ckpt), "--story", str(story), "--steps", "3",
-                  "--out", str(root / "story"), "--quiet")
+    out = run_cli("generate", "--ckpt", str(ckpt), "--story", str(story), "--steps", "3", "--top-k", "5",
+                  "--refine-steps", "2", "--refine-ratio", "0.5", "--out", str(root / "story"), "--quiet")
     assert out.returncode == 0, out.stderr[-3000:]
     (item,) = json.loads((root / "story/index.json").read_text())
     assert decode_all(Path(item["path"]).read_bytes()).shape[0] == 1 + (3 + 1 - 1) * 2
@@ -122,6 +122,8 @@ def test_tokenize_train_generate(pipeline):
     # A tokenizer checkpoint cannot generate: a clear one-line error.
     bad = run_cli("generate", "--ckpt", str(pipeline["tok"]), "--prompt", "x", "--out", str(root / "bad"))
     assert bad.returncode == 2 and "not a stage-2 checkpoint" in bad.stderr
+    bad = run_cli("generate", "--ckpt", str(ckpt), "--prompt", "x", "--refine-ratio", "0", "--out", str(root / "bad"))
+    assert bad.returncode == 2 and "refine_ratio must be in (0, 1]" in bad.stderr
 
 
 def test_stage2_trains_on_video_shards_with_on_the_fly_tokens(pipeline):
