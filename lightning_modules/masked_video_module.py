@@ -33,7 +33,7 @@ from metrics.caption_accuracy import target_attributes
 from metrics.clip_model import CLIPLoadError
 from metrics.i3d import I3DWeightsError
 from models.config import instantiate
-from models.sampling import SamplingOptions, mask_ratio, maskgit_sample
+from models.sampling import SamplingOptionError, SamplingOptions, mask_ratio, maskgit_sample
 from models.stage2_checkpoint import STAGE2_KEY, STAGE2_FORMAT
 from models.text_encoder import TextEncoder
 from models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
@@ -147,9 +147,8 @@ class MaskedVideoModule(LightningModule):
         self.hparams["backbone"] = backbone.config
         try:
             self.sampling_options().check()
-        except ValueError as exc:  # e.g. temperature 0: fail at startup, not at the first validation
-            field = str(exc).split(" ")[0]
-            raise ModelOptionError({"steps": "sample_steps", "noise": "sample_noise"}.get(field, field), exc) from None
+        except SamplingOptionError as exc:  # e.g. temperature 0: fail at startup, not at the first validation
+            raise ModelOptionError({"steps": "sample_steps", "noise": "sample_noise"}.get(exc.field, exc.field), exc) from None
         self.backbone = backbone
         self.backbone_ema = EMA(backbone, ema_decay) if ema_decay is not None else None
         try:

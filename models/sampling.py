@@ -31,19 +31,9 @@ def mask_ratio(progress: torch.Tensor | float) -> torch.Tensor | float:
     return math.cos(progress * math.pi / 2)
 
 
-def gumbel(shape: torch.Size | tuple, generator, device) -> torch.Tensor:
-    """Standard Gumbel noise. A list of generators draws row b of the batch from generator b, so
-    a video depends on its own seed only, not on what else shares its batch."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack([gumbel(tuple(shape[1:]), g, device) for g in generator])
-    u = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0)
-    return -torch.log((-torch.log(u)).clamp_(min=1e-20))
-
-
 def uniform(shape: torch.Size | tuple, generator, device) -> torch.Tensor:
-    """U[0, 1) noise; a list of generators draws row b from generator b (as `gumbel`)."""
+    """U[0, 1) noise. A list of generators draws row b of the batch from generator b, so a video
+    depends on its own seed only, not on what else shares its batch."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
@@ -51,7 +41,21 @@ def uniform(shape: torch.Size | tuple, generator, device) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=device)
 
 
+def gumbel(shape: torch.Size | tuple, generator, device) -> torch.Tensor:
+    """Standard Gumbel noise, drawn as `uniform` draws (per-video generators included)."""
+    u = uniform(shape, generator, device).clamp_(1e-20, 1.0)
+    return -torch.log((-torch.log(u)).clamp_(min=1e-20))
+
+
 CFG_SCHEDULES = ("constant", "linear")
+
+
+class SamplingOptionError(ValueError):
+    """A SamplingOptions field that cannot work; `field` names it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        super().__init__(f"{field} {problem}")
 
 
 @dataclass
@@ -86,17 +90,17 @@ class SamplingOptions:
 
     def check(self) -> None:
         if self.cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
+            raise SamplingOptionError("cfg_schedule", f"must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise SamplingOptionError("steps", f"must be >= 1, got {self.steps}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise SamplingOptionError("temperature", f"must be > 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise SamplingOptionError("top_k", f"must be >= 1, got {self.top_k}")
         if self.refine_steps < 0:
-            raise ValueError(f"refine_steps must be >= 0, got {self.refine_steps}")
+            raise SamplingOptionError("refine_steps", f"must be >= 0, got {self.refine_steps}")
         if not 0 < self.refine_ratio <= 1:
-            raise ValueError(f"refine_ratio must be in (0, 1], got {self.refine_ratio}")
+            raise SamplingOptionError("refine_ratio", f"must be in (0, 1], got {self.refine_ratio}")
 
 
 @torch.no_grad()
@@ -149,14 +153,17 @@ def maskgit_sample(
         tokens[:, :k] = prime.to(device)
     tokens = rearrange(tokens, "b t h w -> b (t h w)")
     unknown = tokens == mask_id
+    generated = unknown  # what refinement may redraw: everything but the primed frames
     total_unknown = unknown.sum(dim=1)  # [B]
+
+    def draw(inputs: torch.Tensor, cfg_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """A token for every position given inputs [B, N] -> (sampled [B, N], log_probs [B, N, V])."""
+        logits = guided_logits(backbone, rearrange(inputs, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, cfg_scale)
+        log_probs = _token_log_probs(rearrange(logits, "b t h w v -> b (t h w) v"), options)
+        return (log_probs + gumbel(log_probs.shape, generator, device)).argmax(dim=-1), log_probs
+
     for step in range(options.steps):
-        logits = guided_logits(
-            backbone, rearrange(tokens, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, options.guidance(step)
-        )
-        logits = rearrange(logits, "b t h w v -> b (t h w) v")
-        log_probs = _token_log_probs(logits, options)
-        sampled = (log_probs + gumbel(log_probs.shape, generator, device)).argmax(dim=-1)
+        sampled, log_probs = draw(tokens, options.guidance(step))
         confidence = log_probs.gather(-1, sampled[..., None]).squeeze(-1)
         progress = (step + 1) / options.steps
         confidence = confidence + options.noise * (1 - progress) * gumbel(confidence.shape, generator, device)
@@ -171,16 +178,9 @@ def maskgit_sample(
         masked_now = rank < remask[:, None]
         tokens = torch.where(masked_now, torch.full_like(sampled, mask_id), sampled)
         unknown = masked_now
-    generated = rearrange(torch.arange(t, device=device) >= (0 if prime is None else prime.shape[1]), "t -> 1 t 1 1")
-    generated = rearrange(generated.expand(b, t, h, w), "b t h w -> b (t h w)")
     for _ in range(options.refine_steps):
         redo = (uniform(tokens.shape, generator, device) < options.refine_ratio) & generated
-        inputs = torch.where(redo, torch.full_like(tokens, mask_id), tokens)
-        logits = guided_logits(
-            backbone, rearrange(inputs, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, options.guidance(options.steps - 1)
-        )
-        log_probs = _token_log_probs(rearrange(logits, "b t h w v -> b (t h w) v"), options)
-        sampled = (log_probs + gumbel(log_probs.shape, generator, device)).argmax(dim=-1)
+        sampled, _ = draw(torch.where(redo, torch.full_like(tokens, mask_id), tokens), options.guidance(options.steps - 1))
         tokens = torch.where(redo, sampled, tokens)
     return rearrange(tokens, "b (t h w) -> b t h w", t=t, h=h)
 

@@ -146,7 +146,6 @@ def test_local_context_reads_only_observed_neighbours_and_starts_as_a_no_op():
     assert not torch.allclose(before[0, 1, 0, 0], after[0, 1, 0, 0])
 
 
-
 def test_time_positions_start_at_the_scale_of_the_other_embeddings():
     # Raw sin/cos time embeddings (|x| ~ 0.7) drowned token identity and (h, w) positions
     # (std 0.02) by ~35x; the learned projection starts them at the same scale, for any length.
