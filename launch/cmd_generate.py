@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import fields, replace
 from pathlib import Path
 
 from datamodules.errors import DataError
@@ -114,17 +115,10 @@ def run(args: argparse.Namespace) -> int:
         generator_model = load_generator(args.ckpt).to(device)
     except Stage2CheckpointError as exc:
         raise DataError(str(exc)) from None
-    d = generator_model.defaults
-    options = SamplingOptions(
-        steps=args.steps or d.steps,
-        cfg_scale=d.cfg_scale if args.cfg_scale is None else args.cfg_scale,
-        temperature=args.temperature or d.temperature,
-        top_k=d.top_k if args.top_k is None else args.top_k,
-        noise=d.noise if args.noise is None else args.noise,
-        cfg_schedule=args.cfg_schedule or d.cfg_schedule,
-        refine_steps=d.refine_steps if args.refine_steps is None else args.refine_steps,
-        refine_ratio=d.refine_ratio if args.refine_ratio is None else args.refine_ratio,
-    )
+    # Each sampler flag is named after its SamplingOptions field; a flag not given (None) keeps the
+    # checkpoint's value. A given 0 is kept too, so that check() reports it rather than hiding it.
+    overrides = {f.name: getattr(args, f.name) for f in fields(SamplingOptions) if getattr(args, f.name, None) is not None}
+    options = replace(generator_model.defaults, **overrides)
     try:
         options.check()
     except ValueError as exc:

@@ -453,11 +453,10 @@ class MaskedVideoModule(LightningModule):
 
     def sampling_options(self) -> SamplingOptions:
         """The configured sampler (validation samples, and `maskvid generate`'s defaults)."""
-        hp = self.hparams
+        hp = self.hparams  # save_hyperparameters records every __init__ argument, defaults included
         return SamplingOptions(
             steps=hp.sample_steps, cfg_scale=hp.cfg_scale, temperature=hp.temperature, noise=hp.sample_noise,
-            cfg_schedule=hp.get("cfg_schedule", "constant"), top_k=hp.get("top_k"),
-            refine_steps=hp.get("refine_steps", 0), refine_ratio=hp.get("refine_ratio", 0.25),
+            cfg_schedule=hp.cfg_schedule, top_k=hp.top_k, refine_steps=hp.refine_steps, refine_ratio=hp.refine_ratio,
         )
 
     # -- checkpoints ----------------------------------------------------------------------------

@@ -124,6 +124,8 @@ def test_tokenize_train_generate(pipeline):
     assert bad.returncode == 2 and "not a stage-2 checkpoint" in bad.stderr
     bad = run_cli("generate", "--ckpt", str(ckpt), "--prompt", "x", "--refine-ratio", "0", "--out", str(root / "bad"))
     assert bad.returncode == 2 and "refine_ratio must be in (0, 1]" in bad.stderr
+    bad = run_cli("generate", "--ckpt", str(ckpt), "--prompt", "x", "--temperature", "0", "--out", str(root / "bad"))
+    assert bad.returncode == 2 and "temperature must be > 0" in bad.stderr
 
 
 def test_stage2_trains_on_video_shards_with_on_the_fly_tokens(pipeline):
