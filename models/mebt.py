@@ -28,6 +28,19 @@ from models.config import module_config
 from models.maskgit import LocalMixing, TextConditioning
 
 
+class TextRead(nn.Module):
+    """Tokens read the caption alone: cross-attention with its own softmax over the caption's
+    tokens (the null token alone for CFG's unconditional pass)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm_q, self.norm_text = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CrossAttention(dim, heads)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(self.norm_q(x), self.norm_text(text), text_mask)
+
+
 class EncoderLayer(nn.Module):
     """Latents read the context (observed tokens + text), then attend among themselves."""
 
@@ -47,12 +60,14 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Masked queries read the latents only; latents read [latents, queries]."""
+    """Masked queries read the latents (and, with query_text, the caption); latents read
+    [latents, queries]. Queries never read each other."""
 
-    def __init__(self, dim: int, heads: int, ff_mult: float, write_latents: bool = True) -> None:
+    def __init__(self, dim: int, heads: int, ff_mult: float, write_latents: bool = True, query_text: bool = False) -> None:
         super().__init__()
         self.norm_q, self.norm_l = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.read = CrossAttention(dim, heads)
+        self.query_text = TextRead(dim, heads) if query_text else None
         self.norm_ff_q = nn.LayerNorm(dim)
         self.ff_q = FeedForward(dim, ff_mult)
         # The last layer's latent update would feed nothing (only queries are read out): it has
@@ -65,9 +80,12 @@ class DecoderLayer(nn.Module):
             self.ff_l = FeedForward(dim, ff_mult)
 
     def forward(
-        self, queries: torch.Tensor, query_mask: torch.Tensor, latents: torch.Tensor
+        self, queries: torch.Tensor, query_mask: torch.Tensor, latents: torch.Tensor, text: tuple | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """text: (caption [B, L, D], mask [B, L]), read by the queries with query_text."""
         queries = queries + self.read(self.norm_q(queries), self.norm_l(latents))
+        if self.query_text is not None:
+            queries = self.query_text(queries, *text)
         queries = queries + self.ff_q(self.norm_ff_q(queries))
         if not self.write_latents:
             return queries, latents
@@ -104,6 +122,7 @@ class MeBT(nn.Module):
         ff_mult: float = 4.0,
         pooled_text: bool = False,
         local_context: bool = False,
+        query_text: bool = False,
     ) -> None:
         """
         Args:
@@ -125,6 +144,11 @@ class MeBT(nn.Module):
                 3x3x3 convolution of the *observed* tokens around it (masked ones are zeros in
                 its input): a locality prior that keeps masked queries independent of each other
                 and the cost linear.
+            query_text: In every decoder layer, the masked queries also read the caption (their
+                own softmax over its tokens; cost O(N_mask * L), still linear). Without it the
+                caption reaches a query only through the latents and the pooled vector, and the
+                demo MeBT never used the direction word (`python -m metrics.caption_sensitivity`:
+                swapping "left" for "right" changed its loss by < 0.005 nats).
         """
         super().__init__()
         self.config = module_config(self, locals())
@@ -156,7 +180,7 @@ class MeBT(nn.Module):
         self.local = LocalMixing(dim) if local_context else None
         self.encoder = nn.ModuleList(EncoderLayer(dim, heads, ff_mult) for _ in range(depth))
         n_dec = decoder_depth or depth
-        self.decoder = nn.ModuleList(DecoderLayer(dim, heads, ff_mult, write_latents=i < n_dec - 1) for i in range(n_dec))
+        self.decoder = nn.ModuleList(DecoderLayer(dim, heads, ff_mult, write_latents=i < n_dec - 1, query_text=query_text) for i in range(n_dec))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)
         self.activation_checkpointing = False
@@ -224,7 +248,7 @@ class MeBT(nn.Module):
         if pooled is not None:
             queries = queries + pooled
         for layer in self.decoder:
-            queries, latents = self._run(layer, queries, q_valid, latents)
+            queries, latents = self._run(layer, queries, q_valid, latents, (text_ctx, text_ctx_mask))
         if masked_only:
             # gather_sets keeps each row's positions ascending, so this is row-major order.
             return self.head(self.norm(queries[q_valid]))

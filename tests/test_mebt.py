@@ -45,9 +45,11 @@ def test_observed_positions_keep_their_tokens_and_rows_are_independent():
     assert not torch.allclose(m(changed, text, mask)[0][~observed[0]], logits[0][~observed[0]])
 
 
-def test_no_attention_is_quadratic_in_the_number_of_tokens(monkeypatch):
-    """Every attention call has M latents on one side: its score matrix is at most N x M."""
-    m = net(num_latents=8)
+@pytest.mark.parametrize("query_text", [False, True])
+def test_no_attention_is_quadratic_in_the_number_of_tokens(monkeypatch, query_text):
+    """Every attention call has M latents or the caption (L tokens) on one side: its score matrix
+    is at most N x M or N x L."""
+    m = net(num_latents=8, query_text=query_text)
     shapes = []
     real = F.scaled_dot_product_attention
 
@@ -60,8 +62,9 @@ def test_no_attention_is_quadratic_in_the_number_of_tokens(monkeypatch):
     m(tokens, torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.bool))
     assert shapes
     n_latents = 8
+    caption = 5 + 1  # the text tokens and the null token
     for q_len, k_len in shapes:
-        assert n_latents in (q_len, k_len) or q_len == k_len == n_latents, (q_len, k_len)
+        assert n_latents in (q_len, k_len) or k_len == caption, (q_len, k_len)
         assert min(q_len, k_len) <= n_latents + 48  # latents + queries at most, never 48 x 48 alone
 
 
@@ -173,3 +176,43 @@ def test_latents_stay_distinct_when_the_pooled_caption_is_added():
     cos = latents @ latents.transpose(1, 2)
     off_diagonal = cos[:, ~torch.eye(16, dtype=torch.bool)]
     assert off_diagonal.mean().item() < 0.5
+
+
+
+def test_query_text_lets_every_masked_query_read_the_caption_and_keeps_cfg_text_free():
+    # Through the latents and the pooled vector alone, the demo MeBT never used the direction
+    # word (metrics.caption_sensitivity); query_text gives every query its own read of the caption.
+    from models.mebt import TextRead
+
+    m = net(query_text=True)
+    assert all(isinstance(layer.query_text, TextRead) for layer in m.decoder)
+    tokens = torch.randint(0, 64, (2, 3, 4, 4))
+    tokens[:, 1:] = m.mask_id
+    text, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    logits = m(tokens, text, mask)
+    # A changed caption word changes the masked logits, and the queries' own read sees it directly.
+    changed = text.clone()
+    changed[:, 2] = torch.randn(2, 16)
+    assert not torch.allclose(m(tokens, changed, mask)[:, 1:], logits[:, 1:])
+    read = m.decoder[0].query_text
+    queries, latents = torch.randn(1, 6, 32), torch.randn(1, 8, 32)
+    caption = m.text(text[:1], mask[:1], 1)
+    other = m.text(changed[:1], mask[:1], 1)
+    assert not torch.allclose(read(queries, *caption), read(queries, *other))
+    # Padding is not read...
+    padded, pad_mask = torch.cat([text, torch.randn(2, 3, 16)], 1), torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1)
+    torch.testing.assert_close(m(tokens, padded, pad_mask), logits)
+    # ...and a dropped caption leaves only the null token: CFG's unconditional pass.
+    dropped = m(tokens, text, mask, drop_text=torch.tensor([True, True]))
+    torch.testing.assert_close(dropped, m(tokens))
+    torch.testing.assert_close(m(tokens, changed, mask, drop_text=torch.tensor([True, True])), dropped)
+    # Masked queries still never see each other.
+    from models.mebt import DecoderLayer
+
+    layer = DecoderLayer(32, 2, 4.0, query_text=True).eval()
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    out, _ = layer(queries, valid, latents, caption)
+    moved = queries.clone()
+    moved[0, 3] = torch.randn(32)
+    out2, _ = layer(moved, valid, latents, caption)
+    torch.testing.assert_close(out2[0, [0, 1, 2, 4, 5]], out[0, [0, 1, 2, 4, 5]])
