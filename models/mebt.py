@@ -63,7 +63,9 @@ class DecoderLayer(nn.Module):
     """Masked queries read the latents (and, with query_text, the caption); latents read
     [latents, queries]. Queries never read each other."""
 
-    def __init__(self, dim: int, heads: int, ff_mult: float, write_latents: bool = True, query_text: bool = False) -> None:
+    def __init__(
+        self, dim: int, heads: int, ff_mult: float, write_latents: bool = True, query_text: bool = False
+    ) -> None:
         super().__init__()
         self.norm_q, self.norm_l = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.read = CrossAttention(dim, heads)
@@ -180,7 +182,9 @@ class MeBT(nn.Module):
         self.local = LocalMixing(dim) if local_context else None
         self.encoder = nn.ModuleList(EncoderLayer(dim, heads, ff_mult) for _ in range(depth))
         n_dec = decoder_depth or depth
-        self.decoder = nn.ModuleList(DecoderLayer(dim, heads, ff_mult, write_latents=i < n_dec - 1, query_text=query_text) for i in range(n_dec))
+        self.decoder = nn.ModuleList(
+            DecoderLayer(dim, heads, ff_mult, write_latents=i < n_dec - 1, query_text=query_text) for i in range(n_dec)
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)
         self.activation_checkpointing = False

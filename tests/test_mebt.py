@@ -200,7 +200,8 @@ def test_query_text_lets_every_masked_query_read_the_caption_and_keeps_cfg_text_
     other = m.text(changed[:1], mask[:1], 1)
     assert not torch.allclose(read(queries, *caption), read(queries, *other))
     # Padding is not read...
-    padded, pad_mask = torch.cat([text, torch.randn(2, 3, 16)], 1), torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1)
+    padded = torch.cat([text, torch.randn(2, 3, 16)], 1)
+    pad_mask = torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1)
     torch.testing.assert_close(m(tokens, padded, pad_mask), logits)
     # ...and a dropped caption leaves only the null token: CFG's unconditional pass.
     dropped = m(tokens, text, mask, drop_text=torch.tensor([True, True]))
