@@ -79,6 +79,7 @@ class Recipe:
     log_every: Optional[int] = None
     num_val_videos: Optional[int] = None  # stage-2 validation samples per check
     generate_steps: Optional[int] = None  # None: the checkpoint's sample_steps
+    generate_refine_steps: Optional[int] = None  # None: the checkpoint's refine_steps
     max_prompts: Optional[int] = None  # per prompt set; None: all of them
     videos_per_prompt: int = 2
     recon_clips: int = 8  # real/reconstructed pairs shown in the report
@@ -90,7 +91,7 @@ FULL = Recipe()
 # A smoke run (about 3 minutes on 2 cores): a handful of steps per stage, a few prompts.
 QUICK = Recipe(num_train=32, num_val=8, num_heldout=8, samples_per_shard=8, tokenizer_steps=4,
                stage2_steps=4, val_every=2, stage2_val_every=4, limit_val_batches=1, log_every=1, num_val_videos=1,
-               generate_steps=4, max_prompts=3, videos_per_prompt=1, recon_clips=4, workers=1)
+               generate_steps=4, generate_refine_steps=0, max_prompts=3, videos_per_prompt=1, recon_clips=4, workers=1)
 
 
 def hms(minutes: float) -> str:
@@ -323,6 +324,8 @@ class DemoPipeline:
                     "--seed", str(self.seed), "--out", str(self.out / f"generated/{name}"), "--quiet"]
             if self.recipe.generate_steps is not None:
                 args += ["--steps", str(self.recipe.generate_steps)]
+            if self.recipe.generate_refine_steps is not None:
+                args += ["--refine-steps", str(self.recipe.generate_refine_steps)]
             self.maskvid(*args)
             result[name] = {"prompts": len(prompts), "index": str(self.out / f"generated/{name}/index.json")}
         return result
