@@ -37,14 +37,15 @@ from pathlib import Path
 from datamodules.errors import DataError
 from launch.arg_types import positive_float, positive_int
 from launch.cmd_data_synthetic import add_variation_arguments
-from launch.demo_pipeline import DEMO_VARIATION
+from launch.demo_pipeline import DEMO_VARIATION, REFERENCE_MINUTES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"),
                         help="run directory: data, runs, samples, summary.json, report.html (default: runs/demo)")
     parser.add_argument("--minutes", type=positive_float, default=None,
-                        help="training budget of both fits together (default: 40, or 2 with --quick)")
+                        help=f"training budget of both fits together (default: {REFERENCE_MINUTES:g}, the budget the demo configs' "
+                             "step caps are sized for; 2 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run under 5 minutes: tiny data, a few steps per stage, 3 prompts per set")
     parser.add_argument("--backbone", choices=["mebt", "maskgit"], default="mebt",
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         if args.train_shards is not None:
             raise DataError("--sizes/--speeds/--backgrounds shape the synthetic data; they do nothing with --train-shards")
         recipe = replace(recipe, variation=replace(recipe.variation, **chosen))
-    minutes = args.minutes if args.minutes is not None else (2.0 if args.quick else 40.0)
+    minutes = args.minutes if args.minutes is not None else (2.0 if args.quick else REFERENCE_MINUTES)
     demo = DemoPipeline(args.out, recipe, minutes, backbone=args.backbone, devices=args.devices,
                         train_shards=args.train_shards, val_shards=args.val_shards, prompts=args.prompts,
                         i3d_path=args.i3d_path, clip_path=args.clip_path, seed=args.seed,

@@ -322,10 +322,9 @@ class DemoPipeline:
             args = ["generate", "--ckpt", str(self.stage2_ckpt), "--prompts", f"prompts/{name}.txt",
                     "--videos-per-prompt", str(self.recipe.videos_per_prompt), "--batch-size", "8",
                     "--seed", str(self.seed), "--out", str(self.out / f"generated/{name}"), "--quiet"]
-            if self.recipe.generate_steps is not None:
-                args += ["--steps", str(self.recipe.generate_steps)]
-            if self.recipe.generate_refine_steps is not None:
-                args += ["--refine-steps", str(self.recipe.generate_refine_steps)]
+            for flag, value in (("--steps", self.recipe.generate_steps), ("--refine-steps", self.recipe.generate_refine_steps)):
+                if value is not None:  # None: the checkpoint's own sampler setting
+                    args += [flag, str(value)]
             self.maskvid(*args)
             result[name] = {"prompts": len(prompts), "index": str(self.out / f"generated/{name}/index.json")}
         return result
