@@ -48,11 +48,17 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, N, D]; context: [B, M, Dc]; mask: optional bool [B, M], True = attend."""
-        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
-        k, v = rearrange(self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.heads)
+        return self.proj(self.attend(self.q(x), self.kv(context), mask))
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention alone, on projected inputs: q [B, N, D], kv [B, M, 2D] -> [B, N, D] before
+        `proj`. Split out so that callers with variable-length sets can run the per-token
+        projections on packed tokens and pad only for this step (models/mebt.py)."""
+        q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(kv, "b m (two h d) -> two b h m d", two=2, h=self.heads)
         attn_mask = None if mask is None else rearrange(mask, "b m -> b 1 1 m")
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        return rearrange(out, "b h n d -> b n (h d)")
 
 
 class FeedForward(nn.Module):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.mebt import MeBT, gather_sets
+from models.mebt import MeBT, pack_sets, pad, unpad
 from models.sampling import SamplingOptions, maskgit_sample
 
 
@@ -17,12 +17,19 @@ def net(**kw) -> MeBT:
     return MeBT(**(args | kw)).eval()
 
 
-def test_gather_sets_pads_variable_sizes():
+def test_pack_sets_packs_variable_sizes_and_pads_only_for_attention():
     selected = torch.tensor([[True, False, True, False], [False, False, False, True]])
-    idx, valid = gather_sets(selected)
-    assert idx.shape == (2, 2)
-    assert idx[0].tolist() == [0, 2] and valid[0].tolist() == [True, True]
-    assert idx[1, 0].item() == 3 and valid[1].tolist() == [True, False]
+    sets = pack_sets(selected)
+    assert sets.index.tolist() == [0, 2, 7]  # row-major positions in the flattened [B * N]
+    assert sets.valid.tolist() == [[True, True], [True, False]]
+    assert sets.slots.tolist() == [0, 1, 2]
+    x = torch.arange(6.0).view(3, 2)
+    padded = pad(x, sets)
+    assert padded.shape == (2, 2, 2) and padded[1, 1].tolist() == [0.0, 0.0]
+    assert padded[1, 0].tolist() == x[2].tolist()
+    assert torch.equal(unpad(padded, sets), x)
+    empty = pack_sets(torch.zeros(2, 4, dtype=torch.bool))
+    assert empty.valid.shape == (2, 0) and pad(torch.zeros(0, 3), empty).shape == (2, 0, 3)
 
 
 def test_observed_positions_keep_their_tokens_and_rows_are_independent():
@@ -101,14 +108,18 @@ def test_a_masked_query_does_not_depend_on_another_masked_query():
 
     torch.manual_seed(0)
     layer = DecoderLayer(32, 2, 4.0).eval()
-    latents, queries = torch.randn(1, 8, 32), torch.randn(1, 5, 32)
-    valid = torch.ones(1, 5, dtype=torch.bool)
-    out, _ = layer(queries, valid, latents)
+    # Two clips with 5 and 2 masked queries, packed: [T=7, D].
+    latents, queries = torch.randn(2, 8, 32), torch.randn(7, 32)
+    sets = pack_sets(torch.tensor([[True] * 5 + [False], [True, True] + [False] * 4]))
+    out, new_latents = layer(queries, sets, latents)
     changed = queries.clone()
-    changed[0, 3] = torch.randn(32)
-    out2, _ = layer(changed, valid, latents)
-    torch.testing.assert_close(out2[0, [0, 1, 2, 4]], out[0, [0, 1, 2, 4]])
-    assert not torch.allclose(out2[0, 3], out[0, 3])
+    changed[3] = torch.randn(32)
+    out2, new_latents2 = layer(changed, sets, latents)
+    torch.testing.assert_close(out2[[0, 1, 2, 4, 5, 6]], out[[0, 1, 2, 4, 5, 6]])
+    assert not torch.allclose(out2[3], out[3])
+    # The latents do read the queries (of their own clip only).
+    assert not torch.allclose(new_latents2[0], new_latents[0])
+    torch.testing.assert_close(new_latents2[1], new_latents[1])
 
 
 def test_sampling_fills_every_masked_position_with_partial_context():
@@ -195,10 +206,11 @@ def test_query_text_lets_every_masked_query_read_the_caption_and_keeps_cfg_text_
     changed[:, 2] = torch.randn(2, 16)
     assert not torch.allclose(m(tokens, changed, mask)[:, 1:], logits[:, 1:])
     read = m.decoder[0].query_text
-    queries, latents = torch.randn(1, 6, 32), torch.randn(1, 8, 32)
+    queries, latents = torch.randn(6, 32), torch.randn(1, 8, 32)
+    sets = pack_sets(torch.ones(1, 6, dtype=torch.bool))
     caption = m.text(text[:1], mask[:1], 1)
     other = m.text(changed[:1], mask[:1], 1)
-    assert not torch.allclose(read(queries, *caption), read(queries, *other))
+    assert not torch.allclose(read(queries, sets, *caption), read(queries, sets, *other))
     # Padding is not read...
     padded = torch.cat([text, torch.randn(2, 3, 16)], 1)
     pad_mask = torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1)
@@ -211,9 +223,8 @@ def test_query_text_lets_every_masked_query_read_the_caption_and_keeps_cfg_text_
     from models.mebt import DecoderLayer
 
     layer = DecoderLayer(32, 2, 4.0, query_text=True).eval()
-    valid = torch.ones(1, 6, dtype=torch.bool)
-    out, _ = layer(queries, valid, latents, caption)
+    out, _ = layer(queries, sets, latents, caption)
     moved = queries.clone()
-    moved[0, 3] = torch.randn(32)
-    out2, _ = layer(moved, valid, latents, caption)
-    torch.testing.assert_close(out2[0, [0, 1, 2, 4, 5]], out[0, [0, 1, 2, 4, 5]])
+    moved[3] = torch.randn(32)
+    out2, _ = layer(moved, sets, latents, caption)
+    torch.testing.assert_close(out2[[0, 1, 2, 4, 5]], out[[0, 1, 2, 4, 5]])
