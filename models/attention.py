@@ -48,7 +48,12 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, N, D]; context: [B, M, Dc]; mask: optional bool [B, M], True = attend."""
-        return self.proj(self.attend(self.q(x), self.kv(context), mask))
+        return self.forward_kv(x, self.kv(context), mask)
+
+    def forward_kv(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """forward with the context already projected (kv [B, M, 2D]): for callers that build the
+        keys from parts projected apart, such as MeBT's packed token sets."""
+        return self.proj(self.attend(self.q(x), kv, mask))
 
     def attend(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The attention alone, on projected inputs: q [B, N, D], kv [B, M, 2D] -> [B, N, D] before

@@ -100,7 +100,7 @@ class EncoderLayer(nn.Module):
         """latents [B, M, D]; context: the observed tokens, packed [T, D]; text [B, L, D], text_mask [B, L]."""
         kv = torch.cat([pad(self.cross.kv(self.norm_ctx(context)), sets), self.cross.kv(self.norm_ctx(text))], dim=1)
         mask = torch.cat([sets.valid, text_mask], dim=1)
-        latents = latents + self.cross.proj(self.cross.attend(self.cross.q(self.norm_q(latents)), kv, mask))
+        latents = latents + self.cross.forward_kv(self.norm_q(latents), kv, mask)
         latents = latents + self.attn(self.norm_self(latents))
         return latents + self.ff(self.norm_ff(latents))
 
@@ -140,7 +140,7 @@ class DecoderLayer(nn.Module):
             return queries, latents
         kv = torch.cat([self.write.kv(self.norm_kv(latents)), pad(self.write.kv(self.norm_kv(queries)), sets)], dim=1)
         mask = torch.cat([torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device), sets.valid], 1)
-        latents = latents + self.write.proj(self.write.attend(self.write.q(self.norm_l2(latents)), kv, mask))
+        latents = latents + self.write.forward_kv(self.norm_l2(latents), kv, mask)
         latents = latents + self.ff_l(self.norm_ff_l(latents))
         return queries, latents
 
