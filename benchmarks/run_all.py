@@ -7,7 +7,7 @@ The combined JSON holds every benchmark's own JSON plus `summary`: one row per t
 performance suite (value, target, met), with the figure of a --baseline run (an earlier
 all.json) beside it, so a speed change shows its before and after.
 
-Slow benchmarks are skipped by default: text_to_video_quality (about 40 minutes: both stages
+Slow benchmarks are skipped by default: text_to_video_quality (about 45 minutes: both stages
 trained and scored) and the 20-minute quality part of tokenizer_quality (its throughput part
 always runs). --include-slow runs them too; naming text_to_video_quality in --only also runs it.
 
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="+", metavar="NAME", default=[], help="leave these out")
     parser.add_argument("--quick", action="store_true", help="smoke sizes: each script's --quick, or few steps")
     parser.add_argument("--include-slow", action="store_true",
-                        help="also run text_to_video_quality (~40 min) and tokenizer_quality's quality part (~20 min)")
+                        help="also run text_to_video_quality (~45 min) and tokenizer_quality's quality part (~20 min)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per benchmark (default: per benchmark)")
     parser.add_argument("--device", default=None, help="passed to the benchmarks that take --device (e.g. cuda)")
     parser.add_argument("--precision", default=None, help="passed to those that take --precision (e.g. bf16-mixed)")
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in args.skip:
             benchmarks[name] = {"status": "skipped", "reason": "--skip"}
         elif BENCHMARKS.get(name, {}).get("slow") and not args.include_slow and not args.only:
-            benchmarks[name] = {"status": "skipped", "reason": "slow (about 40 minutes); run with --include-slow"}
+            benchmarks[name] = {"status": "skipped", "reason": "slow (tens of minutes); run with --include-slow"}
         else:
             benchmarks[name] = run_one(name, args, results_dir)
     baseline = json.loads(args.baseline.read_text()) if args.baseline else None

@@ -14,7 +14,7 @@ with the benchmark's settings:
 Target: all-attribute ("joint") accuracy >= 70% on seen prompts (chance < 2%); held-out reported.
 The run directory keeps summary.json, report.html (videos, curves) and every command.
 
-    python benchmarks/text_to_video_quality.py                       # 40 minutes on a 2-core CPU
+    python benchmarks/text_to_video_quality.py                       # 40 minutes of training on a 2-core CPU
     python benchmarks/text_to_video_quality.py --backbone mebt --json-out benchmarks/results/t2v_mebt.json
     python benchmarks/text_to_video_quality.py --full-data    # every size and background
 """
@@ -38,7 +38,11 @@ from common import emit  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=40.0, help="training budget for both stages (tokenizing included)")
+    from launch.demo_pipeline import REFERENCE_MINUTES
+
+    parser.add_argument("--minutes", type=float, default=REFERENCE_MINUTES,
+                        help=f"training budget for both stages, tokenizing included (default: {REFERENCE_MINUTES:g}, "
+                             "the demo's default, which its configs' step caps are sized for)")
     parser.add_argument("--videos-per-prompt", type=int, default=4)
     parser.add_argument("--backbone", choices=["maskgit", "mebt"], default="maskgit")
     parser.add_argument("--run-dir", type=Path, default=None,

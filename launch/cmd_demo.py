@@ -13,14 +13,18 @@ Steps, each a real maskvid command run in --out (so the report can print how to 
 
 --minutes is shared between the two fits (20% tokenizer, the rest stage 2 including tokenizing;
 see BUDGET_SPLIT in launch/demo_pipeline.py); data, generation and scoring are timed apart. The
-configs' step counts fill 40 minutes on a 2-core CPU and are scaled to --minutes, so the learning
-rates decay fully within the budget (a GPU runs the same steps, sooner). The default, 40 minutes,
-is what MeBT needs here to get 70% of its videos right (25 minutes: 42%); with data, generation
-and the report it takes about 40 minutes on a 2-core CPU. Rerun with the same --out to resume: finished
-steps are skipped (OUT/steps/*.json) and an interrupted fit continues from its last checkpoint.
+configs' step counts fit 40 minutes on a 2-core CPU and are scaled to --minutes, so the learning
+rates decay fully within the budget. The budget is a limit: the fits stop at their step counts
+first when the machine is fast enough. Stage 2 and generation run in bf16 autocast where the
+device has native bf16 (GPUs; CPUs with AMX or AVX512-BF16, where a step is about 1.3x faster than
+in fp32), else in fp32; on a CPU the tokenizer fit stays fp32. The default, 40 minutes, is what
+MeBT needs to get 70% of its videos right on a 2-core CPU in fp32 (25 minutes: 42%); on a loaded
+2-core machine a 30-minute budget stopped bf16 stage 2 at 2491 of its 3800 steps (55%). Rerun
+with the same --out to resume: finished steps are skipped (OUT/steps/*.json) and an interrupted
+fit continues from its last checkpoint.
 
 examples:
-  maskvid demo --out runs/demo                     # about 40 minutes on a 2-core CPU
+  maskvid demo --out runs/demo                     # up to about 45 minutes on a 2-core CPU
   maskvid demo --out runs/demo_quick --quick       # smoke run, under 5 minutes
   maskvid demo --out runs/demo_phenaki --backbone maskgit
   maskvid demo --out runs/demo_fast --minutes 20   # quicker, weaker models

@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="latent frames carried between story scenes and between sliding windows past the trained length (default: 2)")
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the mp4s (default: 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "32"], default="auto",
+                        help="the transformer's sampling precision: bf16 autocast or fp32; auto: bf16 where the "
+                             "device has native bf16 (GPUs, CPUs with AMX/AVX512-BF16), else fp32. The "
+                             "tokenizer decodes in fp32 either way (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -105,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     from datamodules.pixels import to_uint8
     from datamodules.video_io import encode_mp4
+    from launch import precision
     from models.sampling import SamplingOptions
     from models.stage2_checkpoint import Stage2CheckpointError, load_generator
 
@@ -124,6 +129,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise DataError(str(exc)) from None
     args.out.mkdir(parents=True, exist_ok=True)
+    device_type = torch.device(device).type
+    bf16 = precision.resolve(args.precision, device_type)
+
+    def sample_tokens(*a, **kw) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            return generator_model.tokens(*a, **kw)
+
     def rng(*ids: int) -> torch.Generator:
         # One generator per video: a video depends on (seed, prompt, sample), not on batching.
         return torch.Generator(device=device).manual_seed(hash((args.seed, *ids)) & 0x7FFF_FFFF_FFFF_FFFF)
@@ -148,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
                 if tokens is not None:
                     k = min(args.story_context, grid[0] - 1)
                     prime = tokens[:, -k:]
-                new = generator_model.tokens([prompt], grid, options, [rng(len(pieces))], prime=prime)
+                new = sample_tokens([prompt], grid, options, [rng(len(pieces))], prime=prime)
                 pieces.append(new if prime is None else new[:, prime.shape[1]:])
                 tokens = new
             story_tokens = torch.cat(pieces, dim=1)
@@ -161,8 +173,8 @@ def run(args: argparse.Namespace) -> int:
             for start in range(0, len(jobs), args.batch_size):
                 batch = jobs[start : start + args.batch_size]
                 generators = [rng(i, k) for i, _, k in batch]
-                tokens = generator_model.tokens([p for _, p, _ in batch], grid, options, generators,
-                                                context=args.story_context)
+                tokens = sample_tokens([p for _, p, _ in batch], grid, options, generators,
+                                          context=args.story_context)
                 videos = generator_model.decode(tokens)
                 for (i, prompt, k), video in zip(batch, videos):
                     suffix = f"-{k}" if args.videos_per_prompt > 1 else ""

@@ -28,13 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 # Stage 2 gets what is left after the tokenizer (which may stop early at max_steps) and tokenizing.
 # Rendering the data, generating and scoring are timed apart, outside the budget.
 # The tokenizer's share is what its reconstructions need to be read right by the oracle: on the
-# demo data a 2600-step tokenizer (8 minutes here) already scores 97.7% joint on its own
-# reconstructions of the 128 val clips, so the rest goes to stage 2, the stage that limits quality.
+# demo data its 3100 steps (5.9 minutes here in bf16) score 99.2% joint on its own reconstructions
+# of the 128 val clips (2325 steps: 93.0%), so the rest goes to stage 2, the stage that limits
+# quality.
 BUDGET_SPLIT = {"tokenizer": 0.2, "stage2": 0.8}
-# The demo experiment configs' max_steps are sized to fill this budget on a 2-core CPU (the
-# text-to-video benchmark's 40 minutes). Another --minutes scales them, so that the learning-rate
-# schedules end when the budget does: a time limit that cut a cosine schedule short would stop
-# training at a high learning rate. On a faster machine the same steps just finish sooner.
+# The demo experiment configs' max_steps are sized to fit this budget on a 2-core CPU: in fp32 on
+# a quiet machine (stage 2 at 0.48 s a step), or in bf16 autocast on a loaded one (0.47-0.55 s);
+# in bf16 on a quiet machine (0.36-0.40 s) they finish well within it. Another --minutes scales
+# them, so that the learning-rate schedules end when the budget does: a time limit that cut a
+# cosine schedule short would stop training at a high learning rate.
 REFERENCE_MINUTES = 40.0
 
 
@@ -197,16 +199,29 @@ class DemoPipeline:
             name = " ".join(args[:2]) if args[0] in ("data", "eval") else args[0]
             raise DataError(f"`maskvid {name}` failed (exit {code}); its output is in {self.log}")
 
-    def _trainer_args(self, steps: Optional[int], minutes: float, val_every: Optional[int]) -> list[str]:
+    def precision(self, stage: str = "stage2") -> str:
+        """A fit's trainer.precision: stage 2 in bf16 autocast where the device has native bf16,
+        else fp32. The tokenizer stays fp32 on a CPU: in bf16 it saved only ~10% of its time here,
+        and its tokens came out harder for stage 2 (val loss 1.41 against 1.23 at step 500, one run
+        each), which cost more than the saving."""
+        from launch.precision import trainer_precision
+
+        if stage == "tokenizer" and not _cuda_available():
+            return "32-true"
+        return trainer_precision("cuda" if _cuda_available() else "cpu")
+
+    def _trainer_args(self, steps: Optional[int], minutes: float, val_every: Optional[int],
+                      stage: str = "stage2") -> list[str]:
         r = self.recipe
         args = []
         if self.devices > 1:
             # Data parallel over --devices (gloo on CPU); the GAN's unused parameters are handled.
             args += ["--config", str(REPO / "configs/trainer/ddp.yaml")]
         # The demo configs layer trainer/cpu.yaml (CPU, fp32) and ddp.yaml asks for bf16: use the
-        # GPU when there is one (in bf16), else the CPU in fp32 (bf16 autocast is slow on CPU).
-        gpu = _cuda_available()
-        args += ["--trainer.accelerator", "gpu" if gpu else "cpu", "--trainer.precision", "bf16-mixed" if gpu else "32-true"]
+        # GPU when there is one, else the CPU; bf16 autocast wherever the device has native bf16
+        # (a GPU, or a CPU with AMX/AVX512-BF16, where it is ~1.3x faster), else fp32.
+        args += ["--trainer.accelerator", "gpu" if _cuda_available() else "cpu",
+                 "--trainer.precision", self.precision(stage)]
         args += ["--trainer.devices", str(self.devices), "--trainer.max_time", hms(minutes)]
         if steps is not None:
             args += ["--trainer.max_steps", str(steps)]
@@ -258,7 +273,8 @@ class DemoPipeline:
         steps = self.recipe.tokenizer_steps or scaled_steps(config, self.minutes)
         self.maskvid("fit", "--config", str(config),
                      "--data.train_shards", self.train_shards, "--data.val_shards", self.val_shards,
-                     *self._trainer_args(steps, BUDGET_SPLIT["tokenizer"] * self.minutes, self.recipe.val_every))
+                     *self._trainer_args(steps, BUDGET_SPLIT["tokenizer"] * self.minutes, self.recipe.val_every,
+                                         "tokenizer"))
         if not self.tokenizer_ckpt.is_file():
             raise DataError(f"the tokenizer fit wrote no {self.tokenizer_ckpt}")
         return {"checkpoint": str(self.tokenizer_ckpt)}
@@ -408,6 +424,7 @@ class DemoPipeline:
                      "variation": self.rendered_variation() if self.synthetic else None},
             "budget_minutes": self.minutes,
             "budget_split": BUDGET_SPLIT,
+            "precision": {"tokenizer": self.precision("tokenizer"), "stage2": self.precision()},
             "recipe": asdict(self.recipe),
             "steps_done": list(records),
             "checkpoints": {

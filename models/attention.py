@@ -14,6 +14,21 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              is_causal: bool = False) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`, except that on a CPU, for bf16/fp16 inputs (autocast or a
+    half-precision model), it runs in fp32 and hands back the input dtype: PyTorch's CPU
+    flash-attention backward in bf16 took 5x its fp32 time here (demo MeBT step: 0.47 s with it,
+    0.30 s with this, fp32 throughout 0.38 s), while the bf16 matmuls around it run 4-9x faster on
+    AMX. GPUs keep their bf16 kernels."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                                 is_causal=is_causal)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused QKV projection."""
 
@@ -30,7 +45,7 @@ class SelfAttention(nn.Module):
         """x: [B, N, D]; mask: optional bool [B, N] of keys that may be attended to."""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         attn_mask = None if mask is None else rearrange(mask, "b n -> b 1 1 n")
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal)
+        out = attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -62,7 +77,7 @@ class CrossAttention(nn.Module):
         q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(kv, "b m (two h d) -> two b h m d", two=2, h=self.heads)
         attn_mask = None if mask is None else rearrange(mask, "b m -> b 1 1 m")
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = attention(q, k, v, attn_mask=attn_mask)
         return rearrange(out, "b h n d -> b n (h d)")
 
 

@@ -36,30 +36,57 @@ class Sets(NamedTuple):
     padding; only the attention itself pads to [B, K] (`pad`), since SDPA wants a rectangle. With a
     mask ratio drawn per clip, padding every set to the batch's largest one made the decoder
     compute ~1.5x and the encoder's context projections ~2.5x the real token count.
+
+    Under CPU autocast, T is rounded up to a multiple of PACK_MULTIPLE with filler members after
+    the real ones (`pack_multiple`): they read position 0, are written to scratch places that `pad`
+    drops, and are cut off the logits.
     """
 
-    index: torch.Tensor  # [T] the members' positions in the flattened [B * N], row-major
-    slots: torch.Tensor  # [T] their places in the flattened [B * K] padding
+    index: torch.Tensor  # [T] the members' positions in the flattened [B * N], row-major; fillers 0
+    slots: torch.Tensor  # [T] their places in the flattened [B * K] padding; fillers B * K + i
     valid: torch.Tensor  # bool [B, K]: which padded places hold a member
+    count: int  # real members (the first `count` of the T)
 
 
-def pack_sets(selected: torch.Tensor) -> Sets:
-    """bool [B, N] -> the selected positions of every row as packed Sets (K = the largest count)."""
+PACK_MULTIPLE = 64
+
+
+def pack_multiple(device: torch.device) -> int:
+    """How many members packed sets are rounded up to on `device`. oneDNN builds its bf16 (AMX)
+    matmul kernels per shape, and the packed T changes every step: the demo MeBT's bf16 step took
+    0.30 s with a new T each step and 0.27 s with T rounded to 64 (fp32 0.38 s). fp32 and GPU
+    kernels take any shape at no cost, so there the sets stay exact (no filler is computed)."""
+    return PACK_MULTIPLE if device.type == "cpu" and torch.is_autocast_enabled("cpu") else 1
+
+
+def pack_sets(selected: torch.Tensor, multiple: int = 1) -> Sets:
+    """bool [B, N] -> the selected positions of every row as packed Sets (K = the largest count),
+    with fillers up to a multiple of `multiple` members."""
     counts = selected.sum(dim=1)
     k = int(counts.max()) if selected.numel() else 0
     valid = torch.arange(k, device=selected.device)[None, :] < counts[:, None]
-    return Sets(selected.flatten().nonzero().squeeze(1), valid.flatten().nonzero().squeeze(1), valid)
+    index, slots = selected.flatten().nonzero().squeeze(1), valid.flatten().nonzero().squeeze(1)
+    count = index.numel()
+    fill = -count % multiple
+    if fill:
+        index = torch.cat([index, index.new_zeros(fill)])
+        slots = torch.cat([slots, valid.numel() + torch.arange(fill, device=slots.device)])
+    return Sets(index, slots, valid, count)
 
 
 def pad(x: torch.Tensor, sets: Sets) -> torch.Tensor:
-    """Packed [T, C] -> [B, K, C], zeros in the padding."""
+    """Packed [T, C] -> [B, K, C], zeros in the padding (fillers land past B * K and are dropped)."""
     b, k = sets.valid.shape
-    return x.new_zeros(b * k, x.shape[-1]).index_copy(0, sets.slots, x).view(b, k, x.shape[-1])
+    out = x.new_zeros(b * k + x.shape[0] - sets.count, x.shape[-1]).index_copy(0, sets.slots, x)
+    return out[: b * k].view(b, k, x.shape[-1])
 
 
 def unpad(x: torch.Tensor, sets: Sets) -> torch.Tensor:
-    """[B, K, C] -> packed [T, C]."""
-    return x.reshape(-1, x.shape[-1]).index_select(0, sets.slots)
+    """[B, K, C] -> packed [T, C] (fillers read place 0: nothing downstream uses them)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if sets.count == sets.slots.numel():
+        return flat.index_select(0, sets.slots)
+    return flat.index_select(0, sets.slots.clamp(max=max(flat.shape[0] - 1, 0)))
 
 
 def attend_packed(attn: CrossAttention, x: torch.Tensor, sets: Sets, kv: torch.Tensor,
@@ -262,7 +289,8 @@ class MeBT(nn.Module):
         pos = self.positions(t, h, w, tokens.device).to(self.latents.dtype)
         masked = flat == self.mask_id
         ids = flat.flatten().clamp(max=self.vocab_size - 1)
-        observed, queried = pack_sets(~masked), pack_sets(masked)
+        multiple = pack_multiple(tokens.device)
+        observed, queried = pack_sets(~masked, multiple), pack_sets(masked, multiple)
 
         ctx = self.token_emb(ids[observed.index]) + pos[observed.index % n]  # packed [T_obs, D]
         local = None
@@ -289,11 +317,11 @@ class MeBT(nn.Module):
             queries = queries + pooled.view(b, self.dim)[queried.index // n]
         for layer in self.decoder:
             queries, latents = self._run(layer, queries, queried, latents, (text_ctx, text_ctx_mask))
-        q_logits = self.head(self.norm(queries))  # [T_mask, V], row-major
+        q_logits = self.head(self.norm(queries[: queried.count]))  # [T_mask, V], row-major
         if masked_only:
             return q_logits
 
         # Observed positions are given: their "prediction" is their own token, with certainty.
         logits = torch.full((b * n, self.vocab_size), -1e4, dtype=q_logits.dtype, device=tokens.device)
-        logits = logits.scatter_(1, ids[:, None], 0.0).index_copy(0, queried.index, q_logits)
+        logits = logits.scatter_(1, ids[:, None], 0.0).index_copy(0, queried.index[: queried.count], q_logits)
         return rearrange(logits, "(b t h w) v -> b t h w v", b=b, t=t, h=h)

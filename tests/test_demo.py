@@ -48,6 +48,9 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     from launch.demo_pipeline import DEMO_VARIATION
 
     assert summary["data"]["variation"] == DEMO_VARIATION.as_dict()
+    from launch.precision import trainer_precision
+
+    assert summary["precision"] == {"tokenizer": "32-true", "stage2": trainer_precision("cpu")}
     assert json.loads((out / "data/attributes.json").read_text())["variation"] == DEMO_VARIATION.as_dict()
 
     # The stage-2 checkpoint generates as is, from another working directory.
@@ -97,8 +100,13 @@ def test_demo_quick_on_two_processes_with_maskgit(tmp_path):
     log = (out / "commands.log").read_text()
     assert log.count("--trainer.devices 2") == 2 and "configs/trainer/ddp.yaml" in log
     assert "maskgit_demo.yaml" in log
-    # On a CPU the fits run in fp32 (ddp.yaml's bf16 is for GPUs).
-    assert log.count("--trainer.accelerator cpu --trainer.precision 32-true") == 2
+    # On a CPU stage 2 runs in bf16 autocast only where it is native (AMX/AVX512-BF16), else in
+    # fp32; the tokenizer always in fp32.
+    from launch.precision import trainer_precision
+
+    assert log.count("--trainer.accelerator cpu --trainer.precision 32-true") == (
+        1 if trainer_precision("cpu") == "bf16-mixed" else 2)
+    assert log.count(f"--trainer.accelerator cpu --trainer.precision {trainer_precision('cpu')}") >= 1
     # Both ranks trained: DDP wrote one checkpoint, and it carries the maskgit backbone.
     ckpt = out / summary["checkpoints"]["stage2"]
     assert ckpt.is_file() and "maskgit_demo" in str(ckpt)
@@ -166,3 +174,19 @@ def test_step_caps_scale_with_the_budget(tmp_path):
     bad.write_text("trainer:\n  max_time: 00:00:10:00\n")
     with pytest.raises(DataError, match="max_steps"):
         config_max_steps(bad)
+
+
+def test_fits_run_in_bf16_where_the_device_has_it_natively(monkeypatch, tmp_path):
+    import launch.demo_pipeline as demo
+    import launch.precision as precision
+
+    pipeline = demo.DemoPipeline(tmp_path / "run", demo.QUICK, minutes=2.0)
+    for gpu, native, accelerator, expected in ((False, True, "cpu", "bf16-mixed"), (False, False, "cpu", "32-true"),
+                                               (True, True, "gpu", "bf16-mixed")):
+        monkeypatch.setattr(demo, "_cuda_available", lambda gpu=gpu: gpu)
+        monkeypatch.setattr(precision, "native_bf16", lambda device_type, native=native: native)
+        args = pipeline._trainer_args(4, 2.0, None)
+        assert args[args.index("--trainer.accelerator") + 1] == accelerator
+        assert args[args.index("--trainer.precision") + 1] == expected
+        tokenizer = pipeline._trainer_args(4, 2.0, None, "tokenizer")
+        assert tokenizer[tokenizer.index("--trainer.precision") + 1] == (expected if gpu else "32-true")

@@ -32,6 +32,49 @@ def test_pack_sets_packs_variable_sizes_and_pads_only_for_attention():
     assert empty.valid.shape == (2, 0) and pad(torch.zeros(0, 3), empty).shape == (2, 0, 3)
 
 
+def test_fillers_round_the_packed_sets_up_and_change_no_logit_or_gradient(monkeypatch):
+    import models.mebt as mebt
+
+    # Only CPU autocast rounds up (bf16 kernels are built per shape); fp32 sets stay exact.
+    assert mebt.pack_multiple(torch.device("cpu")) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mebt.pack_multiple(torch.device("cpu")) == mebt.PACK_MULTIPLE > 1
+
+    selected = torch.tensor([[True, False, True, False], [False, False, False, True]])
+    sets = pack_sets(selected, multiple=4)
+    assert sets.count == 3 and sets.index.tolist() == [0, 2, 7, 0] and sets.slots.tolist() == [0, 1, 2, 4]
+    x = torch.arange(8.0).view(4, 2)
+    padded = pad(x, sets)
+    assert padded.shape == (2, 2, 2) and padded[1, 1].tolist() == [0.0, 0.0]  # the filler went nowhere
+    assert torch.equal(unpad(padded, sets)[:3], x[:3])
+    assert pack_sets(selected, multiple=8).index.numel() == 8
+    assert pack_sets(torch.zeros(2, 4, dtype=torch.bool), multiple=8).index.numel() == 0
+
+    # Whole model, with every packed path (local context, pooled caption, query text): the same
+    # logits and gradients with and without fillers.
+    m = net(local_context=True, pooled_text=True, query_text=True)
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 64, (3, 3, 4, 4))
+    tokens[0, 1:] = m.mask_id
+    tokens[1, :, :, ::2] = m.mask_id
+    tokens[2, 0, 0, 0] = m.mask_id
+    text, mask = torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool)
+    for p in m.parameters():  # the zero-initialised local conv would hide a filler leaking into it
+        torch.nn.init.normal_(p, std=0.1)
+    seen = {}
+    for multiple in (1, 64):
+        monkeypatch.setattr(mebt, "pack_multiple", lambda device, multiple=multiple: multiple)
+        m.zero_grad()
+        out = m(tokens, text, mask, masked_only=True)
+        out.square().mean().backward()
+        seen[multiple] = (out.detach(), m(tokens, text, mask).detach(), [p.grad.clone() for p in m.parameters()])
+    assert seen[1][0].shape == ((tokens == m.mask_id).sum(), 64)
+    torch.testing.assert_close(seen[64][0], seen[1][0])
+    torch.testing.assert_close(seen[64][1], seen[1][1])
+    for g64, g1 in zip(seen[64][2], seen[1][2]):
+        torch.testing.assert_close(g64, g1)
+
+
 def test_observed_positions_keep_their_tokens_and_rows_are_independent():
     m = net()
     tokens = torch.randint(0, 64, (2, 3, 4, 4))

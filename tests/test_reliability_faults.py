@@ -104,6 +104,24 @@ def test_non_finite_steps_are_skipped_counted_and_k_in_a_row_stop_the_run(setup,
         assert checkpoint["callbacks"]["NonFiniteGuard"]["skipped"] == {2: 1, 4: 2, 6: 4}[checkpoint["global_step"]]
 
 
+def test_the_finiteness_check_sees_every_kind_of_bad_value():
+    from lightning_modules.nonfinite import _all_finite
+
+    good = [torch.randn(64, 32), torch.randn(7, dtype=torch.bfloat16), torch.zeros(0), None,
+            torch.arange(5)]  # integer tensors and missing gradients are not checked
+    assert bool(_all_finite(good))
+    assert bool(_all_finite([]))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for dtype in (torch.float32, torch.bfloat16):
+            t = torch.randn(64, 32).to(dtype)
+            t[5, 7] = bad
+            assert not bool(_all_finite(good + [t])), (bad, dtype)
+    # +inf and -inf together would cancel in a careless check: they sum to NaN here.
+    assert not bool(_all_finite([torch.tensor([float("inf"), float("-inf"), 1.0])]))
+    # Large finite values are fine as long as their sum stays in fp32's range.
+    assert bool(_all_finite([torch.full((4,), 1e37)]))
+
+
 def test_a_non_finite_model_is_never_saved(tmp_path, clean_shards):
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint

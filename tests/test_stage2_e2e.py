@@ -109,6 +109,16 @@ def test_tokenize_train_generate(pipeline):
         paths = [Path(i["path"]) for i in json.loads((root / f"seed{seed}/index.json").read_text())]
         assert (paths[0].read_bytes() == Path(index[0]["path"]).read_bytes()) is same
 
+    # Sampling precision: fp32 and bf16 autocast both generate (auto picks bf16 where it is native).
+    for precision in ("32", "bf16"):
+        out = run_cli("generate", "--ckpt", str(ckpt), "--prompt", "a red circle moving left", "--num-frames", "9",
+                      "--steps", "3", "--precision", precision, "--out", str(root / f"p{precision}"), "--quiet")
+        assert out.returncode == 0, out.stderr[-3000:]
+        (item,) = json.loads((root / f"p{precision}/index.json").read_text())
+        assert decode_all(Path(item["path"]).read_bytes()).shape == (9, 32, 32, 3)
+    bad = run_cli("generate", "--ckpt", str(ckpt), "--prompt", "x", "--precision", "fp8", "--out", str(root / "bad"))
+    assert bad.returncode == 2 and "--precision" in bad.stderr
+
     # Story mode: two 5-frame scenes (3 latent frames each), the second primed with 2 of the first.
     story = root / "story.jsonl"
     story.write_text('{"prompt": "a red circle moving left", "num_frames": 5}\n'

@@ -1,0 +1,82 @@
+"""bf16 on CPUs: attention and the depthwise conv stay fp32 under CPU autocast (their bf16 CPU
+backward kernels are slow), and one helper decides where the demo and `generate` use bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import launch.precision as precision
+from models.attention import CrossAttention, SelfAttention
+from models.maskgit import LocalMixing
+
+
+def spy_sdpa(monkeypatch) -> list[torch.dtype]:
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(q.dtype)
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return seen
+
+
+def test_attention_runs_in_fp32_under_cpu_autocast_and_hands_back_bf16(monkeypatch):
+    seen = spy_sdpa(monkeypatch)
+    torch.manual_seed(0)
+    attn, cross = SelfAttention(32, 4), CrossAttention(32, 4)
+    x, ctx = torch.randn(2, 10, 32, requires_grad=True), torch.randn(2, 6, 32)
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    reference = attn(x) + cross(x, ctx, mask)
+    assert seen == [torch.float32, torch.float32]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x) + cross(x, ctx, mask)
+    # The projections ran in bf16 (their output is bf16), the attention itself in fp32.
+    assert out.dtype == torch.bfloat16
+    assert seen[2:] == [torch.float32, torch.float32]
+    torch.testing.assert_close(out.float(), reference, atol=0.05, rtol=0.05)
+    out.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_attention_keeps_fp32_inputs_and_bf16_without_autocast_as_they_are(monkeypatch):
+    seen = spy_sdpa(monkeypatch)
+    attn = SelfAttention(32, 4).to(torch.bfloat16)
+    out = attn(torch.randn(1, 4, 32, dtype=torch.bfloat16))
+    # A bf16 model run outside autocast is the caller's choice: the result keeps its dtype.
+    assert out.dtype == torch.bfloat16 and seen == [torch.float32]
+
+
+def test_local_mixing_convolves_in_fp32_under_cpu_autocast():
+    mixing = LocalMixing(16)
+    torch.nn.init.normal_(mixing.conv.weight)
+    dtypes = []
+    mixing.conv.register_forward_hook(lambda module, args, out: dtypes.append((args[0].dtype, out.dtype)))
+    x = torch.randn(2, 2 * 3 * 3, 16)
+    reference = mixing(x, (2, 3, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mixing(x, (2, 3, 3))
+    assert dtypes == [(torch.float32, torch.float32)] * 2
+    torch.testing.assert_close(out, reference)
+
+
+def test_precision_choice(monkeypatch):
+    assert precision.resolve("32", "cpu") is False
+    assert precision.resolve("bf16", "cpu") is True
+    with pytest.raises(ValueError, match="auto, bf16 or 32"):
+        precision.resolve("fp8", "cpu")
+    for native, expected in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(precision, "native_bf16", lambda device_type, native=native: native)
+        assert precision.trainer_precision("cpu") == expected
+        assert precision.resolve("auto", "cpu") is native
+    monkeypatch.undo()
+    assert precision.native_bf16("cuda") == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert precision.native_bf16("meta") is False
+    # CPUs: AMX or AVX512-BF16 count; without either (emulated bf16) the fits stay fp32.
+    for amx, avx512_bf16 in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert precision.native_bf16("cpu") is (amx or avx512_bf16)
