@@ -39,10 +39,13 @@ def _register_cpu_attention_flops() -> None:
 _register_cpu_attention_flops()
 
 
-def matmul_roof(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 7) -> float:
-    """Dense square-matmul throughput in GFLOP/s (median of `repeats`): the machine's roof."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+def matmul_roof(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 7,
+                shape: tuple[int, int, int] | None = None) -> float:
+    """Dense square-matmul throughput in GFLOP/s (median of `repeats`): the machine's roof.
+    shape: (m, k, n) to time an [m, k] @ [k, n] matmul instead of the n x n square."""
+    m, k, n = shape or (n, n, n)
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     times = []
@@ -52,7 +55,7 @@ def matmul_roof(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int 
         a @ b
         _sync(device)
         times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * m * k * n / statistics.median(times) / 1e9
 
 
 def _sync(device: str) -> None:

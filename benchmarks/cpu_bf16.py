@@ -31,9 +31,10 @@ import torch.nn.functional as F
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit  # noqa: E402  (also puts the repo on sys.path and tunes the allocator)
+from common import emit, matmul_roof  # noqa: E402  (also puts the repo on sys.path and tunes the allocator)
 
 from launch.precision import native_bf16  # noqa: E402
+from models.config import instantiate  # noqa: E402
 from models.sampling import mask_ratio  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,28 +42,12 @@ GRID = (5, 8, 8)
 
 
 def backbone(name: str) -> torch.nn.Module:
-    """The backbone of configs/model/{name}_tiny.yaml, built from its init_args."""
-    import importlib
-
-    spec = yaml.safe_load((REPO / f"configs/model/{name}_tiny.yaml").read_text())["model"]["init_args"]["backbone"]
-    module, cls = spec["class_path"].rsplit(".", 1)
-    return getattr(importlib.import_module(module), cls)(**spec["init_args"])
+    """The backbone of configs/model/{name}_tiny.yaml."""
+    return instantiate(yaml.safe_load((REPO / f"configs/model/{name}_tiny.yaml").read_text())["model"]["init_args"]["backbone"])
 
 
 def autocast(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-
-
-def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> float:
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * m * k * n / statistics.median(times) / 1e9
 
 
 class Trainer:
@@ -123,8 +108,8 @@ def main() -> int:
                     "matmul_gflops": {}, "train_step_s": {}, "sample_batch_s": {}}
     # The demo MeBT's packed matmuls (~2500 tokens x d=256, MLP 1024) and a square roof.
     for m, k, n in ((2560, 256, 1024), (2560, 1024, 256), (2048, 2048, 2048)):
-        fp32 = matmul_gflops(m, k, n, torch.float32, 20)
-        bf16 = matmul_gflops(m, k, n, torch.bfloat16, 20)
+        fp32 = matmul_roof("cpu", torch.float32, repeats=20, shape=(m, k, n))
+        bf16 = matmul_roof("cpu", torch.bfloat16, repeats=20, shape=(m, k, n))
         result["matmul_gflops"][f"{m}x{k}x{n}"] = {"fp32": round(fp32, 1), "bf16": round(bf16, 1),
                                                    "bf16_speedup": round(bf16 / fp32, 2)}
 

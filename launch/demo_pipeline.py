@@ -206,9 +206,10 @@ class DemoPipeline:
         each), which cost more than the saving."""
         from launch.precision import trainer_precision
 
-        if stage == "tokenizer" and not _cuda_available():
+        gpu = _cuda_available()
+        if stage == "tokenizer" and not gpu:
             return "32-true"
-        return trainer_precision("cuda" if _cuda_available() else "cpu")
+        return trainer_precision("cuda" if gpu else "cpu")
 
     def _trainer_args(self, steps: Optional[int], minutes: float, val_every: Optional[int],
                       stage: str = "stage2") -> list[str]:
@@ -218,8 +219,7 @@ class DemoPipeline:
             # Data parallel over --devices (gloo on CPU); the GAN's unused parameters are handled.
             args += ["--config", str(REPO / "configs/trainer/ddp.yaml")]
         # The demo configs layer trainer/cpu.yaml (CPU, fp32) and ddp.yaml asks for bf16: use the
-        # GPU when there is one, else the CPU; bf16 autocast wherever the device has native bf16
-        # (a GPU, or a CPU with AMX/AVX512-BF16, where it is ~1.3x faster), else fp32.
+        # GPU when there is one, else the CPU, in the precision `precision` picks for the stage.
         args += ["--trainer.accelerator", "gpu" if _cuda_available() else "cpu",
                  "--trainer.precision", self.precision(stage)]
         args += ["--trainer.devices", str(self.devices), "--trainer.max_time", hms(minutes)]

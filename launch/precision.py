@@ -1,10 +1,11 @@
 """Which precision a device computes fastest in: the one place the demo and `maskvid generate`
-ask, so that a CPU with native bf16 (AMX / AVX512-BF16) trains and samples in bf16 like a GPU.
+ask, so that a CPU with native bf16 (AMX / AVX512-BF16) trains stage 2 and samples in bf16 like a
+GPU.
 
-On this project's 2-core CPU (AMX) bf16 matmuls ran 4-9x faster than fp32, and with attention and
-the depthwise conv kept in fp32 (models/attention.py, models/maskgit.py) the demo MeBT's fit step
-took 0.32 s against 0.42 s, the tokenizer's ~1.4x less. A CPU without native bf16 emulates it,
-slower than fp32, so there everything stays fp32.
+On this project's 2-core CPU (AMX) bf16 matmuls ran 6-12x faster than fp32, and with attention and
+the depthwise conv kept in fp32 (models/attention.py, models/maskgit.py) the demo MeBT's train
+step took 1.33x less time, sampling 1.71x less (benchmarks/cpu_bf16.py). A CPU without native
+bf16 emulates it, slower than fp32, so there everything stays fp32.
 """
 
 from __future__ import annotations
