@@ -54,6 +54,7 @@ BENCHMARKS: dict[str, dict] = {
                                   "--resolution", "32", "--batch-size", "4"], "timeout": 1800},
     "backbone_scaling": {"quick": ["--frames", "17", "--steps", "1"], "plot": "--plot", "timeout": 3600},
     "metrics_throughput": {"quick": ["--batch-size", "2", "--repeats", "1"], "device": ("--device",), "timeout": 1800},
+    "allocator": {"quick": ["--steps", "4", "--window", "2"], "timeout": 3600},
     "text_to_video_quality": {"slow": True, "quick": ["--minutes", "10"], "timeout": 4 * 3600},
 }
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from datamodules.errors import DataError
 from datamodules.synthetic import Variation
+from launch.allocator import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,6 +136,8 @@ class DemoPipeline:
         self.val_shards = absolute_shards(val_shards) if val_shards else str(data / "val")
         self.prompts_file = prompts.resolve() if prompts else None
         self.log = self.out / "commands.log"
+        # The malloc the commands run on (launch/allocator.py); a bad MASKVID_ALLOCATOR fails here.
+        self.allocator = child_env(os.environ)[1]
         self.steps_dir = self.out / "steps"
         self.tokens = self.out / "tokens"
         self.stage2_name = f"{backbone}_demo"
@@ -182,6 +185,8 @@ class DemoPipeline:
         Lightning's progress bar included). A failure names the log."""
         self._commands.append("maskvid " + " ".join(shlex.quote(a) for a in args))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        # jemalloc or tcmalloc where installed: glibc's malloc slows a long CPU fit down step by step.
+        env, _ = child_env(env)
         with open(self.log, "ab") as log:
             log.write(f"\n$ cd {self.out} && maskvid {' '.join(args)}\n".encode())
             log.flush()
@@ -425,6 +430,7 @@ class DemoPipeline:
             "budget_minutes": self.minutes,
             "budget_split": BUDGET_SPLIT,
             "precision": {"tokenizer": self.precision("tokenizer"), "stage2": self.precision()},
+            "allocator": self.allocator,
             "recipe": asdict(self.recipe),
             "steps_done": list(records),
             "checkpoints": {

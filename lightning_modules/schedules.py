@@ -7,14 +7,20 @@ from typing import Callable
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> Callable[[int], float]:
-    """Linear warmup to 1 over `warmup_steps`, then cosine decay to `min_ratio` at `total_steps`."""
+    """Linear warmup to 1 over `warmup_steps`, then cosine decay to `min_ratio` at `total_steps`.
+
+    The returned function reads its length from its `total_steps` attribute on every call, so a fit
+    that learns it cannot reach max_steps in its time budget can end the schedule sooner
+    (lightning_modules/time_budget.py). It stays a plain function on purpose: LambdaLR does not save
+    functions in its state_dict, so a resumed fit takes its length from its own max_steps."""
     if total_steps <= 0:
         raise ValueError("warmup_cosine needs a finite number of steps: set trainer.max_steps")
 
     def multiplier(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        progress = min(1.0, (step - warmup_steps) / max(1, multiplier.total_steps - warmup_steps))
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    multiplier.total_steps = total_steps
     return multiplier

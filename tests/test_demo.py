@@ -51,6 +51,9 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     from launch.precision import trainer_precision
 
     assert summary["precision"] == {"tokenizer": "32-true", "stage2": trainer_precision("cpu")}
+    from launch.allocator import choose
+
+    assert summary["allocator"] == choose()[0]
     assert json.loads((out / "data/attributes.json").read_text())["variation"] == DEMO_VARIATION.as_dict()
 
     # The stage-2 checkpoint generates as is, from another working directory.
