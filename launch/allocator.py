@@ -22,7 +22,9 @@ import os
 from pathlib import Path
 from typing import Mapping, Optional
 
-CHOICES = ("auto", "jemalloc", "tcmalloc", "system")
+from datamodules.errors import DataError
+
+CHOICES = ("auto", "tcmalloc", "jemalloc", "system")
 # Library names as ctypes.util.find_library knows them, per allocator, best first.
 _LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
 # Where Debian/Ubuntu, RPM distributions, conda and pip --user put them, for when ldconfig is not
@@ -31,7 +33,7 @@ _DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64"
          "/usr/local/lib64")
 
 
-class AllocatorError(ValueError):
+class AllocatorError(DataError):
     """MASKVID_ALLOCATOR names an allocator that is unknown or not installed."""
 
 

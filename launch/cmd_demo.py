@@ -13,18 +13,19 @@ Steps, each a real maskvid command run in --out (so the report can print how to 
 
 --minutes is shared between the two fits (20% tokenizer, the rest stage 2 including tokenizing;
 see BUDGET_SPLIT in launch/demo_pipeline.py); data, generation and scoring are timed apart. The
-configs' step counts fit 40 minutes on a 2-core CPU and are scaled to --minutes, so the learning
-rates decay fully within the budget. The budget is a limit: the fits stop at their step counts
-first when the machine is fast enough. Stage 2 and generation run in bf16 autocast where the
-device has native bf16 (GPUs; CPUs with AMX or AVX512-BF16, where a step is about 1.3x faster than
-in fp32), else in fp32; on a CPU the tokenizer fit stays fp32. The default, 40 minutes, is what
-MeBT needs to get 70% of its videos right on a 2-core CPU in fp32 (25 minutes: 42%); on a loaded
-2-core machine a 30-minute budget stopped bf16 stage 2 at 2491 of its 3800 steps (55%). Rerun
-with the same --out to resume: finished steps are skipped (OUT/steps/*.json) and an interrupted
-fit continues from its last checkpoint.
+configs' step counts are scaled to --minutes. The budget is a limit: on a 2-core CPU with tcmalloc
+the default's step counts end both fits first, and the whole run takes about 30 minutes (29.4 here,
+73.8% of the seen prompts' videos right). On a slower machine the budget ends a fit, and
+FitScheduleToTime (lightning_modules/time_budget.py) shortens its learning-rate schedule to fit,
+so it still decays fully. Stage 2 and generation run in bf16 autocast where the device has native
+bf16 (GPUs; CPUs with AMX or AVX512-BF16), else in fp32; on a CPU the tokenizer fit stays fp32.
+The commands run on tcmalloc, else jemalloc, where installed (MASKVID_ALLOCATOR=auto|tcmalloc|
+jemalloc|system; launch/allocator.py): with glibc's malloc a long CPU fit slows down step by step
+(the same default run took 39.5 minutes). Rerun with the same --out to resume: finished steps are
+skipped (OUT/steps/*.json) and an interrupted fit continues from its last checkpoint.
 
 examples:
-  maskvid demo --out runs/demo                     # up to about 45 minutes on a 2-core CPU
+  maskvid demo --out runs/demo                     # ~30 minutes on a 2-core CPU (tcmalloc), ~40 without
   maskvid demo --out runs/demo_quick --quick       # smoke run, under 5 minutes
   maskvid demo --out runs/demo_phenaki --backbone maskgit
   maskvid demo --out runs/demo_fast --minutes 20   # quicker, weaker models
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -99,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
                         i3d_path=args.i3d_path, clip_path=args.clip_path, seed=args.seed,
                         echo=lambda line: tqdm.write(line), stream_output=not args.quiet)
     demo.preflight()
+    if demo.allocator == "system" and not args.quick and sys.platform.startswith("linux") and not _cuda():
+        print("maskvid demo: note: running on glibc's malloc, which slows long CPU fits down step by step "
+              "(the default demo took 39.5 instead of 29.4 minutes on 2 cores). On Debian/Ubuntu, "
+              "`apt-get install libtcmalloc-minimal4` and the demo preloads it.", file=sys.stderr)
     bar = tqdm(total=len(demo.steps()), desc="maskvid demo", unit="step", dynamic_ncols=True)
     try:
         summary = demo.run(progress=bar.update)
@@ -109,3 +115,9 @@ def run(args: argparse.Namespace) -> int:
           f"Generate more: maskvid generate --ckpt {summary['checkpoints']['stage2']} "
           f"--prompt \"a red circle moving to the left\" --out samples/")
     return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

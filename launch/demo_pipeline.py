@@ -33,11 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 # of the 128 val clips (2325 steps: 93.0%), so the rest goes to stage 2, the stage that limits
 # quality.
 BUDGET_SPLIT = {"tokenizer": 0.2, "stage2": 0.8}
-# The demo experiment configs' max_steps are sized to fit this budget on a 2-core CPU: in fp32 on
-# a quiet machine (stage 2 at 0.48 s a step), or in bf16 autocast on a loaded one (0.47-0.55 s);
-# in bf16 on a quiet machine (0.36-0.40 s) they finish well within it. Another --minutes scales
-# them, so that the learning-rate schedules end when the budget does: a time limit that cut a
-# cosine schedule short would stop training at a high learning rate.
+# The demo experiment configs' max_steps are sized to fit this budget on a 2-core CPU, and another
+# --minutes scales them, so that the learning-rate schedules end when the budget does. With stage 2
+# in bf16 and tcmalloc (launch/allocator.py) the caps end both fits well inside it: the default run
+# took 29.4 minutes in all (stage 2 0.32 s a step); on glibc's malloc 39.5 (0.47 s). Where the
+# machine is slower still, FitScheduleToTime shortens a fit's schedule to what the budget allows.
 REFERENCE_MINUTES = 40.0
 
 

@@ -13,7 +13,7 @@ from launch.allocator import AllocatorError, child_env, choose
 
 def test_unknown_setting_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("MASKVID_ALLOCATOR", "hoard")
-    with pytest.raises(AllocatorError, match="MASKVID_ALLOCATOR='hoard': expected one of auto, jemalloc"):
+    with pytest.raises(AllocatorError, match="MASKVID_ALLOCATOR='hoard': expected one of auto, tcmalloc, jemalloc, system"):
         choose()
     from launch.cli_errors import _user_error_types
 
