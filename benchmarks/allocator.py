@@ -11,7 +11,7 @@ other, and reports the median step time of the first and the last --window steps
     python benchmarks/allocator.py --steps 200 --allocators system jemalloc
 
 Allocators that are not installed are reported as such (Debian/Ubuntu: apt-get install libjemalloc2
-libtcmalloc-minimal4). `maskvid demo` preloads the first of jemalloc, tcmalloc it finds
+libtcmalloc-minimal4). `maskvid demo` preloads the first of tcmalloc, jemalloc it finds
 (launch/allocator.py).
 """
 
@@ -48,8 +48,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=600, help="training steps per allocator")
     parser.add_argument("--window", type=int, default=100, help="steps in the first and the last window")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--allocators", nargs="+", default=["system", "jemalloc", "tcmalloc"],
-                        choices=["system", "jemalloc", "tcmalloc"])
+    parser.add_argument("--allocators", nargs="+", default=["system", "tcmalloc", "jemalloc"],
+                        choices=["system", "tcmalloc", "jemalloc"])
     parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -2,9 +2,9 @@
 
 glibc's malloc slows long CPU fits down. The tensors of a step change size from step to step (MeBT's
 packed sets, the mask ratio drawn per clip), the heap fragments, and the same step gets slower as
-the run goes on: the demo's MeBT stage 2 went from 0.37 s a step at step 100 to 0.45 s at step 500
+the run goes on: the demo's MeBT stage 2 went from 0.34 s a step at step 100 to 0.41 s at step 500
 and 0.47 s on average over its 3800 steps on 2 cores, while with jemalloc preloaded it stayed at
-0.33-0.37 s, and with tcmalloc at 0.31-0.32 s (600-step fits; benchmarks/allocator.py times the
+0.33-0.37 s, and with tcmalloc at 0.31-0.34 s (600-step fits; benchmarks/allocator.py times the
 bare step). PyTorch's CPU tuning guide and its xeon launcher
 (torch.backends.xeon.run_cpu) preload jemalloc or tcmalloc for this reason.
 
@@ -34,7 +34,8 @@ _DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64"
 
 
 class AllocatorError(DataError):
-    """MASKVID_ALLOCATOR names an allocator that is unknown or not installed."""
+    """MASKVID_ALLOCATOR names an allocator that is unknown or not installed (a DataError, so the
+    CLI reports it as one line)."""
 
 
 def find(kind: str) -> Optional[str]:

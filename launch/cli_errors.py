@@ -17,7 +17,6 @@ from typing import Iterator
 def _user_error_types() -> tuple[type[BaseException], ...]:
     # Imported here: the tool commands must not pay for Lightning's import (tests/test_cli.py).
     from datamodules.errors import DataError
-    from launch.allocator import AllocatorError
     from launch.checkpoints import CheckpointFormatError
     from launch.strategies import StrategyConfigError
     from lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
@@ -27,7 +26,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from models.perceptual import PerceptualWeightsError
     from models.tokenizer_checkpoint import TokenizerCheckpointError
 
-    return (DataError, AllocatorError, CheckpointFormatError, StrategyConfigError, ModelOptionError, ConfigMismatchError,
+    return (DataError, CheckpointFormatError, StrategyConfigError, ModelOptionError, ConfigMismatchError,
             NonFiniteError, CLIPLoadError, I3DWeightsError, PerceptualWeightsError, TokenizerCheckpointError,
             FileNotFoundError)
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from datamodules.errors import DataError
 from launch.arg_types import positive_float, positive_int
 from launch.cmd_data_synthetic import add_variation_arguments
-from launch.demo_pipeline import DEMO_VARIATION, REFERENCE_MINUTES
+from launch.demo_pipeline import DEMO_VARIATION, REFERENCE_MINUTES, _cuda_available
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                         i3d_path=args.i3d_path, clip_path=args.clip_path, seed=args.seed,
                         echo=lambda line: tqdm.write(line), stream_output=not args.quiet)
     demo.preflight()
-    if demo.allocator == "system" and not args.quick and sys.platform.startswith("linux") and not _cuda():
+    if demo.allocator == "system" and not args.quick and sys.platform.startswith("linux") and not _cuda_available():
         print("maskvid demo: note: running on glibc's malloc, which slows long CPU fits down step by step "
               "(the default demo took 39.5 instead of 29.4 minutes on 2 cores). On Debian/Ubuntu, "
               "`apt-get install libtcmalloc-minimal4` and the demo preloads it.", file=sys.stderr)
@@ -115,9 +115,3 @@ def run(args: argparse.Namespace) -> int:
           f"Generate more: maskvid generate --ckpt {summary['checkpoints']['stage2']} "
           f"--prompt \"a red circle moving to the left\" --out samples/")
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

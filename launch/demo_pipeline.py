@@ -137,7 +137,8 @@ class DemoPipeline:
         self.prompts_file = prompts.resolve() if prompts else None
         self.log = self.out / "commands.log"
         # The malloc the commands run on (launch/allocator.py); a bad MASKVID_ALLOCATOR fails here.
-        self.allocator = child_env(os.environ)[1]
+        allocator_env, self.allocator = child_env(os.environ)
+        self._preload = allocator_env.get("LD_PRELOAD")
         self.steps_dir = self.out / "steps"
         self.tokens = self.out / "tokens"
         self.stage2_name = f"{backbone}_demo"
@@ -185,8 +186,8 @@ class DemoPipeline:
         Lightning's progress bar included). A failure names the log."""
         self._commands.append("maskvid " + " ".join(shlex.quote(a) for a in args))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        # jemalloc or tcmalloc where installed: glibc's malloc slows a long CPU fit down step by step.
-        env, _ = child_env(env)
+        if self._preload:  # tcmalloc or jemalloc where installed: glibc's malloc slows a long CPU fit down
+            env["LD_PRELOAD"] = self._preload
         with open(self.log, "ab") as log:
             log.write(f"\n$ cd {self.out} && maskvid {' '.join(args)}\n".encode())
             log.flush()

@@ -68,7 +68,7 @@ class FitScheduleToTime(Callback):
                 log.info("max_steps changed from %s to %s since the schedule was fitted to the time budget: "
                          "using %s", self.original_max_steps, trainer.max_steps, trainer.max_steps)
                 self.max_steps = None
-        if self.original_max_steps is None or self.max_steps is None:
+        if self.max_steps is None:  # not resuming a shortened schedule
             self.original_max_steps = trainer.max_steps
         self._start = (time.monotonic(), trainer.global_step)
 

@@ -76,3 +76,28 @@ def test_allocator_benchmark_reports_each_allocator(tmp_path):
         assert "apt-get install libjemalloc2" in jemalloc["skipped"]
     else:
         assert "libjemalloc" in jemalloc["preloaded"] and jemalloc["speedup_over_system"] > 0
+
+
+@pytest.mark.parametrize("setting", ["tcmalloc", "system"])
+def test_the_demo_runs_its_commands_on_the_chosen_allocator(tmp_path, monkeypatch, setting):
+    import launch.demo_pipeline as demo
+
+    monkeypatch.setattr(allocator, "find", lambda kind: f"/opt/lib{kind}.so")
+    monkeypatch.setenv("MASKVID_ALLOCATOR", setting)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    seen = {}
+
+    class FakePopen:
+        def __init__(self, cmd, env, **kwargs):
+            seen["env"] = env
+            self.stdout = __import__("io").BytesIO(b"")
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(demo.subprocess, "Popen", FakePopen)
+    pipeline = demo.DemoPipeline(tmp_path / "out", demo.QUICK, 2.0)
+    (tmp_path / "out").mkdir(parents=True, exist_ok=True)
+    pipeline.maskvid("data", "synthetic", "--help")
+    assert pipeline.allocator == setting
+    assert seen["env"].get("LD_PRELOAD") == ("/opt/libtcmalloc.so" if setting == "tcmalloc" else None)
