@@ -37,15 +37,20 @@ class Sets(NamedTuple):
     mask ratio drawn per clip, padding every set to the batch's largest one made the decoder
     compute ~1.5x and the encoder's context projections ~2.5x the real token count.
 
+    With `ragged` (on a CPU, when the clips' counts differ: `ragged_attention`), the attention
+    does not pad either: it runs clip by clip on each clip's exact members (`split_rows`).
+
     Under CPU autocast, T is rounded up to a multiple of PACK_MULTIPLE with filler members after
     the real ones (`pack_multiple`): they read position 0, are written to scratch places that `pad`
-    drops, and are cut off the logits.
+    drops (or pass through the ragged attention untouched), and are cut off the logits.
     """
 
     index: torch.Tensor  # [T] the members' positions in the flattened [B * N], row-major; fillers 0
     slots: torch.Tensor  # [T] their places in the flattened [B * K] padding; fillers B * K + i
     valid: torch.Tensor  # bool [B, K]: which padded places hold a member
     count: int  # real members (the first `count` of the T)
+    lengths: tuple[int, ...] = ()  # members per clip (sum = count)
+    ragged: bool = False  # attention clip by clip instead of on the [B, K] padding
 
 
 PACK_MULTIPLE = 64
@@ -59,11 +64,24 @@ def pack_multiple(device: torch.device) -> int:
     return PACK_MULTIPLE if device.type == "cpu" and torch.is_autocast_enabled("cpu") else 1
 
 
-def pack_sets(selected: torch.Tensor, multiple: int = 1) -> Sets:
+def ragged_attention(device: torch.device) -> bool:
+    """Whether attention over variable-length sets runs clip by clip (exact sizes) rather than on
+    sets padded to the batch's largest. With a mask ratio drawn per clip the largest set is ~1.5x
+    the mean (masked) and ~2x (observed), and the padded attention computed all of it: on a CPU
+    the M1 MeBT's attention took 1.3 s of a 6.3 s step, and clip by clip it takes ~0.7 s
+    (`benchmarks/stage2_throughput.py`, README "Ragged attention"). A CPU runs one clip's attention
+    as efficiently as the batch's; a GPU would launch B small kernels per layer instead of one, so
+    there the padded batch stays."""
+    return device.type == "cpu"
+
+
+def pack_sets(selected: torch.Tensor, multiple: int = 1, ragged: bool = False) -> Sets:
     """bool [B, N] -> the selected positions of every row as packed Sets (K = the largest count),
-    with fillers up to a multiple of `multiple` members."""
+    with fillers up to a multiple of `multiple` members. ragged: allow clip-by-clip attention
+    (taken only when the counts differ: equal counts have no padding to save)."""
     counts = selected.sum(dim=1)
-    k = int(counts.max()) if selected.numel() else 0
+    lengths = tuple(counts.tolist())
+    k = max(lengths, default=0)
     valid = torch.arange(k, device=selected.device)[None, :] < counts[:, None]
     index, slots = selected.flatten().nonzero().squeeze(1), valid.flatten().nonzero().squeeze(1)
     count = index.numel()
@@ -71,7 +89,7 @@ def pack_sets(selected: torch.Tensor, multiple: int = 1) -> Sets:
     if fill:
         index = torch.cat([index, index.new_zeros(fill)])
         slots = torch.cat([slots, valid.numel() + torch.arange(fill, device=slots.device)])
-    return Sets(index, slots, valid, count)
+    return Sets(index, slots, valid, count, lengths, ragged and len(set(lengths)) > 1)
 
 
 def pad(x: torch.Tensor, sets: Sets) -> torch.Tensor:
@@ -89,10 +107,42 @@ def unpad(x: torch.Tensor, sets: Sets) -> torch.Tensor:
     return flat.index_select(0, sets.slots.clamp(max=max(flat.shape[0] - 1, 0)))
 
 
+def split_rows(x: torch.Tensor, sets: Sets) -> tuple[torch.Tensor, ...]:
+    """Packed [T, C] -> every clip's members [n_b, C] (views, fillers left out)."""
+    return x[: sets.count].split(sets.lengths)
+
+
+def keep_rows(x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """[B, L, C] with bool [B, L] -> every clip's kept rows [l_b, C]."""
+    return [rows[keep] for rows, keep in zip(x, mask)]
+
+
+def fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 if it is half precision: CPU attention runs in fp32 (models/attention.attention),
+    and the ragged path converts each whole tensor once rather than every clip's part."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def attend_ragged(attn: CrossAttention, queries: list[torch.Tensor] | tuple[torch.Tensor, ...],
+                  keys: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Clip by clip: projected queries [n_b, D] read projected keys/values [m_b, 2D] (no padding,
+    so no mask) -> [n_b, D] each, before `proj`, in fp32 (callers cast the joined result back)."""
+    with torch.autocast("cpu", enabled=False):  # inputs are fp32 already (`fp32`)
+        return [attn.attend(q[None], kv[None])[0] if q.shape[0] else q for q, kv in zip(queries, keys)]
+
+
 def attend_packed(attn: CrossAttention, x: torch.Tensor, sets: Sets, kv: torch.Tensor,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Packed queries x [T, D] (normed) read kv [B, M, 2D] of their own clip -> [T, D]."""
-    return attn.proj(unpad(attn.attend(pad(attn.q(x), sets), kv, mask), sets))
+    """Packed queries x [T, D] (normed) read kv [B, M, 2D] of their own clip (mask [B, M]: which
+    to read) -> [T, D]."""
+    q = attn.q(x)
+    if not sets.ragged:
+        return attn.proj(unpad(attn.attend(pad(q, sets), kv, mask), sets))
+    kv = fp32(kv)
+    keys = kv.unbind(0) if mask is None else keep_rows(kv, mask)
+    # Fillers (CPU autocast) pass through: nothing downstream reads them.
+    read = torch.cat([*attend_ragged(attn, split_rows(fp32(q), sets), keys), fp32(q[sets.count:])])
+    return attn.proj(read.to(q.dtype))
 
 
 class TextRead(nn.Module):
@@ -125,9 +175,16 @@ class EncoderLayer(nn.Module):
         self, latents: torch.Tensor, context: torch.Tensor, sets: Sets, text: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
         """latents [B, M, D]; context: the observed tokens, packed [T, D]; text [B, L, D], text_mask [B, L]."""
-        kv = torch.cat([pad(self.cross.kv(self.norm_ctx(context)), sets), self.cross.kv(self.norm_ctx(text))], dim=1)
-        mask = torch.cat([sets.valid, text_mask], dim=1)
-        latents = latents + self.cross.forward_kv(self.norm_q(latents), kv, mask)
+        q = self.cross.q(self.norm_q(latents))
+        context_kv, text_kv = self.cross.kv(self.norm_ctx(context)), self.cross.kv(self.norm_ctx(text))
+        if sets.ragged:
+            context_kv, text_kv = fp32(context_kv), fp32(text_kv)
+            keys = [torch.cat(parts) for parts in zip(split_rows(context_kv, sets), keep_rows(text_kv, text_mask))]
+            read = torch.stack(attend_ragged(self.cross, fp32(q).unbind(0), keys)).to(q.dtype)
+        else:
+            kv, mask = torch.cat([pad(context_kv, sets), text_kv], dim=1), torch.cat([sets.valid, text_mask], dim=1)
+            read = self.cross.attend(q, kv, mask)
+        latents = latents + self.cross.proj(read)
         latents = latents + self.attn(self.norm_self(latents))
         return latents + self.ff(self.norm_ff(latents))
 
@@ -165,9 +222,16 @@ class DecoderLayer(nn.Module):
         queries = queries + self.ff_q(self.norm_ff_q(queries))
         if not self.write_latents:
             return queries, latents
-        kv = torch.cat([self.write.kv(self.norm_kv(latents)), pad(self.write.kv(self.norm_kv(queries)), sets)], dim=1)
-        mask = torch.cat([torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device), sets.valid], 1)
-        latents = latents + self.write.forward_kv(self.norm_l2(latents), kv, mask)
+        q = self.write.q(self.norm_l2(latents))
+        latent_kv, query_kv = self.write.kv(self.norm_kv(latents)), self.write.kv(self.norm_kv(queries))
+        if sets.ragged:
+            keys = [torch.cat(parts) for parts in zip(fp32(latent_kv), split_rows(fp32(query_kv), sets))]
+            read = torch.stack(attend_ragged(self.write, fp32(q).unbind(0), keys)).to(q.dtype)
+        else:
+            kv = torch.cat([latent_kv, pad(query_kv, sets)], dim=1)
+            mask = torch.cat([torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device), sets.valid], 1)
+            read = self.write.attend(q, kv, mask)
+        latents = latents + self.write.proj(read)
         latents = latents + self.ff_l(self.norm_ff_l(latents))
         return queries, latents
 
@@ -289,8 +353,8 @@ class MeBT(nn.Module):
         pos = self.positions(t, h, w, tokens.device).to(self.latents.dtype)
         masked = flat == self.mask_id
         ids = flat.flatten().clamp(max=self.vocab_size - 1)
-        multiple = pack_multiple(tokens.device)
-        observed, queried = pack_sets(~masked, multiple), pack_sets(masked, multiple)
+        multiple, ragged = pack_multiple(tokens.device), ragged_attention(tokens.device)
+        observed, queried = pack_sets(~masked, multiple, ragged), pack_sets(masked, multiple, ragged)
 
         ctx = self.token_emb(ids[observed.index]) + pos[observed.index % n]  # packed [T_obs, D]
         local = None

@@ -75,6 +75,55 @@ def test_fillers_round_the_packed_sets_up_and_change_no_logit_or_gradient(monkey
         torch.testing.assert_close(g64, g1)
 
 
+def test_ragged_attention_gives_the_padded_batch_s_logits_and_gradients(monkeypatch):
+    """On a CPU the attention runs clip by clip on each clip's exact sets (no padding, no mask):
+    the same function as the padded batch GPUs run, with every packed path on, clips with no and
+    with only masked tokens, a dropped and a short caption, and filler members."""
+    import models.mebt as mebt
+
+    assert mebt.ragged_attention(torch.device("cpu")) and not mebt.ragged_attention(torch.device("cuda"))
+    assert pack_sets(torch.tensor([[True, False], [True, True]]), ragged=True).ragged
+    # Equal counts have no padding to save: one batched call.
+    assert not pack_sets(torch.tensor([[True, False], [False, True]]), ragged=True).ragged
+
+    m = net(local_context=True, pooled_text=True, query_text=True)
+    for p in m.parameters():  # zero-initialised parts would hide a difference
+        torch.nn.init.normal_(p, std=0.1)
+    torch.manual_seed(2)
+    tokens = torch.randint(0, 64, (4, 3, 4, 4))
+    tokens[0] = m.mask_id  # all masked: the encoder reads the caption alone
+    tokens[1, :, :, ::2] = m.mask_id
+    tokens[3, 0, 0, :3] = m.mask_id  # clip 2 has no masked token at all
+    text = torch.randn(4, 5, 16)
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]).bool()
+    drop = torch.tensor([False, False, True, False])
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q.shape[0], attn_mask is None))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    seen = {}
+    for ragged, multiple in ((False, 1), (True, 1), (True, 64)):
+        monkeypatch.setattr(mebt, "ragged_attention", lambda device, ragged=ragged: ragged)
+        monkeypatch.setattr(mebt, "pack_multiple", lambda device, multiple=multiple: multiple)
+        calls.clear()
+        m.zero_grad()
+        out = m(tokens, text, text_mask, drop, masked_only=True)
+        out.square().mean().backward()
+        seen[ragged, multiple] = (out.detach(), [p.grad.clone() for p in m.parameters()])
+        # Ragged: one clip per call and no mask, except the latents' own self-attention (batched).
+        batched = [c for c in calls if c[0] > 1]
+        assert (len(batched) == 2) if ragged else (len(batched) == len(calls))
+        assert all(unmasked for _, unmasked in calls) if ragged else not all(unmasked for _, unmasked in calls)
+    for key in ((True, 1), (True, 64)):
+        torch.testing.assert_close(seen[key][0], seen[False, 1][0])
+        for g, ref in zip(seen[key][1], seen[False, 1][1]):
+            torch.testing.assert_close(g, ref)
+
+
 def test_observed_positions_keep_their_tokens_and_rows_are_independent():
     m = net()
     tokens = torch.randint(0, 64, (2, 3, 4, 4))
@@ -146,14 +195,16 @@ def test_forward_flops_grow_linearly_with_video_length():
     assert ratio > 65 / 9 * 0.8  # and it does grow with the number of tokens
 
 
-def test_a_masked_query_does_not_depend_on_another_masked_query():
+@pytest.mark.parametrize("ragged", [False, True])
+def test_a_masked_query_does_not_depend_on_another_masked_query(ragged):
     from models.mebt import DecoderLayer
 
     torch.manual_seed(0)
     layer = DecoderLayer(32, 2, 4.0).eval()
     # Two clips with 5 and 2 masked queries, packed: [T=7, D].
     latents, queries = torch.randn(2, 8, 32), torch.randn(7, 32)
-    sets = pack_sets(torch.tensor([[True] * 5 + [False], [True, True] + [False] * 4]))
+    sets = pack_sets(torch.tensor([[True] * 5 + [False], [True, True] + [False] * 4]), ragged=ragged)
+    assert sets.ragged == ragged and sets.lengths == (5, 2)
     out, new_latents = layer(queries, sets, latents)
     changed = queries.clone()
     changed[3] = torch.randn(32)
