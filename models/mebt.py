@@ -68,10 +68,10 @@ def ragged_attention(device: torch.device) -> bool:
     """Whether attention over variable-length sets runs clip by clip (exact sizes) rather than on
     sets padded to the batch's largest. With a mask ratio drawn per clip the largest set is ~1.5x
     the mean (masked) and ~2x (observed), and the padded attention computed all of it: on a CPU
-    the M1 MeBT's attention took 1.3 s of a 6.3 s step, and clip by clip it takes ~0.7 s
-    (`benchmarks/stage2_throughput.py`, README "Ragged attention"). A CPU runs one clip's attention
-    as efficiently as the batch's; a GPU would launch B small kernels per layer instead of one, so
-    there the padded batch stays."""
+    the M1 MeBT's attention took 1.3 s of a 6.3 s step, and clip by clip it takes 0.9 s
+    (`benchmarks/mfu.py --top-ops`, README "Ragged attention in MeBT"). A CPU runs one clip's
+    attention about as efficiently as the batch's; a GPU would launch B small kernels per layer
+    instead of one, so there the padded batch stays."""
     return device.type == "cpu"
 
 
