@@ -63,17 +63,13 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, N, D]; context: [B, M, Dc]; mask: optional bool [B, M], True = attend."""
-        return self.forward_kv(x, self.kv(context), mask)
-
-    def forward_kv(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """forward with the context already projected (kv [B, M, 2D]): for callers that build the
-        keys from parts projected apart, such as MeBT's packed token sets."""
-        return self.proj(self.attend(self.q(x), kv, mask))
+        return self.proj(self.attend(self.q(x), self.kv(context), mask))
 
     def attend(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The attention alone, on projected inputs: q [B, N, D], kv [B, M, 2D] -> [B, N, D] before
         `proj`. Split out so that callers with variable-length sets can run the per-token
-        projections on packed tokens and pad only for this step (models/mebt.py)."""
+        projections on packed tokens, and build the keys from parts projected apart, padded or
+        clip by clip (models/mebt.py)."""
         q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(kv, "b m (two h d) -> two b h m d", two=2, h=self.heads)
         attn_mask = None if mask is None else rearrange(mask, "b m -> b 1 1 m")
