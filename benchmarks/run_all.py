@@ -66,6 +66,19 @@ def discover() -> list[str]:
     return known + [n for n in names if n not in BENCHMARKS]
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its vector extensions: fractions of the roof from two machines do
+    not compare (a 2-core VM here read a 176 GFLOP/s fp32 roof one day and ~330 on another)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    vector = sorted(f for f in flags if f.startswith(("avx512f", "amx", "avx2")))
+    return f"{model} ({' '.join(vector)})" if vector else model
+
+
 def command(name: str, args, json_out: Path) -> list[str]:
     spec = BENCHMARKS.get(name, {})
     extra = list(spec.get("full", []))
@@ -336,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     combined = {
         "benchmark": "run_all",
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                 "platform": platform.platform()},
+        "host": {"node": platform.node(), "cpus": os.cpu_count(), "cpu_model": cpu_model(),
+                 "python": platform.python_version(), "platform": platform.platform()},
         "quick": args.quick, "include_slow": args.include_slow, "device": args.device, "precision": args.precision,
         "baseline": str(args.baseline) if args.baseline else None,
         "status": {name: e["status"] for name, e in benchmarks.items()},

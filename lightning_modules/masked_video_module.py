@@ -304,7 +304,8 @@ class MaskedVideoModule(LightningModule):
                           masked_only=True)
         target = flat[masked]
         loss = F.cross_entropy(logits.float(), target, label_smoothing=self.hparams.label_smoothing)
-        accuracy = (logits.argmax(-1) == target).float().mean()
+        # max(...).indices, not argmax: the same index, ~2x faster on a CPU (models/sampling.py).
+        accuracy = (logits.detach().max(dim=-1).indices == target).float().mean()
         return {"loss": loss, "accuracy": accuracy, "mask_ratio": masked.sum() / valid.sum().clamp(min=1), "latent_frames": t}
 
     # -- training -------------------------------------------------------------------------------
