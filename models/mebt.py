@@ -112,8 +112,10 @@ def unpad(x: torch.Tensor, sets: Sets) -> torch.Tensor:
 
 
 def split_rows(x: torch.Tensor, sets: Sets) -> tuple[torch.Tensor, ...]:
-    """Packed [T, C] -> every clip's members [n_b, C] (views, fillers left out)."""
-    return x[: sets.count].split(sets.lengths)
+    """Packed [T, C] -> every clip's members [n_b, C] (views, fillers left out). Without fillers
+    there is nothing to cut: a no-op slice would still cost a zero-filled [T, C] and a copy in
+    its backward (~40 ms of the M1 MeBT step)."""
+    return (x if x.shape[0] == sets.count else x[: sets.count]).split(sets.lengths)
 
 
 def keep_rows(x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
