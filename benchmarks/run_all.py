@@ -73,9 +73,12 @@ def cpu_model() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or "unknown"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    vector = sorted(f for f in flags if f.startswith(("avx512f", "amx", "avx2")))
+    fields: dict[str, str] = {}
+    for line in info.splitlines():  # the first CPU's entries
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name", "unknown")
+    vector = sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx512f", "amx", "avx2")))
     return f"{model} ({' '.join(vector)})" if vector else model
 
 

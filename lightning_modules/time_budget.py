@@ -73,12 +73,14 @@ class FitScheduleToTime(Callback):
         self._start = (time.monotonic(), trainer.global_step)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
-        timer = _timer(trainer)
-        if timer is None or self._start is None or trainer.max_steps is None or trainer.max_steps < 0:
+        if self._start is None or trainer.max_steps is None or trainer.max_steps < 0:
             return
         started, start_step = self._start
         done = trainer.global_step - start_step
         if done < self.first_check or (done - self.first_check) % self.check_every:
+            return
+        timer = _timer(trainer)  # looked up on check steps only: this hook runs every batch
+        if timer is None:
             return
         pace = (time.monotonic() - started) / done  # seconds per step, everything included
         remaining = max(0.0, timer.time_remaining() or 0.0)

@@ -137,6 +137,13 @@ def attend_ragged(attn: CrossAttention, queries: list[torch.Tensor] | tuple[torc
         return [attn.attend(q[None], kv[None])[0] if q.shape[0] else q for q, kv in zip(queries, keys)]
 
 
+def latents_read_ragged(attn: CrossAttention, q: torch.Tensor, *parts) -> torch.Tensor:
+    """Clip by clip, the latents' projected queries q [B, M, D] read keys/values joined from each
+    clip's parts (per part: one [m_b, 2D] tensor per clip, in fp32) -> [B, M, D] in q's dtype."""
+    keys = [torch.cat(clip_parts) for clip_parts in zip(*parts)]
+    return torch.stack(attend_ragged(attn, fp32(q).unbind(0), keys)).to(q.dtype)
+
+
 def attend_packed(attn: CrossAttention, x: torch.Tensor, sets: Sets, kv: torch.Tensor,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """Packed queries x [T, D] (normed) read kv [B, M, 2D] of their own clip (mask [B, M]: which
@@ -184,9 +191,8 @@ class EncoderLayer(nn.Module):
         q = self.cross.q(self.norm_q(latents))
         context_kv, text_kv = self.cross.kv(self.norm_ctx(context)), self.cross.kv(self.norm_ctx(text))
         if sets.ragged:
-            context_kv, text_kv = fp32(context_kv), fp32(text_kv)
-            keys = [torch.cat(parts) for parts in zip(split_rows(context_kv, sets), keep_rows(text_kv, text_mask))]
-            read = torch.stack(attend_ragged(self.cross, fp32(q).unbind(0), keys)).to(q.dtype)
+            context, caption = split_rows(fp32(context_kv), sets), keep_rows(fp32(text_kv), text_mask)
+            read = latents_read_ragged(self.cross, q, context, caption)
         else:
             kv, mask = torch.cat([pad(context_kv, sets), text_kv], dim=1), torch.cat([sets.valid, text_mask], dim=1)
             read = self.cross.attend(q, kv, mask)
@@ -231,8 +237,7 @@ class DecoderLayer(nn.Module):
         q = self.write.q(self.norm_l2(latents))
         latent_kv, query_kv = self.write.kv(self.norm_kv(latents)), self.write.kv(self.norm_kv(queries))
         if sets.ragged:
-            keys = [torch.cat(parts) for parts in zip(fp32(latent_kv), split_rows(fp32(query_kv), sets))]
-            read = torch.stack(attend_ragged(self.write, fp32(q).unbind(0), keys)).to(q.dtype)
+            read = latents_read_ragged(self.write, q, fp32(latent_kv).unbind(0), split_rows(fp32(query_kv), sets))
         else:
             kv = torch.cat([latent_kv, pad(query_kv, sets)], dim=1)
             mask = torch.cat([torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device), sets.valid], 1)
