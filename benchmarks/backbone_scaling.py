@@ -52,6 +52,7 @@ def build(kind: str, t: int):
 
 
 def worker(kind: str, frames: int, steps: int) -> dict:
+    from models.losses import token_cross_entropy
     from models.sampling import SamplingOptions, maskgit_sample
 
     torch.manual_seed(0)
@@ -69,7 +70,7 @@ def worker(kind: str, frames: int, steps: int) -> dict:
         start = time.perf_counter()
         # The loss as MaskedVideoModule computes it: logits of the masked positions only.
         logits = net(inputs, text, text_mask, masked_only=True)
-        loss = torch.nn.functional.cross_entropy(logits, tokens[masked])
+        loss = token_cross_entropy(logits, tokens[masked])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

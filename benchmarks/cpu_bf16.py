@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,6 +34,7 @@ from common import emit, matmul_roof  # noqa: E402  (also puts the repo on sys.p
 
 from launch.precision import native_bf16  # noqa: E402
 from models.config import instantiate  # noqa: E402
+from models.losses import token_cross_entropy  # noqa: E402
 from models.sampling import mask_ratio  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ class Trainer:
         start = time.perf_counter()
         with autocast(bf16):
             logits = self.net(inputs, text, text_mask, drop_text=torch.zeros(b, dtype=torch.bool), masked_only=True)
-        F.cross_entropy(logits.float(), tokens[masked]).backward()
+        token_cross_entropy(logits, tokens[masked]).backward()  # as MaskedVideoModule's loss
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return time.perf_counter() - start

@@ -18,7 +18,6 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from lightning.pytorch import LightningModule
 from torch import nn
@@ -33,6 +32,7 @@ from metrics.caption_accuracy import target_attributes
 from metrics.clip_model import CLIPLoadError
 from metrics.i3d import I3DWeightsError
 from models.config import instantiate
+from models.losses import token_cross_entropy
 from models.sampling import SamplingOptionError, SamplingOptions, mask_ratio, maskgit_sample
 from models.stage2_checkpoint import STAGE2_KEY, STAGE2_FORMAT
 from models.text_encoder import TextEncoder
@@ -303,7 +303,8 @@ class MaskedVideoModule(LightningModule):
         logits = backbone(rearrange(inputs, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, drop_text=drop,
                           masked_only=True)
         target = flat[masked]
-        loss = F.cross_entropy(logits.float(), target, label_smoothing=self.hparams.label_smoothing)
+        # F.cross_entropy's value and gradient, with a backward that reuses its buffer (models/losses.py).
+        loss = token_cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
         # max(...).indices, not argmax: the same index, ~2x faster on a CPU (models/sampling.py).
         accuracy = (logits.detach().max(dim=-1).indices == target).float().mean()
         return {"loss": loss, "accuracy": accuracy, "mask_ratio": masked.sum() / valid.sum().clamp(min=1), "latent_frames": t}
