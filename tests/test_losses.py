@@ -46,6 +46,17 @@ def test_half_precision_logits_are_computed_in_fp32_and_get_their_dtype_back():
     torch.testing.assert_close(logits.grad, ref_logits.grad)
 
 
+def test_under_cpu_autocast_the_loss_stays_fp32_and_equal_to_f_cross_entropy():
+    torch.manual_seed(2)
+    logits = torch.randn(16, 40).bfloat16().requires_grad_()
+    target = torch.randint(0, 40, (16,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = token_cross_entropy(logits, target)
+        ref = F.cross_entropy(logits.float(), target)
+    assert loss.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(loss, ref)
+
+
 def test_the_gradient_is_written_into_the_saved_log_probabilities():
     """No [N, V] tensor is allocated in backward: the gradient reaching the logits is the buffer
     the forward saved (F.cross_entropy allocates two)."""
