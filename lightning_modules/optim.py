@@ -59,16 +59,15 @@ def clip_grad_norm(module, optimizer, max_norm: float) -> None:
     if max_norm <= 0:
         return
     plugin = module.trainer.precision_plugin
+    inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer under manual optimization
     if type(plugin).__name__ in ("Precision", "MixedPrecision") and _grad_scaler(module.trainer) is None:
-        # fp32 or bf16 autocast, one device or DDP (whose gradients are whole on every rank).
-        params = [p for group in getattr(optimizer, "optimizer", optimizer).param_groups for p in group["params"]]
-        grads = plain_cpu_grads(params)
+        # fp32, or bf16 autocast (nothing was scaled); one device or DDP (gradients whole on every rank).
+        grads = plain_cpu_grads(p for group in inner.param_groups for p in group["params"])
         if grads is not None:
             clip_plain_cpu_grads(grads, max_norm)
             return
-    if type(plugin).__name__ == "MixedPrecision" and _grad_scaler(module.trainer) is None:
-        # bf16 autocast: nothing was scaled, so the plain clip (DTensor-aware under FSDP2) is right.
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer under manual optimization
-        Precision.clip_gradients(plugin, optimizer, max_norm, GradClipAlgorithmType.NORM)
-        return
+        if type(plugin).__name__ == "MixedPrecision":
+            # The plain clip (DTensor-aware under FSDP2) is right: there is nothing to unscale.
+            Precision.clip_gradients(plugin, inner, max_norm, GradClipAlgorithmType.NORM)
+            return
     module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm=GradClipAlgorithmType.NORM)
