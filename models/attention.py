@@ -29,6 +29,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
 
+def split_heads(fused: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """A fused projection [B, N, parts*H*D] -> `parts` views [B, H, N, D] (q, k, v or k, v).
+
+    Unbinding along the `parts` axis of a [B, N, parts, H, D] view, rather than a leading one,
+    makes autograd's stack of the parts' gradients land directly in the projection's layout: the
+    leading-axis form stacked them to [parts, B, H, N, D] and then copied that again into
+    [B, N, parts*H*D] (M1 maskgit: 2-5 ms a layer, bit-identical results)."""
+    split = rearrange(fused, "b n (parts h d) -> b n parts h d", parts=parts, h=heads)
+    return tuple(part.transpose(1, 2) for part in split.unbind(2))
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused QKV projection."""
 
@@ -43,7 +54,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, N, D]; mask: optional bool [B, N] of keys that may be attended to."""
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k, v = split_heads(self.qkv(x), 3, self.heads)
         attn_mask = None if mask is None else rearrange(mask, "b n -> b 1 1 n")
         out = attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
@@ -71,7 +82,7 @@ class CrossAttention(nn.Module):
         projections on packed tokens, and build the keys from parts projected apart, padded or
         clip by clip (models/mebt.py)."""
         q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
-        k, v = rearrange(kv, "b m (two h d) -> two b h m d", two=2, h=self.heads)
+        k, v = split_heads(kv, 2, self.heads)
         attn_mask = None if mask is None else rearrange(mask, "b m -> b 1 1 m")
         out = attention(q, k, v, attn_mask=attn_mask)
         return rearrange(out, "b h n d -> b n (h d)")
