@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from datamodules.pixels import to_model
+from datamodules.samples import collate_meta
 from datamodules.streams import TrainStream
 
 
@@ -49,14 +50,7 @@ def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "video": video,
         "caption": [s["caption"] for s in samples],
         "frame_mask": torch.stack([s["frame_mask"] for s in samples]),
-        "meta": {
-            "key": [m["key"] for m in metas],
-            "url": [m["url"] for m in metas],
-            "info": [m["info"] for m in metas],
-            "worker": metas[-1]["worker"],
-            "position": [m["position"] for m in metas],
-            "skipped": metas[-1]["skipped"],  # this worker's running count of bad samples
-        },
+        "meta": collate_meta(metas),
     }
 
 

@@ -27,6 +27,20 @@ class BadSample(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
+def collate_meta(metas: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `meta` of a batch from its samples' (video and token batches alike): per-sample key,
+    url, info and stream position, and the worker's id and running count of bad samples as of
+    the batch's last sample."""
+    return {
+        "key": [m["key"] for m in metas],
+        "url": [m["url"] for m in metas],
+        "info": [m["info"] for m in metas],
+        "worker": metas[-1]["worker"],
+        "position": [m["position"] for m in metas],
+        "skipped": metas[-1]["skipped"],
+    }
+
+
 def check_member_key(raw: dict[str, Any]) -> None:
     """BadSample for a sample whose tar member names are absolute or climb with `..`.
 

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from datamodules.samples import BadSample
+from datamodules.samples import BadSample, collate_meta
 
 TOKEN_FIELDS = ("tokens.npy", "latentmask.npy", "text.npy", "textmask.npy")
 
@@ -82,12 +82,5 @@ def collate_tokens(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "text_emb": torch.stack([s["text_emb"] for s in samples]),
         "text_mask": torch.stack([s["text_mask"] for s in samples]),
         "caption": [s["caption"] for s in samples],
-        "meta": {
-            "key": [m["key"] for m in metas],
-            "url": [m["url"] for m in metas],
-            "info": [m["info"] for m in metas],
-            "worker": metas[-1]["worker"],
-            "position": [m["position"] for m in metas],
-            "skipped": metas[-1]["skipped"],
-        },
+        "meta": collate_meta(metas),
     }

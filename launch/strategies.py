@@ -68,6 +68,19 @@ def compile_blocks(module) -> int:
     return count
 
 
+def configure_model(module, compile: bool = False) -> None:
+    """`LightningModule.configure_model` of every maskvid module: shard its networks the way the
+    trainer's strategy wants (when it has a `parallelize`), then compile their blocks once.
+    Also called by load_from_checkpoint, with no trainer: nothing to shard then."""
+    trainer = getattr(module, "_trainer", None)
+    parallelize = getattr(trainer.strategy if trainer is not None else None, "parallelize", None)
+    if parallelize is not None:
+        parallelize(module)
+    if compile and not getattr(module, "_compiled", False):
+        compile_blocks(module)
+        module._compiled = True
+
+
 class MaskvidDDPStrategy(DDPStrategy):
     """DDP that finds unused parameters by itself where the model needs it: with manual
     optimization (the GAN tokenizer) the generator's backward leaves the discriminator unused."""

@@ -167,17 +167,10 @@ class TokenizerModule(LightningModule):
         return [self.tokenizer, self.discriminator, ema]
 
     def configure_model(self) -> None:
-        # Sharding and compilation are the strategy module's business (launch/strategies.py).
-        # Also called by load_from_checkpoint, with no trainer: nothing to shard then.
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        parallelize = getattr(strategy, "parallelize", None)
-        if parallelize is not None:
-            parallelize(self)
-        if self.hparams.compile and not getattr(self, "_compiled", False):
-            from launch.strategies import compile_blocks
+        # Sharding and compilation are the strategy module's business.
+        from launch.strategies import configure_model
 
-            compile_blocks(self)
-            self._compiled = True
+        configure_model(self, compile=self.hparams.compile)
 
     def configure_optimizers(self):
         hp = self.hparams
