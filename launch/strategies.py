@@ -68,7 +68,7 @@ def compile_blocks(module) -> int:
     return count
 
 
-def configure_model(module, compile: bool = False) -> None:
+def shard_and_compile(module, compile: bool = False) -> None:
     """`LightningModule.configure_model` of every maskvid module: shard its networks the way the
     trainer's strategy wants (when it has a `parallelize`), then compile their blocks once.
     Also called by load_from_checkpoint, with no trainer: nothing to shard then."""

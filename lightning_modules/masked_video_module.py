@@ -23,6 +23,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from launch.strategies import shard_and_compile
 from lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
 from lightning_modules.ema import EMA
 from lightning_modules.optim import adamw, clip_grad_norm
@@ -346,9 +347,7 @@ class MaskedVideoModule(LightningModule):
 
     def configure_model(self) -> None:
         # Sharding and compilation are the strategy module's business.
-        from launch.strategies import configure_model
-
-        configure_model(self, compile=self.hparams.compile)
+        shard_and_compile(self, compile=self.hparams.compile)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -20,6 +20,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from launch.strategies import shard_and_compile
 from lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
 from lightning_modules.ema import EMA
 from lightning_modules.media import log_reconstructions
@@ -168,9 +169,7 @@ class TokenizerModule(LightningModule):
 
     def configure_model(self) -> None:
         # Sharding and compilation are the strategy module's business.
-        from launch.strategies import configure_model
-
-        configure_model(self, compile=self.hparams.compile)
+        shard_and_compile(self, compile=self.hparams.compile)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -37,8 +37,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
         out = logp.exp_().mul_(scale)
         if ctx.label_smoothing:
             out.sub_(scale * (ctx.label_smoothing / v))
-        rows = torch.arange(n, device=out.device)
-        out.index_put_((rows, target), -(scale * (1 - ctx.label_smoothing)).expand(n), accumulate=True)
+        out.scatter_add_(1, target[:, None], -(scale * (1 - ctx.label_smoothing)).expand(n, 1))
         return out, None, None
 
 
