@@ -8,7 +8,7 @@ the run with one clear line.
 - Bad config: each mistake (and a corrupt or hostile --ckpt_path), through the real `maskvid fit`,
   is one line naming the option or file, exit status 2, and nothing written.
 - Safe loading: checkpoints load with weights_only=True (a pickle that runs code is refused, and
-  does not run); every remaining pickle use is one the README documents; tar members with absolute
+  does not run); every remaining pickle use is one docs/reliability.md documents; tar members with absolute
   or `..` paths are skipped and never reach the disk.
 """
 
@@ -406,7 +406,7 @@ def test_checkpoints_load_weights_only_and_a_code_running_pickle_is_refused(tmp_
     assert not marker.exists()  # refused before anything in it ran (the CLI case is in the bad-config test)
 
 
-# Where a pickle may still be read, and why (each is listed in README "Reliability").
+# Where a pickle may still be read, and why (each is listed in docs/reliability.md).
 PICKLE_USES = {
     "launch/checkpoints.py": "weights_only=False",  # DeepSpeed's own consolidated file (export)
 }
@@ -423,8 +423,7 @@ def test_every_remaining_pickle_use_is_documented():
                     found.setdefault(str(path.relative_to(REPO)), set()).add(pattern)
     allowed = {**PICKLE_USES, "metrics/i3d.py": "torch.jit.load"}
     assert {k: sorted(v) for k, v in found.items()} == {k: [v] for k, v in allowed.items()}
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Reliability"): readme.index("## Layout")]
+    section = (REPO / "docs" / "reliability.md").read_text()
     for path in allowed:
         assert path in section, path
     for use in ("DCP", "DeepSpeed", "TorchScript"):
