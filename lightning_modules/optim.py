@@ -11,7 +11,7 @@ Two Lightning behaviours make this worth one place:
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 
@@ -31,43 +31,17 @@ def adamw(param_groups: list[dict], trainer, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups, fused=fused, **kwargs)
 
 
-def plain_cpu_grads(params) -> list[torch.Tensor] | None:
-    """The gradients of `params` when every one is a plain, contiguous fp32 CPU tensor (no DTensor
-    shard, no ZeRO partition), else None."""
-    grads = [p.grad for p in params if p.grad is not None]
-    plain = all(type(g) is torch.Tensor and g.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous()
-                for g in grads)
-    return grads if plain else None
-
-
-def clip_plain_cpu_grads(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` for plain fp32 CPU gradients, in one read pass for the norm
-    (a BLAS dot product per tensor: on a CPU torch's per-tensor norms took 33 against 18 ms for
-    MeBT M1's 48M gradients) and a scaling pass only when the norm is over `max_norm` (torch
-    multiplies by 1 too). Returns the total norm before clipping."""
-    if not grads:
-        return torch.tensor(0.0)
-    total = torch.stack([torch.dot(g.view(-1), g.view(-1)) for g in grads]).sum().sqrt()
-    coef = max_norm / (float(total) + 1e-6)
-    if not coef >= 1.0:  # NaN too, as in torch: a non-finite norm poisons the gradients either way
-        torch._foreach_mul_(grads, coef)
-    return total
-
-
 def clip_grad_norm(module, optimizer, max_norm: float) -> None:
-    """Clip the gradient norm of `optimizer`'s parameters to `max_norm` (0 disables)."""
+    """Clip the gradient norm of `optimizer`'s parameters to `max_norm` (0 disables), through the
+    precision plugin's own clipping (DeepSpeed's clips in its engine, an fp16 scaler unscales
+    first). Under bf16 autocast there is no scaler and nothing to unscale, so the plugin's refusal
+    of a fused optimizer does not apply: the base plugin's clip (torch's clip_grad_norm_,
+    DTensor-aware under FSDP2) is exactly right."""
     if max_norm <= 0:
         return
     plugin = module.trainer.precision_plugin
-    inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer under manual optimization
-    if type(plugin).__name__ in ("Precision", "MixedPrecision") and _grad_scaler(module.trainer) is None:
-        # fp32, or bf16 autocast (nothing was scaled); one device or DDP (gradients whole on every rank).
-        grads = plain_cpu_grads(p for group in inner.param_groups for p in group["params"])
-        if grads is not None:
-            clip_plain_cpu_grads(grads, max_norm)
-            return
-        if type(plugin).__name__ == "MixedPrecision":
-            # The plain clip (DTensor-aware under FSDP2) is right: there is nothing to unscale.
-            Precision.clip_gradients(plugin, inner, max_norm, GradClipAlgorithmType.NORM)
-            return
+    if isinstance(plugin, MixedPrecision) and _grad_scaler(module.trainer) is None:
+        inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer under manual optimization
+        Precision.clip_gradients(plugin, inner, max_norm, GradClipAlgorithmType.NORM)
+        return
     module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm=GradClipAlgorithmType.NORM)
