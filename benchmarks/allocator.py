@@ -1,6 +1,6 @@
 """glibc's malloc against jemalloc and tcmalloc over a long run of the demo MeBT's training step.
 
-With glibc (as `maskvid fit` tunes it, launch/host_memory.py) the demo's stage-2 step got slower the
+With glibc (with the mallopt tuning of launch/cpu_tuning.py) the demo's stage-2 step got slower the
 longer a fit ran: the tensors change size every step (MeBT's packed sets, the mask ratio drawn per
 clip) and the heap fragments. This runs the bare step of configs/model/mebt_tiny.yaml (batch 8,
 5x8x8 tokens, a mask ratio per clip from the training schedule, bf16 autocast where the CPU has
@@ -11,8 +11,8 @@ other, and reports the median step time of the first and the last --window steps
     python benchmarks/allocator.py --steps 200 --allocators system jemalloc
 
 Allocators that are not installed are reported as such (Debian/Ubuntu: apt-get install libjemalloc2
-libtcmalloc-minimal4). `maskvid demo` preloads the first of tcmalloc, jemalloc it finds
-(launch/allocator.py).
+libtcmalloc-minimal4). `maskvid demo --cpu-tuning` preloads the first of tcmalloc, jemalloc it
+finds (launch/cpu_tuning.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402  (also puts the repo on sys.path)
 
-from launch.allocator import AllocatorError, child_env  # noqa: E402
+from launch.cpu_tuning import AllocatorError, child_env  # noqa: E402
 
 
 def worker(steps: int, batch: int) -> None:

@@ -122,10 +122,10 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        from launch.host_memory import tune_host_allocator
+        from launch.cpu_tuning import apply_in_process
         from launch.lightning_cli import run_lightning_cli
 
-        tune_host_allocator()
+        apply_in_process()  # opt-in (MASKVID_CPU_TUNING=1), never with CUDA
 
         return run_lightning_cli(argv)
     only = argv[0] if argv and argv[0] in TOOL_COMMANDS else None

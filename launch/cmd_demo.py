@@ -13,19 +13,22 @@ Steps, each a real maskvid command run in --out (so the report can print how to 
 
 --minutes is shared between the two fits (20% tokenizer, the rest stage 2 including tokenizing;
 see BUDGET_SPLIT in launch/demo_pipeline.py); data, generation and scoring are timed apart. The
-configs' step counts are scaled to --minutes. The budget is a limit: on a 2-core CPU with tcmalloc
-the default's step counts end both fits first, and the whole run takes about 30 minutes (29.4 here,
-73.8% of the seen prompts' videos right). On a slower machine the budget ends a fit, and
-FitScheduleToTime (lightning_modules/time_budget.py) shortens its learning-rate schedule to fit,
-so it still decays fully. Stage 2 and generation run in bf16 autocast where the device has native
+configs' step counts are scaled to --minutes. The budget is a limit: where the default's step
+counts are not reached in time the budget ends a fit, and FitScheduleToTime
+(lightning_modules/time_budget.py) shortens its learning-rate schedule to fit, so it still decays
+fully. The fits layer configs/trainer/gpu.yaml (one GPU, bf16, TF32) where CUDA is available, else
+configs/trainer/cpu.yaml. Stage 2 and generation run in bf16 autocast where the device has native
 bf16 (GPUs; CPUs with AMX or AVX512-BF16), else in fp32; on a CPU the tokenizer fit stays fp32.
-The commands run on tcmalloc, else jemalloc, where installed (MASKVID_ALLOCATOR=auto|tcmalloc|
-jemalloc|system; launch/allocator.py): with glibc's malloc a long CPU fit slows down step by step
-(the same default run took 39.5 minutes). Rerun with the same --out to resume: finished steps are
-skipped (OUT/steps/*.json) and an interrupted fit continues from its last checkpoint.
+--cpu-tuning (or MASKVID_CPU_TUNING=1) opts in to host tuning on a CPU: the commands run on a
+preloaded tcmalloc, else jemalloc, where installed (MASKVID_ALLOCATOR=auto|tcmalloc|jemalloc|system),
+and glibc's malloc keeps freed memory (launch/cpu_tuning.py); with glibc's defaults a long CPU fit
+slows down step by step. It is never applied where CUDA is available. Rerun with the same --out to
+resume: finished steps are skipped (OUT/steps/*.json) and an interrupted fit continues from its
+last checkpoint.
 
 examples:
-  maskvid demo --out runs/demo                     # ~30 minutes on a 2-core CPU (tcmalloc), ~40 without
+  maskvid demo --out runs/demo                     # the default budget, --minutes 40
+  maskvid demo --out runs/demo --cpu-tuning        # faster on a CPU where tcmalloc/jemalloc is installed
   maskvid demo --out runs/demo_quick --quick       # smoke run, under 5 minutes
   maskvid demo --out runs/demo_phenaki --backbone maskgit
   maskvid demo --out runs/demo_fast --minutes 20   # quicker, weaker models
@@ -43,7 +46,7 @@ from pathlib import Path
 from datamodules.errors import DataError
 from launch.arg_types import positive_float, positive_int
 from launch.cmd_data_synthetic import add_variation_arguments
-from launch.demo_pipeline import DEMO_VARIATION, REFERENCE_MINUTES, _cuda_available
+from launch.demo_pipeline import DEMO_VARIATION, REFERENCE_MINUTES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_variation_arguments(parser, DEMO_VARIATION)
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the samples (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="only the step lines, not each command's output")
+    parser.add_argument("--cpu-tuning", action="store_true", default=None,
+                        help="on a CPU, run the commands on a preloaded tcmalloc/jemalloc and tune glibc's malloc "
+                             "(default: MASKVID_CPU_TUNING, else off; never with CUDA; launch/cpu_tuning.py)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,12 +105,13 @@ def run(args: argparse.Namespace) -> int:
     demo = DemoPipeline(args.out, recipe, minutes, backbone=args.backbone, devices=args.devices,
                         train_shards=args.train_shards, val_shards=args.val_shards, prompts=args.prompts,
                         i3d_path=args.i3d_path, clip_path=args.clip_path, seed=args.seed,
-                        echo=lambda line: tqdm.write(line), stream_output=not args.quiet)
+                        echo=lambda line: tqdm.write(line), stream_output=not args.quiet,
+                        cpu_tuning_flag=args.cpu_tuning)
     demo.preflight()
-    if demo.allocator == "system" and not args.quick and sys.platform.startswith("linux") and not _cuda_available():
-        print("maskvid demo: note: running on glibc's malloc, which slows long CPU fits down step by step "
-              "(the default demo took 39.5 instead of 29.4 minutes on 2 cores). On Debian/Ubuntu, "
-              "`apt-get install libtcmalloc-minimal4` and the demo preloads it.", file=sys.stderr)
+    if demo.cpu_tuning and demo.allocator == "system" and sys.platform.startswith("linux"):
+        print("maskvid demo: note: --cpu-tuning found neither tcmalloc nor jemalloc, so the fits run on glibc's "
+              "malloc (tuned). On Debian/Ubuntu, `apt-get install libtcmalloc-minimal4` and the demo preloads it.",
+              file=sys.stderr)
     bar = tqdm(total=len(demo.steps()), desc="maskvid demo", unit="step", dynamic_ncols=True)
     try:
         summary = demo.run(progress=bar.update)

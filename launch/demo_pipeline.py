@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 from datamodules.errors import DataError
 from datamodules.synthetic import Variation
-from launch.allocator import child_env
+from launch import cpu_tuning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,10 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 # quality.
 BUDGET_SPLIT = {"tokenizer": 0.2, "stage2": 0.8}
 # The demo experiment configs' max_steps are sized to fit this budget on a 2-core CPU, and another
-# --minutes scales them, so that the learning-rate schedules end when the budget does. With stage 2
-# in bf16 and tcmalloc (launch/allocator.py) the caps end both fits well inside it: the default run
-# took 29.4 minutes in all (stage 2 0.32 s a step); on glibc's malloc 39.5 (0.47 s). Where the
-# machine is slower still, FitScheduleToTime shortens a fit's schedule to what the budget allows.
+# --minutes scales them, so that the learning-rate schedules end when the budget does (README
+# "Benchmarks" has the timings, with and without the opt-in CPU tuning of launch/cpu_tuning.py).
+# Where the machine is slower, FitScheduleToTime shortens a fit's schedule to what the budget allows.
 REFERENCE_MINUTES = 40.0
 
 
@@ -119,7 +118,8 @@ class DemoPipeline:
     def __init__(self, out: Path, recipe: Recipe, minutes: float, backbone: str = "mebt", devices: int = 1,
                  train_shards: Optional[str] = None, val_shards: Optional[str] = None,
                  prompts: Optional[Path] = None, i3d_path: Optional[str] = None, clip_path: Optional[str] = None,
-                 seed: int = 0, echo: Callable[[str], None] = print, stream_output: bool = True) -> None:
+                 seed: int = 0, echo: Callable[[str], None] = print, stream_output: bool = True,
+                 cpu_tuning_flag: Optional[bool] = None) -> None:
         self.out = out.resolve()
         self.recipe = recipe
         self.minutes = minutes
@@ -136,9 +136,15 @@ class DemoPipeline:
         self.val_shards = absolute_shards(val_shards) if val_shards else str(data / "val")
         self.prompts_file = prompts.resolve() if prompts else None
         self.log = self.out / "commands.log"
-        # The malloc the commands run on (launch/allocator.py); a bad MASKVID_ALLOCATOR fails here.
-        allocator_env, self.allocator = child_env(os.environ)
-        self._preload = allocator_env.get("LD_PRELOAD")
+        # Host tuning is opt-in (--cpu-tuning or MASKVID_CPU_TUNING=1) and never used with CUDA:
+        # then the commands run on a preloaded tcmalloc/jemalloc (a bad MASKVID_ALLOCATOR fails
+        # here) and tune glibc's malloc in-process. Otherwise they inherit this environment as is.
+        self.cpu_tuning = cpu_tuning.enabled(cpu_tuning_flag)
+        if self.cpu_tuning:
+            allocator_env, self.allocator = cpu_tuning.child_env(os.environ)
+            self._preload = allocator_env.get("LD_PRELOAD")
+        else:
+            self.allocator, self._preload = cpu_tuning.preloaded(os.environ), None
         self.steps_dir = self.out / "steps"
         self.tokens = self.out / "tokens"
         self.stage2_name = f"{backbone}_demo"
@@ -186,8 +192,10 @@ class DemoPipeline:
         Lightning's progress bar included). A failure names the log."""
         self._commands.append("maskvid " + " ".join(shlex.quote(a) for a in args))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        if self._preload:  # tcmalloc or jemalloc where installed: glibc's malloc slows a long CPU fit down
-            env["LD_PRELOAD"] = self._preload
+        if self.cpu_tuning:
+            env[cpu_tuning.ENV] = "1"  # the fits tune glibc's malloc in-process too
+            if self._preload:
+                env["LD_PRELOAD"] = self._preload
         with open(self.log, "ab") as log:
             log.write(f"\n$ cd {self.out} && maskvid {' '.join(args)}\n".encode())
             log.flush()
@@ -217,17 +225,21 @@ class DemoPipeline:
             return "32-true"
         return trainer_precision("cuda" if gpu else "cpu")
 
+    def trainer_config(self) -> Path:
+        """The trainer file layered after the experiment config: one GPU where CUDA is
+        available (bf16, TF32), else one CPU process."""
+        return REPO / "configs/trainer" / ("gpu.yaml" if _cuda_available() else "cpu.yaml")
+
     def _trainer_args(self, steps: Optional[int], minutes: float, val_every: Optional[int],
                       stage: str = "stage2") -> list[str]:
         r = self.recipe
-        args = []
+        args = ["--config", str(self.trainer_config())]
         if self.devices > 1:
             # Data parallel over --devices (gloo on CPU); the GAN's unused parameters are handled.
             args += ["--config", str(REPO / "configs/trainer/ddp.yaml")]
-        # The demo configs layer trainer/cpu.yaml (CPU, fp32) and ddp.yaml asks for bf16: use the
-        # GPU when there is one, else the CPU, in the precision `precision` picks for the stage.
-        args += ["--trainer.accelerator", "gpu" if _cuda_available() else "cpu",
-                 "--trainer.precision", self.precision(stage)]
+        # The precision `precision` picks for the stage (bf16 on CPUs with native bf16 too), over
+        # the trainer files' own.
+        args += ["--trainer.precision", self.precision(stage)]
         args += ["--trainer.devices", str(self.devices), "--trainer.max_time", hms(minutes)]
         if steps is not None:
             args += ["--trainer.max_steps", str(steps)]
@@ -431,6 +443,8 @@ class DemoPipeline:
             "budget_minutes": self.minutes,
             "budget_split": BUDGET_SPLIT,
             "precision": {"tokenizer": self.precision("tokenizer"), "stage2": self.precision()},
+            "trainer_config": str(self.trainer_config().relative_to(REPO)),
+            "cpu_tuning": self.cpu_tuning,
             "allocator": self.allocator,
             "recipe": asdict(self.recipe),
             "steps_done": list(records),
