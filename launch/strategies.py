@@ -3,12 +3,18 @@
 Configs pick a strategy by class_path (configs/trainer/*.yaml); `build_strategy(name)` gives the
 same objects to scripts. LightningModules know nothing of sharding: they list their trainable
 networks (`parallel_networks()`) and their frozen ones stay plain replicated modules, outside
-every optimizer.
+every optimizer. Their configure_model hook calls the strategy's `parallelize(module)`, which
+applies, network by network, activation checkpointing (the strategy's `activation_checkpointing`:
+all blocks, none or every k-th), then torch.compile per block (the model's `compile` option), then
+sharding (FSDP2); DDP and DeepSpeed wrap the module afterwards, in their setup. Every strategy
+below has that option, the single-device one included.
 
+- single:     One device (MaskvidSingleDeviceStrategy). Lightning's own strategies apply neither
+              checkpointing nor compile.
 - ddp:        Lightning's DDP; finds unused parameters by itself for the GAN tokenizer, whose
               generator step leaves the discriminator without gradients.
 - fsdp:       FSDP2 (`fully_shard`) through ModelParallelStrategy: one FSDP unit per transformer
-              block, then each network's root; optional activation checkpointing per block;
+              block, then each network's root;
               bf16 parameters with fp32 gradient reduction; modules marked `full_precision` (quantizers,
               whose codes bf16 would round onto each other) compute in fp32; buffers untouched.
               Networks marked `replicate_under_fsdp` (the discriminator: R1's double backward)
@@ -25,11 +31,17 @@ from __future__ import annotations
 
 import argparse
 from datetime import timedelta
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
 from torch import nn
 
 
@@ -57,46 +69,136 @@ def _networks(module) -> list[nn.Module]:
     return [n for n in networks() if n is not None]
 
 
-def compile_blocks(module) -> int:
-    """torch.compile each transformer block of the module's trainable networks in place (after
-    sharding, as FSDP2 wants: per block, so graph breaks stay local). Returns how many."""
+def _top_blocks(network: nn.Module) -> list[tuple[nn.ModuleList, int]]:
+    """Where each transformer block sits (its ModuleList and index), in forward order. A block
+    nested inside another is left out: checkpointing or compiling the outer one covers it."""
+    taken: set[int] = set()
+    found = []
+    for module in network.modules():
+        if isinstance(module, nn.ModuleList) and id(module) not in taken:
+            for index, block in enumerate(module):
+                if any(True for _ in block.parameters()):
+                    found.append((module, index))
+                    taken.update(id(m) for m in block.modules())
+    return found
+
+
+def _checkpoint_every(activation_checkpointing: bool | int) -> int:
+    """0 (none), 1 (every block) or k (every k-th block)."""
+    every = int(activation_checkpointing)
+    if every < 0:
+        raise StrategyConfigError(f"activation_checkpointing must be true, false or k >= 0, got {activation_checkpointing!r}")
+    return every
+
+
+def checkpoint_blocks(network: nn.Module, activation_checkpointing: bool | int) -> int:
+    """Wrap the selected blocks of `network` for activation checkpointing (non-reentrant: their
+    activations are recomputed in backward), in place. A wrapper rather than hooks, because
+    torch.compile traces the wrapper's checkpoint as one region, where hooks break the graph.
+    State-dict keys are unchanged. Returns how many blocks were wrapped."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    every = _checkpoint_every(activation_checkpointing)
     count = 0
-    for network in _networks(module):
-        for block in _blocks(network):
-            block.compile()
+    for blocks, index in _top_blocks(network) if every else ():
+        if index % every == 0:
+            blocks[index] = checkpoint_wrapper(blocks[index])
             count += 1
     return count
 
 
-def shard_and_compile(module, compile: bool = False) -> None:
-    """`LightningModule.configure_model` of every maskvid module: shard its networks the way the
-    trainer's strategy wants (when it has a `parallelize`), then compile their blocks once.
-    Also called by load_from_checkpoint, with no trainer: nothing to shard then."""
-    trainer = getattr(module, "_trainer", None)
-    parallelize = getattr(trainer.strategy if trainer is not None else None, "parallelize", None)
-    if parallelize is not None:
-        parallelize(module)
-    if compile and not getattr(module, "_compiled", False):
-        compile_blocks(module)
-        module._compiled = True
+def compile_blocks(module) -> int:
+    """torch.compile each top-level transformer block of the module's trainable networks (or of
+    one network) in place: per block, so graph breaks stay local, and before sharding, so FSDP2's
+    hooks stay outside the compiled code. Returns how many."""
+    networks = _networks(module) if hasattr(module, "parallel_networks") else [module]
+    count = 0
+    for network in networks:
+        for blocks, index in _top_blocks(network):
+            blocks[index].compile()
+            count += 1
+    return count
 
 
-class MaskvidDDPStrategy(DDPStrategy):
+def parallelize(module, activation_checkpointing: bool | int = False, compile: bool = False,
+                shard: Callable[[nn.Module], None] | None = None) -> None:
+    """Apply activation checkpointing, then torch.compile, then sharding, to each of the module's
+    networks (`parallel_networks()`), once. The order is FSDP2's: compiled code must contain the
+    checkpointed region and not the all-gather hooks `shard` adds. Checkpointing only touches
+    networks that train (an EMA copy never runs backward). DDP and DeepSpeed pass no `shard`:
+    they wrap the whole module afterwards, in their own setup."""
+    if getattr(module, "_maskvid_parallelized", False):
+        return
+    for network in _networks(module):
+        if any(p.requires_grad for p in network.parameters()):
+            checkpoint_blocks(network, activation_checkpointing)
+        if compile:
+            compile_blocks(network)
+        if shard is not None:
+            shard(network)
+    module._maskvid_parallelized = True
+
+
+class _Parallelize:
+    """What every maskvid strategy shares: `parallelize(module)`, which LightningModules call from
+    their configure_model hook, with this strategy's checkpointing choice and the model's own
+    `compile` option."""
+
+    activation_checkpointing: bool | int = False
+    # Shards one network in place (FSDP2); data-parallel strategies wrap the module later instead.
+    shard_network: Callable[[nn.Module], None] | None = None
+
+    def parallelize(self, module) -> None:
+        compile = bool(getattr(module, "hparams", {}).get("compile", False))
+        parallelize(module, self.activation_checkpointing, compile=compile, shard=self.shard_network)
+
+
+class MaskvidSingleDeviceStrategy(_Parallelize, SingleDeviceStrategy):
+    """One device (one GPU, or the CPU), with maskvid's activation checkpointing and compile."""
+
+    def __init__(self, activation_checkpointing: bool | int = False, device: str | None = None) -> None:
+        """
+        Args:
+            activation_checkpointing: Recompute block activations in backward instead of keeping
+                them (less memory, about one more forward of compute): true for every transformer
+                block, false for none, an integer k for every k-th block of each block list.
+            device: The device, e.g. "cuda:0" or "cpu"; null takes the accelerator's first.
+        """
+        super().__init__(device=device or "cpu")
+        self._device_given = device is not None
+        self.activation_checkpointing = activation_checkpointing
+        _checkpoint_every(activation_checkpointing)
+
+    @property
+    def root_device(self) -> torch.device:
+        if not self._device_given and self.accelerator is not None and not isinstance(self.accelerator, CPUAccelerator):
+            # The accelerator decides (Lightning sets no device on a strategy object it is handed).
+            return self.accelerator.get_parallel_devices(self.accelerator.parse_devices(1))[0]
+        return self._root_device
+
+
+class MaskvidDDPStrategy(_Parallelize, DDPStrategy):
     """DDP that finds unused parameters by itself where the model needs it: with manual
     optimization (the GAN tokenizer) the generator's backward leaves the discriminator unused."""
 
     def __init__(self, find_unused_parameters: bool | None = None, static_graph: bool = False,
-                 gradient_as_bucket_view: bool = True, process_group_backend: str | None = None) -> None:
+                 gradient_as_bucket_view: bool = True, process_group_backend: str | None = None,
+                 activation_checkpointing: bool | int = False) -> None:
         """
         Args:
             find_unused_parameters: None decides from the model (True for manual optimization).
             static_graph: The set of used parameters never changes between steps.
             gradient_as_bucket_view: Gradients are views into the all-reduce buckets (less memory).
             process_group_backend: nccl on GPUs, gloo on CPU by default.
+            activation_checkpointing: Recompute block activations in backward instead of keeping
+                them (less memory, about one more forward of compute): true for every transformer
+                block, false for none, an integer k for every k-th block of each block list.
         """
         super().__init__(static_graph=static_graph, gradient_as_bucket_view=gradient_as_bucket_view,
                          process_group_backend=process_group_backend)
         self.find_unused_parameters = find_unused_parameters
+        self.activation_checkpointing = activation_checkpointing
+        _checkpoint_every(activation_checkpointing)
 
     def setup(self, trainer) -> None:
         find = self.find_unused_parameters
@@ -106,12 +208,12 @@ class MaskvidDDPStrategy(DDPStrategy):
         super().setup(trainer)
 
 
-class FSDP2Strategy(ModelParallelStrategy):
+class FSDP2Strategy(_Parallelize, ModelParallelStrategy):
     """Fully sharded data parallel (FSDP2) over every process, with per-block units."""
 
     def __init__(
         self,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | int = False,
         param_dtype: Literal["bf16", "fp32"] = "bf16",
         reshard_after_forward: bool = True,
         save_distributed_checkpoint: bool = True,
@@ -120,8 +222,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     ) -> None:
         """
         Args:
-            activation_checkpointing: Recompute each block's activations in backward (less memory,
-                about a third more compute).
+            activation_checkpointing: Recompute block activations in backward instead of keeping
+                them (less memory, about one more forward of compute): true for every transformer
+                block, false for none, an integer k for every k-th block of each block list.
             param_dtype: Dtype that parameters are gathered in for compute. Gradients are reduced
                 and kept in fp32, and so are the sharded master weights and all buffers.
             reshard_after_forward: Free gathered block weights after forward (ZeRO-3 like);
@@ -140,6 +243,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             timeout=timedelta(minutes=timeout_minutes),
         )
         self.activation_checkpointing = activation_checkpointing
+        _checkpoint_every(activation_checkpointing)
         self.param_dtype = param_dtype
         self.reshard_after_forward = reshard_after_forward
 
@@ -162,32 +266,25 @@ class FSDP2Strategy(ModelParallelStrategy):
         verify_checkpoint(self.broadcast(str(checkpoint_path)))
         return super().load_checkpoint(checkpoint_path, weights_only)
 
-    def parallelize(self, module) -> None:
-        """Shard `module`'s trainable networks in place; called from its configure_model()."""
-        from torch.distributed._composable import checkpoint
+    def shard_network(self, network: nn.Module) -> None:
+        """fully_shard one network: its fp32 modules, each block, then its root."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        if getattr(module, "_maskvid_parallelized", False):
-            return
         mesh = self.device_mesh["data_parallel"]
+        if getattr(network, "replicate_under_fsdp", False):
+            _replicate(network, mesh.get_group())
+            return
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.param_dtype]
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-        for network in _networks(module):
-            if getattr(network, "replicate_under_fsdp", False):
-                _replicate(network, mesh.get_group())
-                continue
-            # Modules that must compute in fp32 (quantizer codebooks) say so with
-            # `full_precision = True`, and become FSDP units of their own.
-            for sub in network.modules():
-                if sub is not network and getattr(sub, "full_precision", False):
-                    fully_shard(sub, mesh=mesh, mp_policy=fp32, reshard_after_forward=self.reshard_after_forward)
-            for block in _blocks(network):
-                if self.activation_checkpointing:
-                    checkpoint(block)
-                fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-            fully_shard(network, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-        module._maskvid_parallelized = True
+        # Modules that must compute in fp32 (quantizer codebooks) say so with
+        # `full_precision = True`, and become FSDP units of their own.
+        for sub in network.modules():
+            if sub is not network and getattr(sub, "full_precision", False):
+                fully_shard(sub, mesh=mesh, mp_policy=fp32, reshard_after_forward=self.reshard_after_forward)
+        for block in _blocks(network):
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(network, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
 
 
 def _replicate(network: nn.Module, group) -> None:
@@ -211,7 +308,7 @@ def _replicate(network: nn.Module, group) -> None:
         param.register_post_accumulate_grad_hook(average)
 
 
-class DeepSpeedZeroStrategy(DeepSpeedStrategy):
+class DeepSpeedZeroStrategy(_Parallelize, DeepSpeedStrategy):
     """DeepSpeed ZeRO-2/3. On a CPU accelerator it runs over gloo (tests, laptops)."""
 
     def __init__(
@@ -221,6 +318,7 @@ class DeepSpeedZeroStrategy(DeepSpeedStrategy):
         allgather_bucket_size: int = 200_000_000,
         reduce_bucket_size: int = 200_000_000,
         process_group_backend: str | None = None,
+        activation_checkpointing: bool | int = False,
     ) -> None:
         """
         Args:
@@ -229,11 +327,16 @@ class DeepSpeedZeroStrategy(DeepSpeedStrategy):
             allgather_bucket_size: Elements per all-gather bucket.
             reduce_bucket_size: Elements per reduce bucket.
             process_group_backend: nccl on GPUs, gloo on CPU by default.
+            activation_checkpointing: Recompute block activations in backward instead of keeping
+                them (less memory, about one more forward of compute): true for every transformer
+                block, false for none, an integer k for every k-th block of each block list.
         """
         super().__init__(
             stage=stage, offload_optimizer=offload_optimizer, allgather_bucket_size=allgather_bucket_size,
             reduce_bucket_size=reduce_bucket_size, process_group_backend=process_group_backend,
         )
+        self.activation_checkpointing = activation_checkpointing
+        _checkpoint_every(activation_checkpointing)
 
     @property
     def _on_cpu(self) -> bool:
@@ -315,10 +418,12 @@ class DeepSpeedZeroStrategy(DeepSpeedStrategy):
 
 
 def build_strategy(name: str, **kwargs) -> Strategy | str:
-    """A strategy by name: cpu, ddp, fsdp, deepspeed_zero2,
+    """A strategy by name: cpu (Lightning's choice), single, ddp, fsdp, deepspeed_zero2,
     deepspeed_zero3. Scripts use this; configs name the same classes by class_path."""
-    if name in ("cpu", "single", "auto"):
+    if name in ("cpu", "auto"):
         return "auto"
+    if name == "single":
+        return MaskvidSingleDeviceStrategy(**kwargs)
     if name == "ddp":
         return MaskvidDDPStrategy(**kwargs)
     if name == "fsdp":
@@ -326,5 +431,5 @@ def build_strategy(name: str, **kwargs) -> Strategy | str:
     if name in ("deepspeed_zero2", "deepspeed_zero3"):
         return DeepSpeedZeroStrategy(stage=int(name[-1]), **kwargs)
     raise StrategyConfigError(
-        f"unknown strategy {name!r}: choose cpu, ddp, fsdp, deepspeed_zero2 or deepspeed_zero3"
+        f"unknown strategy {name!r}: choose cpu, single, ddp, fsdp, deepspeed_zero2 or deepspeed_zero3"
     )

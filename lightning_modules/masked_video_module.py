@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from einops import rearrange
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from launch.strategies import shard_and_compile
 from lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
 from lightning_modules.ema import EMA
 from lightning_modules.optim import adamw, clip_grad_norm
@@ -135,7 +135,8 @@ class MaskedVideoModule(LightningModule):
             log_fps: Frame rate of the logged mp4s.
             mask_seed: Seed of the training masks and caption drops. They are drawn from
                 (mask_seed, rank, step), so a resumed run masks exactly as an uninterrupted one.
-            compile: torch.compile each backbone block (after sharding, under any strategy).
+            compile: torch.compile each backbone block, after activation checkpointing and before
+                sharding; applied by maskvid's strategies (launch/strategies.py).
         """
         super().__init__()
         if isinstance(backbone, dict):  # from a checkpoint's hparams
@@ -346,8 +347,16 @@ class MaskedVideoModule(LightningModule):
         return [self.backbone, self.backbone_ema.module if self.backbone_ema is not None else None]
 
     def configure_model(self) -> None:
-        # Sharding and compilation are the strategy module's business.
-        shard_and_compile(self, compile=self.hparams.compile)
+        # Activation checkpointing, compile and sharding are the trainer's strategy's business
+        # (maskvid's, in launch/strategies.py, have `parallelize`). No trainer
+        # (load_from_checkpoint): nothing to do.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        parallelize = getattr(strategy, "parallelize", None)
+        if parallelize is not None:
+            parallelize(self)
+        elif self.hparams.compile:
+            rank_zero_warn(f"model.init_args.compile: {type(strategy).__name__} does not compile; use one of "
+                           "launch.strategies (MaskvidSingleDeviceStrategy on one device). Running uncompiled.")
 
     def configure_optimizers(self):
         hp = self.hparams

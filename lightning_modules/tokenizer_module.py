@@ -16,11 +16,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from launch.strategies import shard_and_compile
 from lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
 from lightning_modules.ema import EMA
 from lightning_modules.media import log_reconstructions
@@ -97,7 +97,8 @@ class TokenizerModule(LightningModule):
                 reconstruction FVD of the validation clips, logged as val/rfvd_N; null skips it.
                 Not stored in checkpoint hyperparameters, so `maskvid validate --ckpt_path` takes
                 it from the command line.
-            compile: torch.compile each transformer block (after sharding, under any strategy).
+            compile: torch.compile each transformer block, after activation checkpointing and before
+                sharding; applied by maskvid's strategies (launch/strategies.py).
         """
         super().__init__()
         # A checkpoint's hparams hold the networks' configs (plain data, weights_only-safe), and
@@ -168,8 +169,16 @@ class TokenizerModule(LightningModule):
         return [self.tokenizer, self.discriminator, ema]
 
     def configure_model(self) -> None:
-        # Sharding and compilation are the strategy module's business.
-        shard_and_compile(self, compile=self.hparams.compile)
+        # Activation checkpointing, compile and sharding are the trainer's strategy's business
+        # (maskvid's, in launch/strategies.py, have `parallelize`). No trainer
+        # (load_from_checkpoint): nothing to do.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        parallelize = getattr(strategy, "parallelize", None)
+        if parallelize is not None:
+            parallelize(self)
+        elif self.hparams.compile:
+            rank_zero_warn(f"model.init_args.compile: {type(strategy).__name__} does not compile; use one of "
+                           "launch.strategies (MaskvidSingleDeviceStrategy on one device). Running uncompiled.")
 
     def configure_optimizers(self):
         hp = self.hparams
