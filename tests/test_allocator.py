@@ -1,4 +1,5 @@
-"""launch/allocator.py: the malloc that `maskvid demo` runs its commands on."""
+"""launch/cpu_tuning.py: opt-in host tuning (a preloaded malloc for the demo's commands, glibc's
+mallopt in-process), off by default and never with CUDA."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import sys
 
 import pytest
 
-import launch.allocator as allocator
-from launch.allocator import AllocatorError, child_env, choose
+import launch.cpu_tuning as allocator
+from launch.cpu_tuning import AllocatorError, child_env, choose
 
 
 def test_unknown_setting_is_one_clear_error(monkeypatch):
@@ -78,12 +79,67 @@ def test_allocator_benchmark_reports_each_allocator(tmp_path):
         assert "libjemalloc" in jemalloc["preloaded"] and jemalloc["speedup_over_system"] > 0
 
 
+def test_tuning_is_opt_in_and_never_with_cuda(monkeypatch):
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    monkeypatch.setattr(allocator, "_cuda_available", lambda: False)
+    assert not allocator.requested() and not allocator.enabled()
+    for value in ("1", "true", "ON"):
+        monkeypatch.setenv(allocator.ENV, value)
+        assert allocator.enabled()
+    monkeypatch.setenv(allocator.ENV, "0")
+    assert not allocator.enabled() and allocator.enabled(True)  # the --cpu-tuning flag wins
+    monkeypatch.setenv(allocator.ENV, "1")
+    assert not allocator.enabled(False)
+    monkeypatch.setattr(allocator, "_cuda_available", lambda: True)
+    assert allocator.requested() and not allocator.enabled() and not allocator.enabled(True)
+
+
+def test_fit_tunes_glibc_only_when_enabled(monkeypatch):
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(allocator, "_cuda_available", lambda: False)
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    assert allocator.apply_in_process() is False and calls == []
+    monkeypatch.setenv(allocator.ENV, "1")
+    assert allocator.apply_in_process() is True and calls == [1]
+    monkeypatch.setattr(allocator, "_cuda_available", lambda: True)
+    assert allocator.apply_in_process() is False and calls == [1]
+
+
+def test_keep_freed_memory_really_calls_mallopt():
+    import ctypes.util
+
+    if not sys.platform.startswith("linux") or not ctypes.util.find_library("c"):
+        pytest.skip("glibc only")
+    # A child, so this test process keeps glibc's defaults; M_MMAP_THRESHOLD's effect is visible
+    # as a large allocation served from the heap (brk) instead of a fresh mapping.
+    code = ("import ctypes, ctypes.util, sys; from launch.cpu_tuning import keep_freed_memory; "
+            "libc = ctypes.CDLL(ctypes.util.find_library('c')); libc.sbrk.restype = ctypes.c_void_p; "
+            "tune = sys.argv[1] == '1'; ok = keep_freed_memory() if tune else True; "
+            "libc.malloc.restype = ctypes.c_void_p; before = libc.sbrk(0); p = libc.malloc(64 << 20); "
+            "print(ok, libc.sbrk(0) - before >= (64 << 20))")
+    from tests.conftest import REPO
+
+    out = {flag: subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, check=True,
+                                cwd=REPO).stdout.split() for flag in ("0", "1")}
+    assert out["0"] == ["True", "False"]  # glibc's default: 64 MiB is mmapped, the heap does not grow
+    assert out["1"] == ["True", "True"]  # tuned: served from the heap
+
+
+def test_preloaded_reports_what_the_environment_already_preloads():
+    assert allocator.preloaded({}) == "system"
+    assert allocator.preloaded({"LD_PRELOAD": "/x/libfoo.so /usr/lib/libjemalloc.so.2"}) == "jemalloc"
+    assert allocator.preloaded({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}) == "tcmalloc"
+
+
 @pytest.mark.parametrize("setting", ["tcmalloc", "system"])
-def test_the_demo_runs_its_commands_on_the_chosen_allocator(tmp_path, monkeypatch, setting):
+def test_the_demo_runs_its_commands_on_the_chosen_allocator_when_tuning(tmp_path, monkeypatch, setting):
     import launch.demo_pipeline as demo
 
     monkeypatch.setattr(allocator, "find", lambda kind: f"/opt/lib{kind}.so")
+    monkeypatch.setattr(allocator, "_cuda_available", lambda: False)
     monkeypatch.setenv("MASKVID_ALLOCATOR", setting)
+    monkeypatch.setenv(allocator.ENV, "1")
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     seen = {}
 
@@ -99,5 +155,33 @@ def test_the_demo_runs_its_commands_on_the_chosen_allocator(tmp_path, monkeypatc
     pipeline = demo.DemoPipeline(tmp_path / "out", demo.QUICK, 2.0)
     (tmp_path / "out").mkdir(parents=True, exist_ok=True)
     pipeline.maskvid("data", "synthetic", "--help")
-    assert pipeline.allocator == setting
+    assert pipeline.cpu_tuning and pipeline.allocator == setting
     assert seen["env"].get("LD_PRELOAD") == ("/opt/libtcmalloc.so" if setting == "tcmalloc" else None)
+    assert seen["env"][allocator.ENV] == "1"
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_by_default_the_demo_preloads_nothing(tmp_path, monkeypatch, cuda):
+    """Off by default on a CPU; with CUDA even --cpu-tuning is ignored."""
+    import launch.demo_pipeline as demo
+
+    monkeypatch.setattr(allocator, "find", lambda kind: f"/opt/lib{kind}.so")
+    monkeypatch.setattr(allocator, "_cuda_available", lambda: cuda)
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    seen = {}
+
+    class FakePopen:
+        def __init__(self, cmd, env, **kwargs):
+            seen["env"] = env
+            self.stdout = __import__("io").BytesIO(b"")
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(demo.subprocess, "Popen", FakePopen)
+    (tmp_path / "out").mkdir()
+    pipeline = demo.DemoPipeline(tmp_path / "out", demo.QUICK, 2.0, cpu_tuning_flag=True if cuda else None)
+    pipeline.maskvid("data", "synthetic", "--help")
+    assert not pipeline.cpu_tuning and pipeline.allocator == "system"
+    assert "LD_PRELOAD" not in seen["env"] and allocator.ENV not in seen["env"]

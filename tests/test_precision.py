@@ -80,3 +80,41 @@ def test_precision_choice(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         assert precision.native_bf16("cpu") is (amx or avx512_bf16)
+
+
+def test_matmul_precision_callback_sets_tf32_for_the_run_and_restores_it(tmp_path):
+    """configs/trainer/gpu.yaml's TF32 switch: on while the trainer runs (checked from inside a
+    real fit), the previous values back afterwards."""
+    from lightning.pytorch import Callback, Trainer
+
+    from launch.matmul_precision import MatmulPrecision
+    from tests.tiny_model import TinyVideoModel
+
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    seen = []
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+
+    try:
+        callback = MatmulPrecision("high")
+        # Already on when built: Lightning checks the precision when it sets up a GPU, before any hook.
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        model = TinyVideoModel()
+        batches = [{"video": torch.randn(1, 3, 2, 8, 8)} for _ in range(2)]
+        trainer = Trainer(accelerator="cpu", max_steps=2, callbacks=[callback, Probe()], logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          default_root_dir=tmp_path)
+        trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        assert seen == [("high", True)] * 2
+        assert torch.get_float32_matmul_precision() == "highest" and torch.backends.cudnn.allow_tf32 is False
+        MatmulPrecision("highest")
+        assert torch.get_float32_matmul_precision() == "highest" and torch.backends.cudnn.allow_tf32 is False
+        with pytest.raises(ValueError, match="highest, high or medium"):
+            MatmulPrecision("tf32")
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
