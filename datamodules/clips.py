@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,6 +18,7 @@ from av.video.reformatter import VideoReformatter
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import get_worker_info
 
+from datamodules.cpus import decode_threads
 from datamodules.video_io import VideoDecodeError, _open, _short, _stream_fps, _video_stream, decode_errors, rotate
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -35,7 +35,7 @@ class ClipSpec:
     fps: Optional[float] = None  # when set, overrides stride: sample at this rate
     short: str = "pad"  # "pad": repeat the last frame and mask it; "skip": reject short videos
     max_pixels: int = 3840 * 2160  # larger source frames are rejected (memory guard)
-    threads: int = 0  # decoder threads; 0: FFmpeg's count in the main process, cores/workers in a worker
+    threads: int = 0  # decoder threads; 0: this process's CPUs / (local ranks x workers), see datamodules/cpus.py
 
     def __post_init__(self) -> None:
         if self.num_frames < 1 or self.size < 1 or self.stride < 1:
@@ -47,16 +47,16 @@ class ClipSpec:
 
 
 def _worker_threads() -> int:
-    """Decoder threads inside a DataLoader worker: the cores shared out among the workers.
+    """Decoder threads in this process: its CPUs (affinity) shared out among the node's local
+    ranks and each rank's DataLoader workers.
 
-    FFmpeg's automatic count assumes it owns every core; N workers each doing that oversubscribe
-    the machine N-fold and lose to plain sequential decoding. Slice threading (FFmpeg's default)
-    is kept rather than frame threading: short clips pay frame threading's start-up on every file.
+    FFmpeg's automatic count assumes it owns every core; N workers on each of R ranks doing that
+    oversubscribe the node R x N-fold and lose to plain sequential decoding. Slice threading
+    (FFmpeg's default) is kept rather than frame threading: short clips pay frame threading's
+    start-up on every file.
     """
     info = get_worker_info()
-    if info is None:
-        return 0
-    return max(1, (os.cpu_count() or 1) // info.num_workers)
+    return decode_threads(info.num_workers if info is not None else 0)
 
 
 def _resize_crop_dims(width: int, height: int, rotation: int, size: int) -> tuple[int, int]:
@@ -114,9 +114,7 @@ def decode_clip(
     try:
         with decode_errors():
             stream = _video_stream(container)
-            threads = spec.threads or _worker_threads()
-            if threads:
-                stream.codec_context.thread_count = threads
+            stream.codec_context.thread_count = spec.threads or _worker_threads()
             cc = stream.codec_context
             if cc.width * cc.height > spec.max_pixels:
                 raise VideoDecodeError("frame too large", f"{cc.width}x{cc.height}")

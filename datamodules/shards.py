@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
+from datamodules.cpus import usable_cpus
 from datamodules.errors import DataError
 from datamodules.shard_writer import ShardSink
 from datamodules.video_io import VideoDecodeError, encode_mp4, iter_frames, probe
@@ -62,8 +63,9 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
 
 
 def default_workers() -> int:
-    """Worker processes used when none are asked for: up to 4, never more than the CPUs."""
-    return min(4, os.cpu_count() or 1)
+    """Worker processes used when none are asked for: up to 4, never more than the CPUs this
+    process may use (its affinity, not the machine's count)."""
+    return min(4, usable_cpus())
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from datamodules.cpus import usable_cpus
 from datamodules.errors import DataError
 from datamodules.shard_writer import ShardSink
 from datamodules.video_io import encode_mp4
@@ -422,7 +423,7 @@ def build_synthetic(
     counts = {"train": num_train, "val": num_val, "heldout": num_heldout}
     if any(n < 0 for n in counts.values()):
         raise DataError(f"sample counts must be >= 0, got {counts}")
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    workers = min(4, usable_cpus()) if workers is None else workers
     if workers < 0:
         raise DataError(f"--workers must be >= 0, got {workers}")
 

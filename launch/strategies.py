@@ -30,6 +30,7 @@ rank has written (launch/checkpoint_io.py), and verified before they are loaded.
 from __future__ import annotations
 
 import argparse
+import os
 from datetime import timedelta
 from typing import Callable, Literal
 
@@ -139,6 +140,15 @@ def parallelize(module, activation_checkpointing: bool | int = False, compile: b
     module._maskvid_parallelized = True
 
 
+def _export_local_world_size(strategy) -> None:
+    """Say how many training processes share this node, as torchrun does (Lightning's own launcher
+    does not): DataLoader workers, forked later, size their decoder threads by it
+    (datamodules/cpus.py)."""
+    processes = getattr(strategy, "num_processes", 1)
+    if processes > 1:
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(processes))
+
+
 class _Parallelize:
     """What every maskvid strategy shares: `parallelize(module)`, which LightningModules call from
     their configure_model hook, with this strategy's checkpointing choice and the model's own
@@ -147,6 +157,10 @@ class _Parallelize:
     activation_checkpointing: bool | int = False
     # Shards one network in place (FSDP2); data-parallel strategies wrap the module later instead.
     shard_network: Callable[[nn.Module], None] | None = None
+
+    def setup_environment(self) -> None:
+        _export_local_world_size(self)
+        super().setup_environment()
 
     def parallelize(self, module) -> None:
         compile = bool(getattr(module, "hparams", {}).get("compile", False))
@@ -345,6 +359,7 @@ class DeepSpeedZeroStrategy(_Parallelize, DeepSpeedStrategy):
     def setup_environment(self) -> None:
         if self._on_cpu:
             # DeepSpeedStrategy refuses anything but CUDA; the parallel base does what is needed.
+            _export_local_world_size(self)
             DDPStrategy.setup_environment(self)
             return
         super().setup_environment()

@@ -267,3 +267,73 @@ def test_clip_pixels_equal_plain_pyav_conversion():
         plain = [f.to_ndarray(format="rgb24", width=64, height=48)[:, 8:56] for _, f in zip(range(6), container.decode(video=0))]
     assert mask.all() and clip.shape == (6, 48, 48, 3)
     np.testing.assert_array_equal(clip, np.stack(plain))
+
+
+class _ThreadsSeen(torch.utils.data.Dataset):
+    """Each item: the decoder threads a clip decoded in this process (or worker) would get."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        from datamodules.clips import _worker_threads
+
+        return _worker_threads()
+
+
+@pytest.fixture
+def node(monkeypatch):
+    """A 16-CPU affinity mask, no launcher variables: the test sets the ones it needs."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    return monkeypatch
+
+
+def test_decode_threads_share_the_affinity_among_local_ranks_and_workers(node):
+    from datamodules.cpus import decode_threads, local_world_size, usable_cpus
+
+    assert usable_cpus() == 16 and local_world_size() == 1
+    assert decode_threads(0) == 16 and decode_threads(4) == 4
+    node.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun, or maskvid's strategies under Lightning
+    assert decode_threads(2) == 2 and decode_threads(0) == 4
+    assert decode_threads(8) == 1  # never 0: 16 CPUs, 32 workers
+    node.delenv("LOCAL_WORLD_SIZE")
+    node.setenv("SLURM_TASKS_PER_NODE", "8(x2)")
+    assert local_world_size() == 8 and decode_threads(2) == 1
+    node.setenv("SLURM_NTASKS_PER_NODE", "2")
+    assert decode_threads(2) == 4
+    node.setattr("os.sched_getaffinity", lambda pid: {3, 5})  # pinned to two cores of a big machine
+    assert usable_cpus() == 2 and decode_threads(1) == 1
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_clip_decoder_threads_in_workers(node, num_workers):
+    """What a DataLoader worker (forked, inheriting the mask and the environment) hands FFmpeg."""
+    node.setenv("LOCAL_WORLD_SIZE", "2")
+    loader = torch.utils.data.DataLoader(_ThreadsSeen(), batch_size=None, num_workers=num_workers)
+    assert sorted(int(t) for t in loader) == [16 // (2 * max(1, num_workers))] * 4
+
+
+def test_decoded_clip_gets_those_threads(node):
+    import av
+
+    from datamodules import clips
+    from datamodules.video_io import encode_mp4
+    from tests.conftest import ramp_video
+
+    node.setenv("LOCAL_WORLD_SIZE", "8")
+    seen = []
+    opened = clips._video_stream
+
+    def spy(container):
+        stream = opened(container)
+        seen.append(stream)
+        return stream
+
+    node.setattr(clips, "_video_stream", spy)
+    data, _ = encode_mp4(ramp_video(0, 6), fps=8)
+    frames, mask = clips.decode_clip(data, clips.ClipSpec(num_frames=4, size=16))
+    assert frames.shape == (4, 16, 16, 3) and mask.all()
+    assert [s.codec_context.thread_count for s in seen] == [2]
+    assert isinstance(seen[0], av.video.stream.VideoStream)
