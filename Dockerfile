@@ -1,8 +1,11 @@
-# maskvid on an official PyTorch CUDA runtime image. The base already carries torch 2.13.0 (CUDA),
-# so the README's `pip install torch==2.13.0` is satisfied without a download here.
+# maskvid on an official PyTorch CUDA *devel* image: nvcc and the CUDA headers are there, so
+# DeepSpeed builds its ops (fused Adam, ...) at first use. The base already carries torch 2.13.0
+# (CUDA), so the README's `pip install torch==2.13.0` is satisfied without a download.
 #   docker build -t maskvid .
-#   docker run --gpus all -v $PWD/runs:/opt/maskvid/runs maskvid demo
-FROM pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
+#   docker run --gpus all --ipc=host -v $PWD/runs:/opt/maskvid/runs maskvid demo
+# GPU runs use the system's malloc: host CPU tuning (launch/cpu_tuning.py) is opt-in and never
+# applied with CUDA, so nothing is preloaded here.
+FROM pytorch/pytorch:2.13.0-cuda12.8-cudnn9-devel
 
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
@@ -10,15 +13,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1
 
 WORKDIR /opt/maskvid
+
+# Dependencies first, from pyproject.toml alone: a source change then reuses this layer.
+COPY pyproject.toml /opt/maskvid/
+RUN pip install torch==2.13.0 && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt && pip install -r /tmp/requirements.txt
+
+# Then the package itself (its dependencies are installed above).
 COPY . /opt/maskvid
-
-# tcmalloc: `maskvid demo` preloads it into the commands it runs (launch/allocator.py); with glibc's
-# malloc a long CPU fit slows down step by step. Preloaded for every maskvid command in the image.
-RUN apt-get update && apt-get install -y --no-install-recommends libtcmalloc-minimal4 && rm -rf /var/lib/apt/lists/*
-ENV LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
-
-# Same install as the README, without the editable flag and the test extra.
-RUN pip install torch==2.13.0 && pip install .
+RUN pip install --no-deps .
 
 ENTRYPOINT ["maskvid"]
 CMD ["--help"]

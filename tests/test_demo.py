@@ -6,12 +6,13 @@ import base64
 import io
 import json
 import math
+import os
 import re
 
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 from tests.test_metrics import fitted_clip, i3d_file  # noqa: F401 (fixtures)
 
 STEPS = ["data", "check", "tokenizer", "tokenize", "stage2", "generate", "score", "report"]
@@ -51,9 +52,12 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     from launch.precision import trainer_precision
 
     assert summary["precision"] == {"tokenizer": "32-true", "stage2": trainer_precision("cpu")}
-    from launch.allocator import choose
+    # Host CPU tuning is opt-in: by default the commands run on the malloc this process has.
+    from launch.cpu_tuning import preloaded
 
-    assert summary["allocator"] == choose()[0]
+    assert summary["cpu_tuning"] is False and summary["allocator"] == preloaded(os.environ)
+    assert summary["trainer_config"] == "configs/trainer/cpu.yaml"
+    assert "LD_PRELOAD=" not in (out / "commands.log").read_text()
     assert json.loads((out / "data/attributes.json").read_text())["variation"] == DEMO_VARIATION.as_dict()
 
     # The stage-2 checkpoint generates as is, from another working directory.
@@ -107,9 +111,12 @@ def test_demo_quick_on_two_processes_with_maskgit(tmp_path):
     # fp32; the tokenizer always in fp32.
     from launch.precision import trainer_precision
 
-    assert log.count("--trainer.accelerator cpu --trainer.precision 32-true") == (
-        1 if trainer_precision("cpu") == "bf16-mixed" else 2)
-    assert log.count(f"--trainer.accelerator cpu --trainer.precision {trainer_precision('cpu')}") >= 1
+    # cpu.yaml (no CUDA here) then ddp.yaml, then the stage's precision over both.
+    layered = "configs/trainer/cpu.yaml --config {repo}/configs/trainer/ddp.yaml --trainer.precision".format(
+        repo=str(REPO))
+    assert log.count(layered) == 2, log[-3000:]
+    assert log.count(f"{layered} 32-true") == (1 if trainer_precision("cpu") == "bf16-mixed" else 2)
+    assert log.count(f"{layered} {trainer_precision('cpu')}") >= 1
     # Both ranks trained: DDP wrote one checkpoint, and it carries the maskgit backbone.
     ckpt = out / summary["checkpoints"]["stage2"]
     assert ckpt.is_file() and "maskgit_demo" in str(ckpt)
@@ -180,16 +187,41 @@ def test_step_caps_scale_with_the_budget(tmp_path):
 
 
 def test_fits_run_in_bf16_where_the_device_has_it_natively(monkeypatch, tmp_path):
+    """The fits layer trainer/gpu.yaml where CUDA is available, else cpu.yaml, after the
+    experiment config, and the stage's precision over it."""
     import launch.demo_pipeline as demo
     import launch.precision as precision
 
     pipeline = demo.DemoPipeline(tmp_path / "run", demo.QUICK, minutes=2.0)
-    for gpu, native, accelerator, expected in ((False, True, "cpu", "bf16-mixed"), (False, False, "cpu", "32-true"),
-                                               (True, True, "gpu", "bf16-mixed")):
+    for gpu, native, trainer, expected in ((False, True, "cpu", "bf16-mixed"), (False, False, "cpu", "32-true"),
+                                           (True, True, "gpu", "bf16-mixed")):
         monkeypatch.setattr(demo, "_cuda_available", lambda gpu=gpu: gpu)
         monkeypatch.setattr(precision, "native_bf16", lambda device_type, native=native: native)
         args = pipeline._trainer_args(4, 2.0, None)
-        assert args[args.index("--trainer.accelerator") + 1] == accelerator
+        assert args[:2] == ["--config", str(REPO / f"configs/trainer/{trainer}.yaml")]
+        assert "--trainer.accelerator" not in args  # the trainer file's
         assert args[args.index("--trainer.precision") + 1] == expected
         tokenizer = pipeline._trainer_args(4, 2.0, None, "tokenizer")
         assert tokenizer[tokenizer.index("--trainer.precision") + 1] == (expected if gpu else "32-true")
+
+
+def test_the_fit_commands_put_the_trainer_file_after_the_experiment(monkeypatch, tmp_path):
+    """Layered after the experiment (as the README's commands do): the trainer file only picks the
+    hardware, so the experiment's steps, validation, output directory and callbacks stand; on a
+    CUDA machine gpu.yaml adds TF32."""
+    import launch.demo_pipeline as demo
+
+    commands = []
+    monkeypatch.setattr(demo.DemoPipeline, "maskvid", lambda self, *args: commands.append(list(args)))
+    out = tmp_path / "run"
+    (out / "runs/tokenizer_demo/checkpoints").mkdir(parents=True)
+    (out / "runs/tokenizer_demo/checkpoints/last.ckpt").write_bytes(b"")
+    for cuda in (False, True):
+        monkeypatch.setattr(demo, "_cuda_available", lambda cuda=cuda: cuda)
+        commands.clear()
+        demo.DemoPipeline(out, demo.FULL, minutes=40.0).step_tokenizer()
+        (fit,) = commands
+        configs = [fit[i + 1] for i, a in enumerate(fit) if a == "--config"]
+        assert configs == [str(REPO / "configs/experiment/tokenizer_demo.yaml"),
+                           str(REPO / f"configs/trainer/{'gpu' if cuda else 'cpu'}.yaml")]
+        assert fit[fit.index("--trainer.max_steps") + 1] == "3100"

@@ -1,5 +1,6 @@
 """No Docker engine runs here, so check the Dockerfile the way a build would use it: its base,
-its install commands against the README's, and a real `pip install .` of its build context."""
+its layers (dependencies before the source), its install commands against the README's and
+pyproject.toml, no preloaded allocator, and a real `pip install .` of its build context."""
 
 from __future__ import annotations
 
@@ -19,26 +20,71 @@ def readme_setup() -> list[str]:
     return [c.strip() for c in re.split(r"&&|\n", block) if c.strip().startswith("pip install")]
 
 
-def docker_runs() -> list[str]:
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
     text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
-    runs = [line[4:] for line in text.splitlines() if line.startswith("RUN ")]
+    out = []
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            word, _, rest = line.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def docker_runs() -> list[str]:
+    """The pip commands of the RUN instructions, in order."""
+    runs = [rest for word, rest in instructions() if word == "RUN"]
     return [c.strip() for run in runs for c in run.split("&&") if c.strip().startswith("pip install")]
 
 
-def test_base_image_is_an_official_pytorch_cuda_runtime_with_the_pinned_torch():
+def test_base_image_is_an_official_pytorch_cuda_devel_image_with_the_pinned_torch():
+    """A devel image (nvcc, CUDA headers): DeepSpeed builds its CUDA ops in it."""
     text = (REPO / "Dockerfile").read_text()
     base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
     pinned = re.search(r'"torch==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
-    assert base.startswith(f"pytorch/pytorch:{pinned}-cuda") and base.endswith("-runtime"), base
+    assert base.startswith(f"pytorch/pytorch:{pinned}-cuda") and base.endswith("-devel"), base
     assert re.search(r'^ENTRYPOINT \["maskvid"\]', text, re.M)
 
 
-def test_dockerfile_installs_like_the_readme():
+def test_no_allocator_is_preloaded_in_the_image():
+    """GPU runs use the system's malloc; host CPU tuning is opt-in (launch/cpu_tuning.py)."""
+    for word, rest in instructions():
+        assert "LD_PRELOAD" not in rest and "tcmalloc" not in rest and "jemalloc" not in rest, (word, rest)
+        assert "MASKVID_CPU_TUNING" not in rest and "MASKVID_ALLOCATOR" not in rest, (word, rest)
+
+
+def test_dependencies_are_installed_before_the_source_is_copied():
+    """Layer caching: the dependency layer depends on pyproject.toml only, so editing the source
+    rebuilds just the last layers."""
+    steps = instructions()
+    copies = [i for i, (word, _) in enumerate(steps) if word == "COPY"]
+    whole = [i for i in copies if steps[i][1].split()[0] == "."]
+    assert len(whole) == 1, steps
+    before = [steps[i][1].split()[:-1] for i in copies if i < whole[0]]
+    assert before and all(sources == ["pyproject.toml"] for sources in before), before
+    dependency_runs = [rest for word, rest in steps[:whole[0]] if word == "RUN"]
+    assert any("pip install -r" in r and "pyproject.toml" in r and "dependencies" in r for r in dependency_runs)
+    package_runs = [rest for word, rest in steps[whole[0]:] if word == "RUN"]
+    assert package_runs == ["pip install --no-deps ."], package_runs
+
+
+def test_dockerfile_installs_like_the_readme(tmp_path):
+    """The README's torch pin first; then exactly pyproject.toml's dependencies (the command the
+    image runs, executed here on the real file); then the package without the dev extra."""
     readme, docker = readme_setup(), docker_runs()
     assert readme and docker
-    # Same steps in the same order; the image drops only the editable flag and the dev extra.
-    normalise = lambda c: c.replace("-e ", "").replace('".[dev]"', ".").replace("'.[dev]'", ".")
-    assert [normalise(c) for c in readme] == docker
+    assert docker[0] == readme[0] == "pip install torch==2.13.0"
+    assert [c.replace("-e ", "").replace('".[dev]"', ".").replace("'.[dev]'", ".") for c in readme[1:]] == ["pip install ."]
+    assert docker[1:] == ["pip install -r /tmp/requirements.txt", "pip install --no-deps ."]
+    (run,) = [rest for word, rest in instructions() if word == "RUN" and "requirements.txt" in rest]
+    (generate,) = [c.strip() for c in run.split("&&") if c.strip().startswith("python -c")]
+    command = generate.replace("/tmp/requirements.txt", str(tmp_path / "req.txt"))
+    shutil.copy2(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    subprocess.run(command.replace("python -c", f"{sys.executable} -c", 1), shell=True, cwd=tmp_path, check=True)
+    import tomllib
+
+    expected = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert (tmp_path / "req.txt").read_text().split("\n")[:-1] == expected
 
 
 def test_build_context_installs_the_package_and_entrypoint(tmp_path):
