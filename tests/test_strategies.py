@@ -1,8 +1,11 @@
-"""The strategy factory, `--ckpt_path auto`, the preemption callback and torch.compile, in one
-process (the multi-process runs are in test_distributed.py and test_slurm.py)."""
+"""The strategy factory, `--ckpt_path auto`, the preemption callback, torch.compile and its order
+with checkpointing and FSDP2, in one process (the multi-process runs are in test_distributed.py
+and test_slurm.py)."""
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import re
 import signal
@@ -12,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -20,6 +24,7 @@ from launch.strategies import (
     DeepSpeedZeroStrategy,
     FSDP2Strategy,
     MaskvidDDPStrategy,
+    MaskvidSingleDeviceStrategy,
     StrategyConfigError,
     _blocks,
     build_strategy,
@@ -30,12 +35,15 @@ from tests.stage2_fixtures import tiny_training_setup
 
 def test_build_strategy_by_name():
     assert build_strategy("cpu") == "auto"
+    single = build_strategy("single", activation_checkpointing=2)
+    assert isinstance(single, MaskvidSingleDeviceStrategy) and single.activation_checkpointing == 2
+    assert single.root_device == torch.device("cpu")
     assert isinstance(build_strategy("ddp"), MaskvidDDPStrategy)
     fsdp = build_strategy("fsdp", activation_checkpointing=True)
     assert isinstance(fsdp, FSDP2Strategy) and fsdp.activation_checkpointing
     zero3 = build_strategy("deepspeed_zero3")
     assert isinstance(zero3, DeepSpeedZeroStrategy) and zero3.config["zero_optimization"]["stage"] == 3
-    with pytest.raises(StrategyConfigError, match="choose cpu, ddp, fsdp"):
+    with pytest.raises(StrategyConfigError, match="choose cpu, single, ddp, fsdp"):
         build_strategy("horovod")
 
 
@@ -143,7 +151,110 @@ def test_preemption_signal_saves_stops_and_auto_resumes(setup, tmp_path):
         assert sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")}) == [4, 5, 6, 7]
 
 
+class _RecordCompiled(Callback):
+    """Writes, at the start of training, which of the backbone's blocks are compiled and
+    checkpointed (compiled.json in the run directory)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+        blocks = list(pl_module.backbone.blocks)
+        Path(trainer.default_root_dir, "compiled.json").write_text(json.dumps({
+            "compiled": [b._compiled_call_impl is not None for b in blocks],
+            "checkpointed": [isinstance(b, CheckpointWrapper) for b in blocks],
+        }))
+
+
 @pytest.mark.slow
 def test_compiled_blocks_train(setup, tmp_path):
-    out = _fit(setup, tmp_path / "run", 2, "--model.init_args.compile", "true")
+    """One device, through the CLI: the model's compile and the strategy's checkpointing, both
+    applied (every second block checkpointed, every block compiled, the checkpoint inside)."""
+    run = tmp_path / "run"
+    out = _fit(setup, run, 2, "--model.init_args.compile", "true",
+               "--trainer.strategy", "launch.strategies.MaskvidSingleDeviceStrategy",
+               "--trainer.strategy.activation_checkpointing", "2",
+               "--trainer.callbacks+=tests.test_strategies._RecordCompiled")
     assert out.returncode == 0, out.stderr[-4000:]
+    record = json.loads((run / "compiled.json").read_text())
+    assert record == {"compiled": [True, True], "checkpointed": [True, False]}
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group, so fully_shard runs inside this test process."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_checkpoints_then_compiles_then_shards(one_rank_group, monkeypatch):
+    """FSDP2 on a CPU with compile and activation checkpointing: the FSDP unit is the compiled
+    checkpoint wrapper (the order AC -> compile -> shard), and a step gives the eager loss and
+    gradients. Tiny, since compiling on two cores is slow."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.fsdp import FSDPModule
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return x + self.b(torch.relu(self.a(x)))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([Block()])
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x).pow(2).mean()
+
+    class Module(nn.Module):
+        def __init__(self, net) -> None:
+            super().__init__()
+            self.net = net
+            self.hparams = {"compile": True}
+
+        def parallel_networks(self):
+            return [self.net]
+
+    import torch.distributed.fsdp as fsdp
+
+    events = []
+    compile_, shard = nn.Module.compile, fsdp.fully_shard
+    monkeypatch.setattr(nn.Module, "compile", lambda m, *a, **k: (events.append(("compile", type(m).__name__)),
+                                                                   compile_(m, *a, **k))[1])
+    monkeypatch.setattr(fsdp, "fully_shard", lambda m, **k: (events.append(("shard", type(m).__name__)), shard(m, **k))[1])
+
+    torch.manual_seed(0)
+    eager = Net()
+    module = Module(copy.deepcopy(eager))
+    strategy = FSDP2Strategy(activation_checkpointing=True, param_dtype="fp32")
+    strategy._device_mesh = one_rank_group
+    strategy.parallelize(module)
+    assert events == [("compile", "CheckpointWrapper"), ("shard", "CheckpointWrapper"), ("shard", "Net")]
+    unit = module.net.blocks[0]
+    assert isinstance(unit, CheckpointWrapper) and isinstance(unit, FSDPModule)
+    assert unit._compiled_call_impl is not None and isinstance(module.net, FSDPModule)
+    x = torch.randn(4, 8)
+    reference, loss = eager(x), module.net(x)
+    reference.backward()
+    loss.backward()
+    torch.testing.assert_close(loss, reference)
+    for p, q in zip(eager.parameters(), module.net.parameters()):
+        torch.testing.assert_close(q.grad.full_tensor(), p.grad)
