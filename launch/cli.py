@@ -46,6 +46,7 @@ TOOL_COMMANDS: dict[str, Command] = {
         "clipsim": "launch.cmd_eval_clipsim",
     },
     "generate": "launch.cmd_generate",
+    "plan": "launch.cmd_plan",
     "demo": "launch.cmd_demo",
 }
 GROUP_HELP = {
@@ -60,6 +61,7 @@ examples:
   maskvid data shards --videos ~/clips --out shards/mine
   maskvid data synthetic --out data/synthetic
   maskvid generate --ckpt last.ckpt --prompt "a red circle moving left" --out samples/
+  maskvid plan --config configs/experiment/mebt_demo.yaml --gpus 8 --gpu h100
   maskvid ckpt export runs/x/checkpoints/last.ckpt --out model.pt
   maskvid eval fvd --real data/synthetic/val --fake samples/ --i3d i3d_torchscript.pt
   maskvid validate --config run/config.yaml --ckpt_path last.ckpt --model.init_args.i3d_path i3d.pt
