@@ -14,6 +14,9 @@ Logged under `throughput/` on every step:
   for the device and compute dtype (H100, H200, A100, ...: lightning.fabric.utilities.throughput);
   with neither (a CPU, an unlisted GPU) no MFU is logged.
 - peak_flops: the peak used, so every MFU figure says what it is a fraction of.
+
+The count is of what runs: with activation checkpointing it includes the recomputed forward, so
+the ratio is then hardware rather than model FLOPs utilization.
 """
 
 from __future__ import annotations
@@ -78,8 +81,14 @@ class TrainingThroughput(Callback):
         self._counting: contextlib.ExitStack | None = None
         self._counter = None
         self._peak: float | None = None
+        self._active = True
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        # Trainer files layered on each other (cpu.yaml, then ddp.yaml) each append one: the
+        # first does the work, so nothing is counted or logged twice.
+        self._active = next(c for c in trainer.callbacks if isinstance(c, TrainingThroughput)) is self
+        if not self._active:
+            return
         self._peak = self.peak_flops
         if self._peak is None:
             from lightning.fabric.utilities.throughput import get_available_flops
@@ -102,7 +111,7 @@ class TrainingThroughput(Callback):
         return _clock()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if self.flops_per_batch is not None:
+        if not self._active or self.flops_per_batch is not None:
             return
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -112,6 +121,8 @@ class TrainingThroughput(Callback):
         self._counter = self._counting.enter_context(FlopCounterMode(display=False))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self._active:
+            return
         now = self._sync(trainer)
         if self._counting is not None:
             self._counting.close()
@@ -144,7 +155,7 @@ class TrainingThroughput(Callback):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:
+        if self._active and trainer.state.fn == TrainerFn.FITTING:
             self._paused = _clock()
 
     def on_validation_end(self, trainer, pl_module) -> None:

@@ -49,7 +49,7 @@ class _TokenModel(LightningModule):
         return torch.utils.data.DataLoader(_Batches(), batch_size=B)
 
 
-def _fit(tmp_path: Path, monkeypatch, callback: TrainingThroughput, steps: int = 6,
+def _fit(tmp_path: Path, monkeypatch, callback, steps: int = 6,
          durations: list[float] | None = None) -> list[dict]:
     """Fit on a substituted clock: read twice at the end of the counted first step, then once per
     step, `durations` apart (else STEP)."""
@@ -57,7 +57,7 @@ def _fit(tmp_path: Path, monkeypatch, callback: TrainingThroughput, steps: int =
     clock = itertools.chain([0.0], ticks)
     monkeypatch.setattr(throughput, "_clock", lambda: next(clock))
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=CSVLogger(tmp_path), log_every_n_steps=1,
-                      callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
+                      callbacks=callback, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False)
     trainer.fit(_TokenModel())
     (metrics,) = Path(tmp_path).rglob("metrics.csv")
@@ -82,8 +82,10 @@ def test_logged_rates_are_the_known_answers(tmp_path, monkeypatch):
         assert float(row["throughput/peak_flops"]) == 1e6
 
 
-def test_no_peak_on_a_cpu_means_no_mfu(tmp_path, monkeypatch):
-    rows = _fit(tmp_path, monkeypatch, TrainingThroughput(), steps=4)
+def test_no_peak_on_a_cpu_means_no_mfu_and_a_second_copy_stays_idle(tmp_path, monkeypatch):
+    """Two trainer files layered each append the callback: one does the work (a second would read
+    the clock too, and the known step times would not come out)."""
+    rows = _fit(tmp_path, monkeypatch, [TrainingThroughput(), TrainingThroughput(window=1)], steps=4)
     assert len(rows) == 3
     assert rows and all(not r.get("throughput/mfu") for r in rows)
     assert float(rows[-1]["throughput/flops_per_sec"]) == pytest.approx(FLOPS_PER_BATCH / STEP)
