@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -231,8 +232,11 @@ def load_recipe(configs: Sequence[str], overrides: Sequence[str] = (), fake: boo
     args: list[str] = []
     for c in configs:
         args += ["--config", str(c)]
-    args += list(overrides)
-    mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    # Instantiated on this machine's CPU whatever the recipe's accelerator; the plan supplies the GPUs.
+    args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", *overrides]
+    # Built on the meta device (no memory, no initialisation); trace_step turns the weights into
+    # fake tensors. (Constructing under FakeTensorMode itself trips torchmetrics' states.)
+    mode = torch.device("meta") if fake else contextlib.nullcontext()
     with _stand_ins(), mode, mock.patch("sys.argv", ["maskvid"]):
         cli = MaskvidCLI(args=args, run=False)
     module, data, trainer = cli.model, cli.datamodule, cli.trainer
@@ -286,8 +290,6 @@ class ConcreteSmallTensors(TorchDispatchMode):
         return entry[1]
 
     def _remember(self, fake: torch.Tensor, real: torch.Tensor) -> None:
-        import weakref
-
         key = id(fake)
         self.shadows[key] = (weakref.ref(fake, lambda _, k=key: self.shadows.pop(k, None)), real)
 
@@ -500,7 +502,47 @@ def _peak_tracker_class():
                     self._peak_mem[dev] = dev_snap[_TOTAL_KEY]
                     self._peak_mem_snap[dev] = deepcopy(dev_snap)
 
+        # No module hooks: ModTracker's backward hooks break the R1 penalty's autograd.grad on a
+        # leaf, and its per-module statistics refuse a module run twice a step (the
+        # discriminator). Parameters and their gradient hooks are registered up front instead
+        # (trace_step), and everything else is an activation or temporary, which the plan sums.
+        def __enter__(self):
+            self._mod_tracker = _NoModules()
+            return super().__enter__()
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):
+            # MemTracker puts gradient hooks on frozen parameters too, which torch refuses (the
+            # text encoder; the discriminator while the generator's loss goes through it).
+            noop = SimpleNamespace(remove=lambda: None)
+            frozen = [p for p in module.parameters() if not p.requires_grad and p not in self._param_to_grad_hook_handles]
+            for p in frozen:
+                self._param_to_grad_hook_handles[p] = (noop, noop)
+            try:
+                return super()._track_module_params_and_buffers(module, install_grad_hooks)
+            finally:
+                for p in frozen:  # hooked when it trains again
+                    self._param_to_grad_hook_handles.pop(p, None)
+
     return PeakTracker
+
+
+class _NoModules:
+    """Stands in for MemTracker's ModTracker (see PeakTracker)."""
+
+    is_bw = False
+    parents: set = set()
+
+    def register_user_hooks(self, *hooks) -> None:
+        pass
+
+    def clear_user_hooks(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args) -> None:
+        pass
 
 
 def _PeakTracker():
@@ -564,6 +606,11 @@ def trace_step(recipe: Recipe, gpu: GPUSpec, activation_checkpointing: bool, fak
     paths = gpu_code_paths() if fake else contextlib.nullcontext()
     trainable = recipe.param_dtype == "bf16" and recipe.strategy == "fsdp"
     with fake_mode, paths:
+        if fake:
+            module.to_empty(device="cpu")
+            text_encoder = getattr(module, "text_encoder", None)
+            if isinstance(text_encoder, nn.Module):
+                text_encoder.to_empty(device="cpu")
         if trainable:
             # FSDP2's bf16 compute parameters: the trace computes in them (shards stay fp32, below).
             for network in _parallel(module):
@@ -578,12 +625,7 @@ def trace_step(recipe: Recipe, gpu: GPUSpec, activation_checkpointing: bool, fak
             _run_step(module, recipe, batch, wrapped, schedulers)
             tracker = _PeakTracker()
             tracker.track_external(*externals)
-            # MemTracker would put gradient hooks on frozen parameters too, which torch refuses.
-            handle = SimpleNamespace(remove=lambda: None)
-            for external in externals:
-                for p in external.parameters() if isinstance(external, nn.Module) else ():
-                    if not p.requires_grad:
-                        tracker._param_to_grad_hook_handles[p] = (handle, handle)
+            tracker._track_module_params_and_buffers(module, install_grad_hooks=True)
             roof = Roofline(gpu)
             with tracker, roof:
                 _run_step(module, recipe, batch, wrapped, schedulers)
@@ -616,6 +658,7 @@ class ModelCounts:
     """Parameter counts and bytes that the strategy model shards or replicates."""
 
     trainable: int  # parameters in some optimizer
+    replicated: int  # of those, the ones FSDP keeps whole (networks marked replicate_under_fsdp)
     sharded_frozen: int  # frozen parameters of the sharded networks (EMA copies)
     frozen: int  # frozen networks kept whole on every GPU (text encoder, stage-2 tokenizer)
     buffers_bytes: int
@@ -629,9 +672,11 @@ def count_model(module) -> ModelCounts:
 
     parallel = _parallel(module)
     seen: set[int] = set()
-    trainable = sharded_frozen = 0
+    trainable = sharded_frozen = replicated = 0
     largest = root = 0
     for network in parallel:
+        if getattr(network, "replicate_under_fsdp", False):
+            replicated += sum(p.numel() for p in network.parameters() if p.requires_grad)
         block_ids = set()
         for block in _blocks(network):
             n = sum(p.numel() for p in block.parameters())
@@ -658,7 +703,7 @@ def count_model(module) -> ModelCounts:
             frozen += p.numel()
     buffers = sum(b.numel() * b.element_size() for b in module.buffers())
     # AdamW: exp_avg and exp_avg_sq in fp32 per trainable parameter (+ a step counter).
-    return ModelCounts(trainable, sharded_frozen, frozen, buffers, largest, root, 8 * trainable)
+    return ModelCounts(trainable, replicated, sharded_frozen, frozen, buffers, largest, root, 8 * trainable)
 
 
 @dataclass
@@ -698,9 +743,11 @@ def per_gpu_memory(counts: ModelCounts, trace: StepTrace, trace_ac: StepTrace, s
     if strategy in ("single", "ddp") or (strategy == "fsdp" and n == 1 and False):
         params, gradients, optimizer = full_params + frozen, grads if (strategy == "ddp" and n > 1) else grad_at_peak, opt
     elif strategy == "fsdp":
-        params = _ceil_div(full_params, n) + frozen
-        gradients = _ceil_div(grads, n)
-        optimizer = _ceil_div(opt, n)
+        # Networks FSDP must not shard (the discriminator) stay whole: replicated data parallel.
+        whole = counts.replicated * fp32
+        params = _ceil_div(full_params - whole, n) + whole + frozen
+        gradients = _ceil_div(grads - whole, n) + whole
+        optimizer = _ceil_div(opt - 2 * whole, n) + 2 * whole
         # Gathered compute copies: the roots' parameters for the whole step, two blocks at a time
         # (the current one and the prefetched next), and one block's unsharded fp32 gradient
         # before its reduce-scatter.
