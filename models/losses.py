@@ -11,6 +11,7 @@ step loses two [N, V] tensors (the peak of MeBT's 129-frame step is this backwar
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.autograd.function import once_differentiable
 
 
@@ -44,7 +45,9 @@ class _TokenCrossEntropy(torch.autograd.Function):
 def token_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of logits [N, V] (computed in fp32) against class indices target [N]:
     the value and gradient of `F.cross_entropy(logits.float(), target, label_smoothing=...)`."""
-    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+    # guard_or_false: under torch.compile both lengths are data-dependent (the masked count), and a
+    # plain comparison would break the graph; there the shapes are asserted where they are used.
+    if logits.dim() != 2 or target.dim() != 1 or guard_or_false(target.shape[0] != logits.shape[0]):
         raise ValueError(f"expected logits [N, V] and target [N], got {tuple(logits.shape)} and {tuple(target.shape)}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from models.attention import CrossAttention, FeedForward, SelfAttention
 from models.config import module_config
@@ -44,10 +43,6 @@ class LocalMixing(nn.Module):
         if keep is not None:
             y = y * keep[..., None].to(y.dtype)
         y = rearrange(y, "b (t h w) d -> b d t h w", t=t, h=h, w=w)
-        if y.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # The depthwise conv's bf16 CPU backward took 3x its fp32 time here.
-            with torch.autocast("cpu", enabled=False):
-                return rearrange(self.conv(y.float()), "b d t h w -> b (t h w) d")
         return rearrange(self.conv(y), "b d t h w -> b (t h w) d")
 
 
@@ -167,7 +162,6 @@ class MaskGITBackbone(nn.Module):
         self.blocks = nn.ModuleList(CrossBlock(dim, heads, ff_mult, local_mixing) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)
-        self.activation_checkpointing = False
 
     def check_grid(self, grid: tuple[int, int, int]) -> None:
         if any(g > m for g, m in zip(grid, self.grid)):
@@ -194,10 +188,7 @@ class MaskGITBackbone(nn.Module):
         if pooled is not None:
             x = x + pooled
         for block in self.blocks:
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, context, context_mask, (t, h, w), use_reentrant=False)
-            else:
-                x = block(x, context, context_mask, (t, h, w))
+            x = block(x, context, context_mask, (t, h, w))
         if masked_only:
             return self.head(self.norm(x[rearrange(tokens, "b t h w -> b (t h w)") == self.mask_id]))
         logits = self.head(self.norm(x))

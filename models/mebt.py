@@ -22,140 +22,65 @@ from typing import NamedTuple
 import torch
 from einops import rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from models.attention import CrossAttention, FeedForward, SelfAttention, sinusoidal_embedding
+from models.attention import (CrossAttention, FeedForward, SelfAttention, Varlen, pack_rows, sinusoidal_embedding,
+                              uniform)
 from models.config import module_config
 from models.maskgit import LocalMixing, TextConditioning
 
 
 class Sets(NamedTuple):
-    """Variable-length sets of positions (each clip's observed or masked tokens), packed.
+    """Variable-length sets of positions (each clip's observed or masked tokens), packed clip by
+    clip: every per-token layer (norms, projections, MLPs) runs on the packed members [T, D] with
+    no padding, and the attention reads them as packed sequences (`varlen_attention`). With a mask
+    ratio drawn per clip, padding every set to the batch's largest one made the decoder compute
+    ~1.5x and the encoder's context projections ~2.5x the real token count."""
 
-    Every per-token layer (norms, projections, MLPs) runs on the packed members [T, D], with no
-    padding; only the attention itself pads to [B, K] (`pad`), since SDPA wants a rectangle. With a
-    mask ratio drawn per clip, padding every set to the batch's largest one made the decoder
-    compute ~1.5x and the encoder's context projections ~2.5x the real token count.
-
-    With `ragged` (on a CPU, when the clips' counts differ: `ragged_attention`), the attention
-    does not pad either: it runs clip by clip on each clip's exact members (`split_rows`).
-
-    Under CPU autocast, T is rounded up to a multiple of PACK_MULTIPLE with filler members after
-    the real ones (`pack_multiple`): they read position 0, are written to scratch places that `pad`
-    drops (or pass through the ragged attention untouched), and are cut off the logits.
-    """
-
-    index: torch.Tensor  # [T] the members' positions in the flattened [B * N], row-major; fillers 0
-    slots: torch.Tensor  # [T] their places in the flattened [B * K] padding; fillers B * K + i
-    valid: torch.Tensor  # bool [B, K]: which padded places hold a member
-    count: int  # real members (the first `count` of the T)
-    lengths: tuple[int, ...] = ()  # members per clip (sum = count)
-    ragged: bool = False  # attention clip by clip instead of on the [B, K] padding
+    index: torch.Tensor  # [T] the members' positions in the flattened [B * N], row-major
+    clip: torch.Tensor  # [T] the clip of each member
+    seqs: Varlen  # where each clip's members sit in the packed [T]; max_len N
 
 
-PACK_MULTIPLE = 64
+def pack_sets(selected: torch.Tensor) -> Sets:
+    """bool [B, N] -> the selected positions of every row, packed as Sets."""
+    n = selected.shape[1]
+    index = selected.flatten().nonzero().squeeze(1)
+    cu = torch.nn.functional.pad(selected.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    return Sets(index, index // n, Varlen(cu, n))
 
 
-def pack_multiple(device: torch.device) -> int:
-    """How many members packed sets are rounded up to on `device`. oneDNN builds its bf16 (AMX)
-    matmul kernels per shape, and the packed T changes every step: the demo MeBT's bf16 step took
-    0.30 s with a new T each step and 0.27 s with T rounded to 64 (fp32 0.38 s). fp32 and GPU
-    kernels take any shape at no cost, so there the sets stay exact (no filler is computed)."""
-    return PACK_MULTIPLE if device.type == "cpu" and torch.is_autocast_enabled("cpu") else 1
+class Joined(NamedTuple):
+    """Two packed tensors joined clip by clip (clip b's rows of the first, then of the second)."""
+
+    order: torch.Tensor  # [T1 + T2] rows of cat([first, second]) in joined order
+    seqs: Varlen
+
+    def __call__(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return torch.cat([first, second]).index_select(0, self.order)
 
 
-def ragged_attention(device: torch.device) -> bool:
-    """Whether attention over variable-length sets runs clip by clip (exact sizes) rather than on
-    sets padded to the batch's largest. With a mask ratio drawn per clip the largest set is ~1.5x
-    the mean (masked) and ~2x (observed), and the padded attention computed all of it: on a CPU
-    the M1 MeBT's attention took 1.3 s of a 6.3 s step, and clip by clip it takes 0.9 s
-    (`benchmarks/mfu.py --top-ops`, README "Ragged attention in MeBT"). A CPU runs one clip's
-    attention about as efficiently as the batch's; a GPU would launch B small kernels per layer
-    instead of one, so there the padded batch stays."""
-    return device.type == "cpu"
+def join(first: torch.Tensor, first_seqs: Varlen, second: torch.Tensor, second_seqs: Varlen) -> Joined:
+    """first/second: [T1] / [T2] the clip of each row (B for a row of no clip, which goes last)."""
+    order = torch.argsort(torch.cat([first, second]), stable=True)
+    return Joined(order, Varlen(first_seqs.cu + second_seqs.cu, first_seqs.max_len + second_seqs.max_len))
 
 
-def pack_sets(selected: torch.Tensor, multiple: int = 1, ragged: bool = False) -> Sets:
-    """bool [B, N] -> the selected positions of every row as packed Sets (K = the largest count),
-    with fillers up to a multiple of `multiple` members. ragged: allow clip-by-clip attention
-    (taken only when the counts differ: equal counts have no padding to save)."""
-    counts = selected.sum(dim=1)
-    lengths = tuple(counts.tolist())
-    k = max(lengths, default=0)
-    valid = torch.arange(k, device=selected.device)[None, :] < counts[:, None]
-    index, slots = selected.flatten().nonzero().squeeze(1), valid.flatten().nonzero().squeeze(1)
-    count = index.numel()
-    fill = -count % multiple
-    if fill:
-        index = torch.cat([index, index.new_zeros(fill)])
-        slots = torch.cat([slots, valid.numel() + torch.arange(fill, device=slots.device)])
-    return Sets(index, slots, valid, count, lengths, ragged and len(set(lengths)) > 1)
+class Caption(NamedTuple):
+    """The text context packed without its padding (`pack_rows`): [B * L, D] rows, each clip's kept
+    tokens first, then left-over rows that belong to no clip."""
+
+    rows: torch.Tensor  # [B * L, D]
+    clip: torch.Tensor  # [B * L] the clip of each row, B for left-over rows
+    seqs: Varlen
 
 
-def pad(x: torch.Tensor, sets: Sets) -> torch.Tensor:
-    """Packed [T, C] -> [B, K, C], zeros in the padding (fillers land past B * K and are dropped).
-
-    index_put_, not index_copy: index_copy's backward keeps its whole source (for a shape), which
-    held every packed key/value and query projection for backward: 73 of the 490 MiB MeBT saved
-    at 129 frames. index_put_ keeps only the slots, and is no slower."""
-    b, k = sets.valid.shape
-    out = x.new_zeros(b * k + x.shape[0] - sets.count, x.shape[-1]).index_put_((sets.slots,), x)
-    return out[: b * k].view(b, k, x.shape[-1])
-
-
-def unpad(x: torch.Tensor, sets: Sets) -> torch.Tensor:
-    """[B, K, C] -> packed [T, C] (fillers read place 0: nothing downstream uses them)."""
-    flat = x.reshape(-1, x.shape[-1])
-    if sets.count == sets.slots.numel():
-        return flat.index_select(0, sets.slots)
-    return flat.index_select(0, sets.slots.clamp(max=max(flat.shape[0] - 1, 0)))
-
-
-def split_rows(x: torch.Tensor, sets: Sets) -> tuple[torch.Tensor, ...]:
-    """Packed [T, C] -> every clip's members [n_b, C] (views, fillers left out). Without fillers
-    there is nothing to cut: a no-op slice would still cost a zero-filled [T, C] and a copy in
-    its backward (~40 ms of the M1 MeBT step)."""
-    return (x if x.shape[0] == sets.count else x[: sets.count]).split(sets.lengths)
-
-
-def keep_rows(x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-    """[B, L, C] with bool [B, L] -> every clip's kept rows [l_b, C]."""
-    return [rows[keep] for rows, keep in zip(x, mask)]
-
-
-def fp32(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32 if it is half precision: CPU attention runs in fp32 (models/attention.attention),
-    and the ragged path converts each whole tensor once rather than every clip's part."""
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-
-
-def attend_ragged(attn: CrossAttention, queries: list[torch.Tensor] | tuple[torch.Tensor, ...],
-                  keys: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    """Clip by clip: projected queries [n_b, D] read projected keys/values [m_b, 2D] (no padding,
-    so no mask) -> [n_b, D] each, before `proj`, in fp32 (callers cast the joined result back)."""
-    with torch.autocast("cpu", enabled=False):  # inputs are fp32 already (`fp32`)
-        return [attn.attend(q[None], kv[None])[0] if q.shape[0] else q for q, kv in zip(queries, keys)]
-
-
-def latents_read_ragged(attn: CrossAttention, q: torch.Tensor, *parts) -> torch.Tensor:
-    """Clip by clip, the latents' projected queries q [B, M, D] read keys/values joined from each
-    clip's parts (per part: one [m_b, 2D] tensor per clip, in fp32) -> [B, M, D] in q's dtype."""
-    keys = [torch.cat(clip_parts) for clip_parts in zip(*parts)]
-    return torch.stack(attend_ragged(attn, fp32(q).unbind(0), keys)).to(q.dtype)
-
-
-def attend_packed(attn: CrossAttention, x: torch.Tensor, sets: Sets, kv: torch.Tensor,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Packed queries x [T, D] (normed) read kv [B, M, 2D] of their own clip (mask [B, M]: which
-    to read) -> [T, D]."""
-    q = attn.q(x)
-    if not sets.ragged:
-        return attn.proj(unpad(attn.attend(pad(q, sets), kv, mask), sets))
-    kv = fp32(kv)
-    keys = kv.unbind(0) if mask is None else keep_rows(kv, mask)
-    # Fillers (CPU autocast) pass through: nothing downstream reads them.
-    read = torch.cat([*attend_ragged(attn, split_rows(fp32(q), sets), keys), fp32(q[sets.count:])])
-    return attn.proj(read.to(q.dtype))
+def pack_caption(text: torch.Tensor, text_mask: torch.Tensor) -> Caption:
+    """text [B, L, D], text_mask [B, L] -> Caption."""
+    b, length = text_mask.shape
+    order, seqs = pack_rows(text_mask)
+    inside = torch.arange(b * length, device=order.device) < seqs.cu[-1]
+    clip = torch.where(inside, order // length, b)
+    return Caption(rearrange(text, "b l d -> (b l) d").index_select(0, order), clip, seqs)
 
 
 class TextRead(nn.Module):
@@ -167,9 +92,10 @@ class TextRead(nn.Module):
         self.norm_q, self.norm_text = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = CrossAttention(dim, heads)
 
-    def forward(self, x: torch.Tensor, sets: Sets, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """x: packed [T, D]; text [B, L, D], text_mask [B, L]."""
-        return x + attend_packed(self.attn, self.norm_q(x), sets, self.attn.kv(self.norm_text(text)), text_mask)
+    def forward(self, x: torch.Tensor, seqs: Varlen, caption: Caption) -> torch.Tensor:
+        """x: packed [T, D] in the layout `seqs`; caption: the packed text."""
+        kv = self.attn.kv(self.norm_text(caption.rows))
+        return x + self.attn.proj(self.attn.attend_varlen(self.attn.q(self.norm_q(x)), kv, seqs, caption.seqs))
 
 
 class EncoderLayer(nn.Module):
@@ -184,19 +110,14 @@ class EncoderLayer(nn.Module):
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult)
 
-    def forward(
-        self, latents: torch.Tensor, context: torch.Tensor, sets: Sets, text: torch.Tensor, text_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """latents [B, M, D]; context: the observed tokens, packed [T, D]; text [B, L, D], text_mask [B, L]."""
-        q = self.cross.q(self.norm_q(latents))
-        context_kv, text_kv = self.cross.kv(self.norm_ctx(context)), self.cross.kv(self.norm_ctx(text))
-        if sets.ragged:
-            context, caption = split_rows(fp32(context_kv), sets), keep_rows(fp32(text_kv), text_mask)
-            read = latents_read_ragged(self.cross, q, context, caption)
-        else:
-            kv, mask = torch.cat([pad(context_kv, sets), text_kv], dim=1), torch.cat([sets.valid, text_mask], dim=1)
-            read = self.cross.attend(q, kv, mask)
-        latents = latents + self.cross.proj(read)
+    def forward(self, latents: torch.Tensor, context: torch.Tensor, latent_seqs: Varlen, context_seqs: Varlen
+                ) -> torch.Tensor:
+        """latents [B, M, D]; context: the observed tokens and the caption joined clip by clip,
+        packed [T, D] in the layout `context_seqs`."""
+        b = latents.shape[0]
+        q = self.cross.q(rearrange(self.norm_q(latents), "b m d -> (b m) d"))
+        read = self.cross.attend_varlen(q, self.cross.kv(self.norm_ctx(context)), latent_seqs, context_seqs)
+        latents = latents + rearrange(self.cross.proj(read), "(b m) d -> b m d", b=b)
         latents = latents + self.attn(self.norm_self(latents))
         return latents + self.ff(self.norm_ff(latents))
 
@@ -223,26 +144,25 @@ class DecoderLayer(nn.Module):
             self.norm_ff_l = nn.LayerNorm(dim)
             self.ff_l = FeedForward(dim, ff_mult)
 
-    def forward(
-        self, queries: torch.Tensor, sets: Sets, latents: torch.Tensor, text: tuple | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries: the masked positions, packed [T, D]; latents [B, M, D]; text: (caption [B, L, D],
-        mask [B, L]), read by the queries with query_text."""
-        queries = queries + attend_packed(self.read, self.norm_q(queries), sets, self.read.kv(self.norm_l(latents)))
+    def forward(self, queries: torch.Tensor, query_seqs: Varlen, latents: torch.Tensor, latent_seqs: Varlen,
+                keys: Joined, caption: Caption | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries: the masked positions, packed [T, D] in the layout `query_seqs`; latents
+        [B, M, D] (packed: `latent_seqs`); keys: how latents and queries join clip by clip for the
+        latents' read; caption: read by the queries with query_text."""
+        b = latents.shape[0]
+        flat = rearrange(latents, "b m d -> (b m) d")
+        read = self.read.attend_varlen(self.read.q(self.norm_q(queries)), self.read.kv(self.norm_l(flat)),
+                                       query_seqs, latent_seqs)
+        queries = queries + self.read.proj(read)
         if self.query_text is not None:
-            queries = self.query_text(queries, sets, *text)
+            queries = self.query_text(queries, query_seqs, caption)
         queries = queries + self.ff_q(self.norm_ff_q(queries))
         if not self.write_latents:
             return queries, latents
-        q = self.write.q(self.norm_l2(latents))
-        latent_kv, query_kv = self.write.kv(self.norm_kv(latents)), self.write.kv(self.norm_kv(queries))
-        if sets.ragged:
-            read = latents_read_ragged(self.write, q, fp32(latent_kv).unbind(0), split_rows(fp32(query_kv), sets))
-        else:
-            kv = torch.cat([latent_kv, pad(query_kv, sets)], dim=1)
-            mask = torch.cat([torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device), sets.valid], 1)
-            read = self.write.attend(q, kv, mask)
-        latents = latents + self.write.proj(read)
+        q = self.write.q(self.norm_l2(flat))
+        kv = keys(self.write.kv(self.norm_kv(flat)), self.write.kv(self.norm_kv(queries)))
+        read = self.write.attend_varlen(q, kv, latent_seqs, keys.seqs)
+        latents = latents + rearrange(self.write.proj(read), "(b m) d -> b m d", b=b)
         latents = latents + self.ff_l(self.norm_ff_l(latents))
         return queries, latents
 
@@ -326,7 +246,6 @@ class MeBT(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)
-        self.activation_checkpointing = False
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -341,11 +260,6 @@ class MeBT(nn.Module):
         time = self.time_proj(sinusoidal_embedding(torch.arange(t, device=device), self.dim).to(self.pos_h.dtype))
         pos = time[:, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]
         return rearrange(pos, "t h w d -> (t h w) d")
-
-    def _run(self, layer: nn.Module, *args):
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(layer, *args, use_reentrant=False)
-        return layer(*args)
 
     def forward(
         self,
@@ -364,8 +278,7 @@ class MeBT(nn.Module):
         pos = self.positions(t, h, w, tokens.device).to(self.latents.dtype)
         masked = flat == self.mask_id
         ids = flat.flatten().clamp(max=self.vocab_size - 1)
-        multiple, ragged = pack_multiple(tokens.device), ragged_attention(tokens.device)
-        observed, queried = pack_sets(~masked, multiple, ragged), pack_sets(masked, multiple, ragged)
+        observed, queried = pack_sets(~masked), pack_sets(masked)
 
         ctx = self.token_emb(ids[observed.index]) + pos[observed.index % n]  # packed [T_obs, D]
         local = None
@@ -375,28 +288,37 @@ class MeBT(nn.Module):
             local = rearrange(local, "b n d -> (b n) d")
             ctx = ctx + local[observed.index]
         text_ctx, text_ctx_mask = self.text(text, text_mask, b, drop_text)
+        caption = pack_caption(text_ctx, text_ctx_mask)
+        # The encoder's context: each clip's observed tokens, then its caption, packed clip by clip.
+        context_keys = join(observed.clip, observed.seqs, caption.clip, caption.seqs)
+        context = context_keys(ctx, caption.rows)
 
         # repeat, not expand: under no_grad an expanded parameter view still "requires grad" with no
         # grad_fn, which breaks module hooks (torch.utils.flop_counter's module tracker).
         latents = self.latents.repeat(b, 1, 1)
+        m = latents.shape[1]
+        latent_seqs = uniform(b, m, tokens.device)
         pooled = self.text.pooled(text_ctx, text_ctx_mask)
         if pooled is not None:
             latents = latents + pooled
         for layer in self.encoder:
-            latents = self._run(layer, latents, ctx, observed, text_ctx, text_ctx_mask)
+            latents = layer(latents, context, latent_seqs, context_keys.seqs)
 
         queries = self.mask_emb.view(1, self.dim) + pos[queried.index % n]  # packed [T_mask, D]
         if local is not None:
             queries = queries + local[queried.index]
         if pooled is not None:
-            queries = queries + pooled.view(b, self.dim)[queried.index // n]
+            queries = queries + pooled.view(b, self.dim)[queried.clip]
+        # The latents' read in the decoder: each clip's latents, then its masked queries.
+        latent_clip = torch.arange(b, device=tokens.device).repeat_interleave(m)
+        write_keys = join(latent_clip, latent_seqs, queried.clip, queried.seqs)
         for layer in self.decoder:
-            queries, latents = self._run(layer, queries, queried, latents, (text_ctx, text_ctx_mask))
-        q_logits = self.head(self.norm(queries[: queried.count]))  # [T_mask, V], row-major
+            queries, latents = layer(queries, queried.seqs, latents, latent_seqs, write_keys, caption)
+        q_logits = self.head(self.norm(queries))  # [T_mask, V], row-major
         if masked_only:
             return q_logits
 
         # Observed positions are given: their "prediction" is their own token, with certainty.
         logits = torch.full((b * n, self.vocab_size), -1e4, dtype=q_logits.dtype, device=tokens.device)
-        logits = logits.scatter_(1, ids[:, None], 0.0).index_copy(0, queried.index[: queried.count], q_logits)
+        logits = logits.scatter_(1, ids[:, None], 0.0).index_copy(0, queried.index, q_logits)
         return rearrange(logits, "(b t h w) v -> b t h w v", b=b, t=t, h=h)

@@ -56,8 +56,16 @@ class Quantizer(nn.Module):
         return 0
 
 
+def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """How often each code occurs in `indices`, as float [codebook_size]. index_add_ rather than
+    bincount, whose output size depends on the data (a graph break under torch.compile)."""
+    flat = indices.flatten()
+    ones = torch.ones(flat.shape, device=flat.device, dtype=torch.float32)
+    return torch.zeros(codebook_size, device=flat.device, dtype=torch.float32).index_add_(0, flat, ones)
+
+
 def perplexity_of(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
-    counts = torch.bincount(indices.flatten(), minlength=codebook_size).float()
+    counts = code_counts(indices, codebook_size)
     probs = counts / counts.sum().clamp(min=1)
     return torch.exp(-(probs * torch.log(probs.clamp(min=1e-10))).sum())
 
@@ -130,10 +138,11 @@ class VectorQuantizer(Quantizer):
     def _track(self, indices: torch.Tensor, encodings: torch.Tensor) -> None:
         if self.restart_every <= 0:
             return
-        self.window_counts += torch.bincount(indices, minlength=self.codebook_size).float()
+        self.window_counts += code_counts(indices, self.codebook_size)
         self.window_steps += 1
-        if int(self.window_steps) >= self.restart_every:
-            self._candidates = encodings  # for restart_dead_codes(), after this step's update
+        # For restart_dead_codes(), after this step's update; it decides (outside forward, so that
+        # forward has no data-dependent branch) whether the window is over.
+        self._candidates = encodings
 
     @torch.no_grad()
     def restart_dead_codes(self) -> int:
@@ -143,7 +152,7 @@ class VectorQuantizer(Quantizer):
         Called after the optimizer step rather than inside forward: under FSDP2 the codebook seen
         in forward is a gathered copy, and only the sharded parameter outside it persists."""
         encodings, self._candidates = getattr(self, "_candidates", None), None
-        if encodings is None:
+        if encodings is None or int(self.window_steps) < self.restart_every:
             return 0
         counts = self.window_counts.clone()
         distributed = dist.is_available() and dist.is_initialized()
@@ -230,11 +239,11 @@ class FSQ(Quantizer):
         quantized = rounded / half.clamp(min=1)
         if self.training and torch.is_grad_enabled():
             with torch.no_grad():
-                if int(self.window_steps) >= self.usage_window:
-                    self.window_counts.zero_()
-                    self.window_steps.zero_()
-                self.window_counts += torch.bincount(indices.flatten(), minlength=self.codebook_size).float()
-                self.window_steps += 1
+                # A new window starts once the last one is full: without a branch on the count.
+                fresh = self.window_steps >= self.usage_window
+                counts = code_counts(indices, self.codebook_size)
+                self.window_counts.copy_(torch.where(fresh, counts, self.window_counts + counts))
+                self.window_steps.copy_(torch.where(fresh, 1, self.window_steps + 1))
         return QuantizerOutput(
             quantized=quantized,
             indices=indices,

@@ -1,5 +1,5 @@
-"""MeBT: the backbone interface, set gathering, no N x N attention, batch independence, sampling
-and frame extrapolation."""
+"""MeBT: the backbone interface, set packing, variable-length attention equal to a per-clip
+reference, no N x N attention, batch independence, sampling and frame extrapolation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.mebt import MeBT, pack_sets, pad, unpad
+import models.attention as attention
+from models.attention import uniform
+from models.mebt import MeBT, join, pack_caption, pack_sets
 from models.sampling import SamplingOptions, maskgit_sample
 
 
@@ -17,93 +19,50 @@ def net(**kw) -> MeBT:
     return MeBT(**(args | kw)).eval()
 
 
-def test_pack_sets_packs_variable_sizes_and_pads_only_for_attention():
+def test_pack_sets_packs_variable_sizes_clip_by_clip():
     selected = torch.tensor([[True, False, True, False], [False, False, False, True]])
     sets = pack_sets(selected)
     assert sets.index.tolist() == [0, 2, 7]  # row-major positions in the flattened [B * N]
-    assert sets.valid.tolist() == [[True, True], [True, False]]
-    assert sets.slots.tolist() == [0, 1, 2]
-    x = torch.arange(6.0).view(3, 2)
-    padded = pad(x, sets)
-    assert padded.shape == (2, 2, 2) and padded[1, 1].tolist() == [0.0, 0.0]
-    assert padded[1, 0].tolist() == x[2].tolist()
-    assert torch.equal(unpad(padded, sets), x)
+    assert sets.clip.tolist() == [0, 0, 1]
+    assert sets.seqs.cu.tolist() == [0, 2, 3] and sets.seqs.cu.dtype == torch.int32
+    assert sets.seqs.max_len == 4  # a static bound (N), not the batch's largest count
     empty = pack_sets(torch.zeros(2, 4, dtype=torch.bool))
-    assert empty.valid.shape == (2, 0) and pad(torch.zeros(0, 3), empty).shape == (2, 0, 3)
+    assert empty.index.numel() == 0 and empty.seqs.cu.tolist() == [0, 0, 0]
 
 
-def test_pad_keeps_only_the_slots_for_backward():
-    """index_copy's backward kept its whole source alive (every packed key/value projection: 73 MiB
-    of MeBT's saved activations at 129 frames); pad must keep no tensor of its input's size."""
-    sets = pack_sets(torch.tensor([[True, True, True], [True, False, False]]))
-    x = torch.randn(4, 8, requires_grad=True) * 2  # a non-leaf, like a projection's output
-    saved = []
-
-    def keep(t):
-        saved.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        padded = pad(x, sets)
-    assert saved and all(shape != tuple(x.shape) for shape in saved), saved
-    padded.sum().backward()  # and the gradient still reaches every member
+def test_join_and_caption_packing_put_each_clip_s_rows_together():
+    # Context: clip 0 has observed rows a0 a1, clip 1 has b0; captions: clip 0 keeps 1 token,
+    # clip 1 keeps 2, and one padded place is left over (it belongs to no clip and goes last).
+    observed = pack_sets(torch.tensor([[True, True, False], [False, True, False]]))
+    text = torch.arange(6.0).view(2, 3, 1)
+    caption = pack_caption(text, torch.tensor([[False, True, False], [True, True, False]]))
+    assert caption.rows.flatten().tolist()[:3] == [1.0, 3.0, 4.0] and caption.seqs.cu.tolist() == [0, 1, 3]
+    assert caption.clip.tolist() == [0, 1, 1, 2, 2, 2]
+    keys = join(observed.clip, observed.seqs, caption.clip, caption.seqs)
+    ctx = torch.tensor([[10.0], [11.0], [20.0]])
+    joined = keys(ctx, caption.rows).flatten().tolist()
+    assert joined[:6] == [10.0, 11.0, 1.0, 20.0, 3.0, 4.0]
+    assert keys.seqs.cu.tolist() == [0, 3, 6] and keys.seqs.max_len == 3 + 3
 
 
-def test_fillers_round_the_packed_sets_up_and_change_no_logit_or_gradient(monkeypatch):
-    import models.mebt as mebt
-
-    # Only CPU autocast rounds up (bf16 kernels are built per shape); fp32 sets stay exact.
-    assert mebt.pack_multiple(torch.device("cpu")) == 1
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert mebt.pack_multiple(torch.device("cpu")) == mebt.PACK_MULTIPLE > 1
-
-    selected = torch.tensor([[True, False, True, False], [False, False, False, True]])
-    sets = pack_sets(selected, multiple=4)
-    assert sets.count == 3 and sets.index.tolist() == [0, 2, 7, 0] and sets.slots.tolist() == [0, 1, 2, 4]
-    x = torch.arange(8.0).view(4, 2)
-    padded = pad(x, sets)
-    assert padded.shape == (2, 2, 2) and padded[1, 1].tolist() == [0.0, 0.0]  # the filler went nowhere
-    assert torch.equal(unpad(padded, sets)[:3], x[:3])
-    assert pack_sets(selected, multiple=8).index.numel() == 8
-    assert pack_sets(torch.zeros(2, 4, dtype=torch.bool), multiple=8).index.numel() == 0
-
-    # Whole model, with every packed path (local context, pooled caption, query text): the same
-    # logits and gradients with and without fillers.
-    m = net(local_context=True, pooled_text=True, query_text=True)
-    torch.manual_seed(1)
-    tokens = torch.randint(0, 64, (3, 3, 4, 4))
-    tokens[0, 1:] = m.mask_id
-    tokens[1, :, :, ::2] = m.mask_id
-    tokens[2, 0, 0, 0] = m.mask_id
-    text, mask = torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool)
-    for p in m.parameters():  # the zero-initialised local conv would hide a filler leaking into it
-        torch.nn.init.normal_(p, std=0.1)
-    seen = {}
-    for multiple in (1, 64):
-        monkeypatch.setattr(mebt, "pack_multiple", lambda device, multiple=multiple: multiple)
-        m.zero_grad()
-        out = m(tokens, text, mask, masked_only=True)
-        out.square().mean().backward()
-        seen[multiple] = (out.detach(), m(tokens, text, mask).detach(), [p.grad.clone() for p in m.parameters()])
-    assert seen[1][0].shape == ((tokens == m.mask_id).sum(), 64)
-    torch.testing.assert_close(seen[64][0], seen[1][0])
-    torch.testing.assert_close(seen[64][1], seen[1][1])
-    for g64, g1 in zip(seen[64][2], seen[1][2]):
-        torch.testing.assert_close(g64, g1)
+def per_clip_attention(q, k, v, cu_q, cu_k, max_q, max_k):
+    """The reference: every clip's queries read exactly its own keys, one plain SDPA per clip."""
+    out = torch.zeros_like(q)
+    for b in range(cu_q.numel() - 1):
+        (q0, q1), (k0, k1) = cu_q[b:b + 2].tolist(), cu_k[b:b + 2].tolist()
+        assert q1 - q0 <= max_q and k1 - k0 <= max_k
+        if q1 > q0:
+            read = F.scaled_dot_product_attention(*(x.transpose(0, 1)[None] for x in (q[q0:q1], k[k0:k1], v[k0:k1])))
+            out[q0:q1] = read[0].transpose(0, 1)
+    return out
 
 
-def test_ragged_attention_gives_the_padded_batch_s_logits_and_gradients(monkeypatch):
-    """On a CPU the attention runs clip by clip on each clip's exact sets (no padding, no mask):
-    the same function as the padded batch GPUs run, with every packed path on, clips with no and
-    with only masked tokens, a dropped and a short caption, and filler members."""
-    import models.mebt as mebt
-
-    assert mebt.ragged_attention(torch.device("cpu")) and not mebt.ragged_attention(torch.device("cuda"))
-    assert pack_sets(torch.tensor([[True, False], [True, True]]), ragged=True).ragged
-    # Equal counts have no padding to save: one batched call.
-    assert not pack_sets(torch.tensor([[True, False], [False, True]]), ragged=True).ragged
-
-    m = net(local_context=True, pooled_text=True, query_text=True)
+def test_varlen_attention_gives_the_per_clip_reference_s_logits_and_gradients(monkeypatch):
+    """Every variable-length read (latents <- observed tokens + caption, queries <- latents,
+    latents <- [latents, queries], queries <- caption) through `varlen_attention` gives the logits
+    and gradients of exact per-clip attention, with every packed path on, a clip with only masked
+    and one with no masked token, a dropped and a short caption."""
+    m = net(local_context=True, pooled_text=True, query_text=True).train()
     for p in m.parameters():  # zero-initialised parts would hide a difference
         torch.nn.init.normal_(p, std=0.1)
     torch.manual_seed(2)
@@ -115,30 +74,19 @@ def test_ragged_attention_gives_the_padded_batch_s_logits_and_gradients(monkeypa
     text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]).bool()
     drop = torch.tensor([False, False, True, False])
     calls = []
-    real = F.scaled_dot_product_attention
-
-    def spy(q, k, v, attn_mask=None, **kwargs):
-        calls.append((q.shape[0], attn_mask is None))
-        return real(q, k, v, attn_mask=attn_mask, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    real = attention.varlen_attention
     seen = {}
-    for ragged, multiple in ((False, 1), (True, 1), (True, 64)):
-        monkeypatch.setattr(mebt, "ragged_attention", lambda device, ragged=ragged: ragged)
-        monkeypatch.setattr(mebt, "pack_multiple", lambda device, multiple=multiple: multiple)
-        calls.clear()
+    for name, impl in (("varlen", real), ("reference", per_clip_attention)):
+        monkeypatch.setattr(attention, "varlen_attention", lambda *a, impl=impl: calls.append(a[3].numel()) or impl(*a))
         m.zero_grad()
         out = m(tokens, text, text_mask, drop, masked_only=True)
         out.square().mean().backward()
-        seen[ragged, multiple] = (out.detach(), [p.grad.clone() for p in m.parameters()])
-        # Ragged: one clip per call and no mask, except the latents' own self-attention (batched).
-        batched = [c for c in calls if c[0] > 1]
-        assert (len(batched) == 2) if ragged else (len(batched) == len(calls))
-        assert all(unmasked for _, unmasked in calls) if ragged else not all(unmasked for _, unmasked in calls)
-    for key in ((True, 1), (True, 64)):
-        torch.testing.assert_close(seen[key][0], seen[False, 1][0])
-        for g, ref in zip(seen[key][1], seen[False, 1][1]):
-            torch.testing.assert_close(g, ref)
+        seen[name] = (out.detach(), [p.grad.clone() for p in m.parameters()])
+    # Per layer: encoder 1 read; decoder: queries <- latents, <- caption, latents <- [latents, queries] (not the last).
+    assert len(calls) == 2 * (2 + 2 * 2 + 1)
+    torch.testing.assert_close(seen["varlen"][0], seen["reference"][0])
+    for g, ref in zip(seen["varlen"][1], seen["reference"][1]):
+        torch.testing.assert_close(g, ref)
 
 
 def test_observed_positions_keep_their_tokens_and_rows_are_independent():
@@ -212,20 +160,28 @@ def test_forward_flops_grow_linearly_with_video_length():
     assert ratio > 65 / 9 * 0.8  # and it does grow with the number of tokens
 
 
-@pytest.mark.parametrize("ragged", [False, True])
-def test_a_masked_query_does_not_depend_on_another_masked_query(ragged):
+def decoder_inputs(selected: torch.Tensor, latents: torch.Tensor):
+    """The packed layouts a DecoderLayer reads: (query seqs, latent seqs, join of latents and queries)."""
+    sets = pack_sets(selected)
+    b, m = latents.shape[:2]
+    latent_seqs = uniform(b, m, "cpu")
+    keys = join(torch.arange(b).repeat_interleave(m), latent_seqs, sets.clip, sets.seqs)
+    return sets.seqs, latent_seqs, keys
+
+
+def test_a_masked_query_does_not_depend_on_another_masked_query():
     from models.mebt import DecoderLayer
 
     torch.manual_seed(0)
     layer = DecoderLayer(32, 2, 4.0).eval()
     # Two clips with 5 and 2 masked queries, packed: [T=7, D].
     latents, queries = torch.randn(2, 8, 32), torch.randn(7, 32)
-    sets = pack_sets(torch.tensor([[True] * 5 + [False], [True, True] + [False] * 4]), ragged=ragged)
-    assert sets.ragged == ragged and sets.lengths == (5, 2)
-    out, new_latents = layer(queries, sets, latents)
+    seqs, latent_seqs, keys = decoder_inputs(torch.tensor([[True] * 5 + [False], [True, True] + [False] * 4]), latents)
+    assert seqs.cu.tolist() == [0, 5, 7]
+    out, new_latents = layer(queries, seqs, latents, latent_seqs, keys)
     changed = queries.clone()
     changed[3] = torch.randn(32)
-    out2, new_latents2 = layer(changed, sets, latents)
+    out2, new_latents2 = layer(changed, seqs, latents, latent_seqs, keys)
     torch.testing.assert_close(out2[[0, 1, 2, 4, 5, 6]], out[[0, 1, 2, 4, 5, 6]])
     assert not torch.allclose(out2[3], out[3])
     # The latents do read the queries (of their own clip only).
@@ -318,10 +274,10 @@ def test_query_text_lets_every_masked_query_read_the_caption_and_keeps_cfg_text_
     assert not torch.allclose(m(tokens, changed, mask)[:, 1:], logits[:, 1:])
     read = m.decoder[0].query_text
     queries, latents = torch.randn(6, 32), torch.randn(1, 8, 32)
-    sets = pack_sets(torch.ones(1, 6, dtype=torch.bool))
-    caption = m.text(text[:1], mask[:1], 1)
-    other = m.text(changed[:1], mask[:1], 1)
-    assert not torch.allclose(read(queries, sets, *caption), read(queries, sets, *other))
+    seqs, latent_seqs, keys = decoder_inputs(torch.ones(1, 6, dtype=torch.bool), latents)
+    caption = pack_caption(*m.text(text[:1], mask[:1], 1))
+    other = pack_caption(*m.text(changed[:1], mask[:1], 1))
+    assert not torch.allclose(read(queries, seqs, caption), read(queries, seqs, other))
     # Padding is not read...
     padded = torch.cat([text, torch.randn(2, 3, 16)], 1)
     pad_mask = torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1)
@@ -334,8 +290,8 @@ def test_query_text_lets_every_masked_query_read_the_caption_and_keeps_cfg_text_
     from models.mebt import DecoderLayer
 
     layer = DecoderLayer(32, 2, 4.0, query_text=True).eval()
-    out, _ = layer(queries, sets, latents, caption)
+    out, _ = layer(queries, seqs, latents, latent_seqs, keys, caption)
     moved = queries.clone()
     moved[3] = torch.randn(32)
-    out2, _ = layer(moved, sets, latents, caption)
+    out2, _ = layer(moved, seqs, latents, latent_seqs, keys, caption)
     torch.testing.assert_close(out2[[0, 1, 2, 4, 5]], out[[0, 1, 2, 4, 5]])

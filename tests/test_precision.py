@@ -1,5 +1,6 @@
-"""bf16 on CPUs: attention and the depthwise conv stay fp32 under CPU autocast (their bf16 CPU
-backward kernels are slow), and one helper decides where the demo and `generate` use bf16."""
+"""bf16 on CPUs: attention stays fp32 under CPU autocast (its bf16 CPU backward kernel is slow;
+models/attention.py's non-CUDA path), and one helper decides where the demo and `generate` use
+bf16."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import torch.nn.functional as F
 
 import launch.precision as precision
 from models.attention import CrossAttention, SelfAttention
-from models.maskgit import LocalMixing
 
 
 def spy_sdpa(monkeypatch) -> list[torch.dtype]:
@@ -48,19 +48,6 @@ def test_attention_keeps_fp32_inputs_and_bf16_without_autocast_as_they_are(monke
     out = attn(torch.randn(1, 4, 32, dtype=torch.bfloat16))
     # A bf16 model run outside autocast is the caller's choice: the result keeps its dtype.
     assert out.dtype == torch.bfloat16 and seen == [torch.float32]
-
-
-def test_local_mixing_convolves_in_fp32_under_cpu_autocast():
-    mixing = LocalMixing(16)
-    torch.nn.init.normal_(mixing.conv.weight)
-    dtypes = []
-    mixing.conv.register_forward_hook(lambda module, args, out: dtypes.append((args[0].dtype, out.dtype)))
-    x = torch.randn(2, 2 * 3 * 3, 16)
-    reference = mixing(x, (2, 3, 3))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = mixing(x, (2, 3, 3))
-    assert dtypes == [(torch.float32, torch.float32)] * 2
-    torch.testing.assert_close(out, reference)
 
 
 def test_precision_choice(monkeypatch):
