@@ -4,9 +4,10 @@ Steps, each a real maskvid command run in --out (so the report can print how to 
 
   1. data       maskvid data synthetic (skipped with --train-shards/--val-shards)
   2. check      stream train/val as fit does; previews; oracle accuracy of the val clips
-  3. tokenizer  maskvid fit --config configs/experiment/tokenizer_demo.yaml
+  3. tokenizer  maskvid fit --config configs/experiment/tokenizer_demo.yaml --config configs/trainer/{cpu,gpu}.yaml
   4. tokenize   maskvid data tokenize (train and val)
-  5. stage2     maskvid fit --config configs/experiment/{mebt,maskgit}_demo.yaml --data.samples tokens
+  5. stage2     maskvid fit --config configs/experiment/{mebt,maskgit}_demo.yaml --config configs/trainer/{cpu,gpu}.yaml
+                --data.samples tokens
   6. generate   maskvid generate for the seen and held-out prompts (or --prompts FILE)
   7. score      caption accuracy (oracle), FVD (--i3d-path) and CLIPSIM (--clip-path)
   8. report     OUT/summary.json and a self-contained OUT/report.html

@@ -1,13 +1,15 @@
 """`include:` in config files, so an experiment YAML can be built from the layered ones.
 
     # configs/experiment/tokenizer_demo.yaml
-    include: [../data/synthetic.yaml, ../model/cvivit_tiny.yaml, ../trainer/cpu.yaml]
+    include: [../data/synthetic.yaml, ../model/cvivit_tiny.yaml]
     trainer:
       max_steps: 3000
 
 `--config exp.yaml` becomes `--config <each include, recursively> --config <exp without include>`:
 exactly what repeating `--config` on the command line does (later files override earlier ones),
 so one file names a whole recipe and the parts stay reusable. Paths are relative to the file.
+Experiments include no trainer file: the hardware is chosen on the command line, after them
+(`--config configs/trainer/cpu.yaml`, gpu.yaml, ddp.yaml, ...).
 """
 
 from __future__ import annotations
