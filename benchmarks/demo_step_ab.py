@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORKLOADS = ("mebt_bf16", "mebt_fp32", "maskgit_bf16", "maskgit_fp32", "tokenizer_fp32")
+WORKLOADS = ("mebt_bf16", "maskgit_bf16", "tokenizer_fp32", "mebt_fp32", "maskgit_fp32")
 GRID, BATCH, TEXT_LEN, TEXT_DIM = (5, 8, 8), 8, 16, 384
 
 
@@ -134,10 +134,11 @@ def worker(tree: Path) -> None:
 
 
 class Worker:
-    def __init__(self, tree: Path) -> None:
+    def __init__(self, tree: Path, threads: int | None) -> None:
         env = {**os.environ, "PYTHONPATH": str(tree)}
         self.log = tempfile.NamedTemporaryFile("w+", prefix="demo_step_ab_", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, __file__, "--_worker", str(tree)], cwd=tree, env=env,
+        self.proc = subprocess.Popen([sys.executable, __file__, "--_worker", str(tree),
+                                      *(["--threads", str(threads)] if threads else [])], cwd=tree, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
 
     def run(self, workload: str, steps: int) -> list[float]:
@@ -167,10 +168,16 @@ def main() -> int:
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=4, help="alternations per workload")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per chunk")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads of both workers (default: torch's, as the demo runs)")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--_worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._worker:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         worker(args._worker)
         return 0
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -179,8 +186,8 @@ def main() -> int:
     import torch
 
     trees = {"new": args.new.resolve(), "old": args.base.resolve()}
-    workers = {name: Worker(tree) for name, tree in trees.items()}
-    result: dict = {"benchmark": "demo_step_ab", "threads": torch.get_num_threads(), "torch": torch.__version__,
+    workers = {name: Worker(tree, args.threads) for name, tree in trees.items()}
+    result: dict = {"benchmark": "demo_step_ab", "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
                     "trees": {name: {"path": str(tree), "commit": git_commit(tree)} for name, tree in trees.items()},
                     "rounds": args.rounds, "steps_per_chunk": args.steps,
                     "note": "each tree: its commit plus its uncommitted changes, if any",

@@ -132,7 +132,7 @@ def split_heads(fused: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tens
     Unbinding along the `parts` axis of a [B, N, parts, H, D] view, rather than a leading one,
     makes autograd's stack of the parts' gradients land directly in the projection's layout: the
     leading-axis form stacked them to [parts, B, H, N, D] and then copied that again into
-    [B, N, parts*H*D] (M1 maskgit: 2-5 ms a layer, bit-identical results)."""
+    [B, N, parts*H*D] (bit-identical results)."""
     split = rearrange(fused, "b n (parts h d) -> b n parts h d", parts=parts, h=heads)
     return tuple(part.transpose(1, 2) for part in split.unbind(2))
 
@@ -200,7 +200,7 @@ class CrossAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP with exact (erf) GELU: on CPU it is ~5x faster than the tanh form."""
+    """Position-wise MLP with exact (erf) GELU: on CPU it is much faster than the tanh form."""
 
     def __init__(self, dim: int, mult: float = 4.0) -> None:
         super().__init__()

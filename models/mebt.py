@@ -33,8 +33,8 @@ class Sets(NamedTuple):
     """Variable-length sets of positions (each clip's observed or masked tokens), packed clip by
     clip: every per-token layer (norms, projections, MLPs) runs on the packed members [T, D] with
     no padding, and the attention reads them as packed sequences (`varlen_attention`). With a mask
-    ratio drawn per clip, padding every set to the batch's largest one made the decoder compute
-    ~1.5x and the encoder's context projections ~2.5x the real token count."""
+    ratio drawn per clip, padding every set to the batch's largest one would compute the padding
+    in every projection and MLP too."""
 
     index: torch.Tensor  # [T] the members' positions in the flattened [B * N], row-major
     clip: torch.Tensor  # [T] the clip of each member

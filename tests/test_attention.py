@@ -190,8 +190,9 @@ def test_on_cuda_half_precision_goes_to_flash_attention_varlen_with_the_cumulati
 
 
 def test_padding_keeps_only_the_slots_for_backward():
-    """index_copy's backward kept its whole source alive (every packed key/value projection: 73 MiB
-    of MeBT's saved activations at 129 frames); padding must keep no tensor of its input's size."""
+    """index_copy's backward kept its whole source alive (every packed key/value projection, a
+    large part of MeBT's saved activations at 129 frames); padding must keep no tensor of its
+    input's size."""
     seqs = Varlen(torch.tensor([0, 3, 4], dtype=torch.int32), 3)
     x = torch.randn(4, 2, 8, requires_grad=True) * 2  # a non-leaf, like a projection's output
     saved = []
