@@ -612,9 +612,7 @@ def trace_step(recipe: Recipe, gpu: GPUSpec, activation_checkpointing: bool, fak
             if isinstance(text_encoder, nn.Module):
                 text_encoder.to_empty(device="cpu")
         if trainable:
-            # FSDP2's bf16 compute parameters: the trace computes in them (shards stay fp32, below).
-            for network in _parallel(module):
-                network.to(torch.bfloat16)
+            _fsdp_compute_dtypes(module)
         result = module.configure_optimizers()
         optimizers, schedulers = _optimizers(result)
         wrapped = [_Optimizer(o) for o in optimizers] if recipe.stage == 1 else optimizers
@@ -633,6 +631,32 @@ def trace_step(recipe: Recipe, gpu: GPUSpec, activation_checkpointing: bool, fak
         peak = {getattr(k, "value", str(k)): int(v) for dev in snap.values() for k, v in dev.items()}
     return StepTrace(peak=peak, flops=roof.flops, seconds=roof.seconds, bytes_moved=roof.bytes,
                      unknown_reads=getattr(concrete, "unknown_reads", 0))
+
+
+def _fsdp_compute_dtypes(module) -> None:
+    """FSDP2's mixed precision in a one-process trace: the sharded networks compute in bf16 and
+    their `full_precision` parts (quantizers) in fp32, each casting its floating inputs to its
+    dtype as FSDP's units do; networks FSDP replicates stay fp32. (The fp32 shards are counted
+    apart, in per_gpu_memory.)"""
+
+    def caster(dtype: torch.dtype):
+        def cast(mod, args, kwargs):
+            def to(t: torch.Tensor) -> torch.Tensor:
+                return t.to(dtype) if t.is_floating_point() else t
+
+            return tree_map_only(torch.Tensor, to, args), tree_map_only(torch.Tensor, to, kwargs)
+
+        return cast
+
+    for network in _parallel(module):
+        if getattr(network, "replicate_under_fsdp", False):
+            continue
+        network.to(torch.bfloat16)
+        network.register_forward_pre_hook(caster(torch.bfloat16), with_kwargs=True)
+        for sub in network.modules():
+            if sub is not network and getattr(sub, "full_precision", False):
+                sub.float()
+                sub.register_forward_pre_hook(caster(torch.float32), with_kwargs=True)
 
 
 def _optimizers(result) -> tuple[list, list]:
@@ -844,12 +868,13 @@ class Traces:
 
 
 def trace_recipe(configs: Sequence[str], overrides: Sequence[str] = (), gpu: str = "h100",
-                 strategy: str | None = None, device: str = "cuda") -> Traces:
-    """Instantiate the config twice (a checkpointed copy for the second trace) and trace a step."""
+                 strategy: str | None = None, device: str = "cuda", checkpointing: bool = True) -> Traces:
+    """Instantiate the config twice (a checkpointed copy for the second trace) and trace a step.
+    checkpointing=False skips the second trace (its figures then repeat the first's)."""
     fake = device != "cpu"
     spec = GPUS[gpu]
     recipes = []
-    for _ in range(2):
+    for _ in range(2 if checkpointing else 1):
         recipe = load_recipe(configs, overrides, fake=fake)
         if strategy is not None:
             recipe.strategy = strategy
@@ -858,7 +883,7 @@ def trace_recipe(configs: Sequence[str], overrides: Sequence[str] = (), gpu: str
         recipes.append(recipe)
     counts = count_model(recipes[0].module)
     plain = trace_step(recipes[0], spec, activation_checkpointing=False, fake=fake)
-    checkpointed = trace_step(recipes[1], spec, activation_checkpointing=True, fake=fake)
+    checkpointed = trace_step(recipes[1], spec, activation_checkpointing=True, fake=fake) if checkpointing else plain
     return Traces(recipes[0], counts, plain, checkpointed, tokens_per_clip(recipes[0]))
 
 
