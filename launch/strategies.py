@@ -383,8 +383,17 @@ class DeepSpeedZeroStrategy(_Parallelize, DeepSpeedStrategy):
                 "Use configs/trainer/ddp.yaml or configs/trainer/fsdp.yaml for it."
             )
 
+    def parallelize(self, module) -> None:
+        # configure_model runs inside ZeRO-3's `zero.Init`, which patches every module built in
+        # it (a checkpoint wrapper included) for partitioning: done in setup() instead.
+        self._to_parallelize = module
+
     def setup(self, trainer) -> None:
         self.check_module(self.lightning_module)
+        module = getattr(self, "_to_parallelize", None)
+        if module is not None:
+            _Parallelize.parallelize(self, module)
+            self._to_parallelize = None
         # DeepSpeed clips inside its engine: hand it the module's own clip (its hook cannot act).
         clip = trainer.gradient_clip_val or getattr(self.lightning_module, "hparams", {}).get("grad_clip", 0.0)
         self.config.setdefault("gradient_clipping", float(clip or 0.0))

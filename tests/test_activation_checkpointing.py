@@ -18,6 +18,7 @@ from launch.strategies import (
     MaskvidDDPStrategy,
     MaskvidSingleDeviceStrategy,
     StrategyConfigError,
+    _Parallelize,
     _top_blocks,
     checkpoint_blocks,
     parallelize,
@@ -148,10 +149,15 @@ def test_every_strategy_applies_it(make):
     """The strategy's option reaches the blocks (sharding aside: FSDP2's needs a process group,
     tested in test_distributed.py)."""
     net, _ = _stage2(MaskGITBackbone)()
-    strategy = make(2)
+    strategy, module = make(2), _Module(net)
     if isinstance(strategy, FSDP2Strategy):
         strategy.shard_network = None
-    strategy.parallelize(_Module(net))
+    strategy.parallelize(module)
+    if isinstance(strategy, DeepSpeedZeroStrategy):
+        # Deferred from configure_model (inside ZeRO-3's zero.Init) to the strategy's setup.
+        assert not any(isinstance(b, CheckpointWrapper) for b in net.blocks)
+        assert strategy._to_parallelize is module
+        _Parallelize.parallelize(strategy, module)
     assert [isinstance(b, CheckpointWrapper) for b in net.blocks] == [True, False]
     with pytest.raises(StrategyConfigError):
         make(-1)

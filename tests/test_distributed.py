@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from tests.conftest import REPO, run_cli
 from tests.stage2_fixtures import BACKBONES, tiny_training_setup
@@ -88,13 +89,14 @@ class _CheckFSDPLayout(Callback):
         for network in pl_module.parallel_networks():
             for name, sub in (network.named_modules() if network is not None else ()):
                 if isinstance(sub, FSDPModule) and sub is not network:
-                    sub.register_forward_pre_hook(functools.partial(self._record, type(sub).__name__.removeprefix("FSDP")))
+                    # A checkpointed block's unit is its wrapper: name it by the block inside.
+                    inner = sub._checkpoint_wrapped_module if isinstance(sub, CheckpointWrapper) else sub
+                    sub.register_forward_pre_hook(functools.partial(self._record, type(inner).__name__.removeprefix("FSDP")))
 
     def _record(self, kind: str, module, args) -> None:
         self.compute.setdefault(kind, set()).add(str(next(module.parameters()).dtype))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        from torch.distributed._composable.contract import _get_registry
         from torch.distributed.tensor import DTensor
 
         networks = [n for n in pl_module.parallel_networks() if n is not None]
@@ -114,7 +116,7 @@ class _CheckFSDPLayout(Callback):
             "codes_restarted": int(getattr(getattr(pl_module.tokenizer, "quantizer", None), "restarted_total", 0)),
             "master_dtypes": sorted({str(p.dtype) for n in networks for p in n.parameters()}),
             "buffer_dtypes": sorted({str(b.dtype) for n in trained for b in n.buffers() if b.is_floating_point()}),
-            "checkpointed_blocks": sum("checkpoint" in (_get_registry(m) or {}) for n in networks for m in n.modules()),
+            "checkpointed_blocks": sum(isinstance(m, CheckpointWrapper) for n in networks for m in n.modules()),
             "frozen_count": len(frozen),
             "frozen_sharded": any(isinstance(p, DTensor) for p in frozen),
             "frozen_trainable": any(p.requires_grad for p in frozen),
@@ -209,8 +211,8 @@ def test_fsdp_checkpoint_resumes_on_one_and_on_two_processes(setup, tmp_path):
                   "--trainer.callbacks+=tests.test_distributed._CheckFSDPLayout", timeout=600)
     assert out.returncode == 0, out.stderr[-5000:]
     blocks = BACKBONES["maskgit"]["init_args"]["depth"]
-    # Every block of the backbone and of its EMA copy is checkpointed.
-    assert check_fsdp_layout(two, {"CrossBlock": "torch.bfloat16"})["checkpointed_blocks"] == 2 * blocks
+    # Every block of the backbone is checkpointed (not its EMA copy's, which never runs backward).
+    assert check_fsdp_layout(two, {"CrossBlock": "torch.bfloat16"})["checkpointed_blocks"] == blocks
     resumed = losses(two)
     assert sorted(resumed) == [4, 5]
     for step in (4, 5):
@@ -233,6 +235,70 @@ def test_fsdp_checkpoint_resumes_on_one_and_on_two_processes(setup, tmp_path):
     assert out.returncode == 0, out.stderr[-5000:]
     assert sorted(losses(again)) == [6, 7]
     assert saved_step(again / "checkpoints" / "last.ckpt") == 8
+
+
+class _RecordCheckpointing(Callback):
+    """Writes `checkpointing-rank{N}.json` in the run directory: how many blocks of the trained
+    backbone and of its EMA copy are wrapped for checkpointing, how many block forwards each
+    training step ran (recomputation in backward doubles them), the local world size the data
+    workers see and the decoder threads that gives, and the throughput callback's FLOP count."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from launch.strategies import _top_blocks
+
+        self.forwards, self.now = {}, 0
+        for blocks, index in _top_blocks(pl_module.backbone):
+            inner = getattr(blocks[index], "_checkpoint_wrapped_module", blocks[index])
+            inner.register_forward_pre_hook(self._count)
+
+    def _count(self, *_) -> None:
+        self.now += 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.now = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.forwards[trainer.global_step] = self.now
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from datamodules.cpus import decode_threads
+        from lightning_modules.throughput import TrainingThroughput
+
+        wrapped = lambda net: sum(isinstance(m, CheckpointWrapper) for m in net.modules())  # noqa: E731
+        (meter,) = [c for c in trainer.callbacks if isinstance(c, TrainingThroughput) and c._active]
+        Path(trainer.default_root_dir, f"checkpointing-rank{trainer.global_rank}.json").write_text(json.dumps({
+            "wrapped": wrapped(pl_module.backbone), "ema_wrapped": wrapped(pl_module.backbone_ema.module),
+            "forwards": sorted(set(self.forwards.values())),
+            "local_world_size": os.environ.get("LOCAL_WORLD_SIZE"), "decode_threads_2_workers": decode_threads(2),
+            "flops_per_batch": meter.flops_per_batch,
+        }))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_zero3"])
+def test_activation_checkpointing_recomputes_and_keeps_the_losses(setup, strategy, tmp_path):
+    """Two processes, the repo's trainer file, with and without `activation_checkpointing`: the
+    blocks are wrapped and run twice a step (forward, then recomputed in backward) only when it
+    is on, and the losses, after updates too, are the same."""
+    blocks = BACKBONES["maskgit"]["init_args"]["depth"]
+    runs = {}
+    for checkpointing in (False, True):
+        run = tmp_path / f"ac-{checkpointing}"
+        out = run_cli("fit", *fit_args(setup, "maskgit", strategy, run, devices=2, steps=4),
+                      "--trainer.strategy.init_args.activation_checkpointing", str(checkpointing).lower(),
+                      "--trainer.callbacks+=tests.test_distributed._RecordCheckpointing", timeout=600)
+        runs[checkpointing] = check_run(out, run, 4)
+        # Throughput is logged from the second step on (the first is the one whose FLOPs are counted).
+        assert sorted(losses(run, "throughput/flops_per_sec")) == [1, 2, 3]
+        for rank in (0, 1):
+            record = json.loads((run / f"checkpointing-rank{rank}.json").read_text())
+            assert record["wrapped"] == (blocks if checkpointing else 0) and record["ema_wrapped"] == 0, record
+            assert record["forwards"] == [(2 if checkpointing else 1) * blocks], record
+            # The strategy told the data workers that two ranks share this node's CPUs.
+            assert record["local_world_size"] == "2" and record["decode_threads_2_workers"] == max(
+                1, len(os.sched_getaffinity(0)) // 4), record
+            assert record["flops_per_batch"] > 0
+    for step in range(4):
+        assert runs[True][step] == pytest.approx(runs[False][step], abs=1e-6), (step, runs)
 
 
 def test_deepspeed_checkpoint_resumes_on_one_process_after_conversion(setup, tmp_path):
