@@ -258,3 +258,29 @@ def test_fsdp2_checkpoints_then_compiles_then_shards(one_rank_group, monkeypatch
     torch.testing.assert_close(loss, reference)
     for p, q in zip(eager.parameters(), module.net.parameters()):
         torch.testing.assert_close(q.grad.full_tensor(), p.grad)
+
+
+def test_lightning_modules_import_nothing_from_launch():
+    """Checkpointing, compile and sharding reach the modules through the trainer's strategy."""
+    import ast
+
+    for path in sorted((REPO / "lightning_modules").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "launch" or n.startswith("launch.") for n in names), (path.name, names)
+
+
+def test_configure_model_asks_the_strategy_and_warns_when_it_cannot_compile():
+    from tests.test_tokenizer_module import small_module
+
+    module = small_module(compile=True)
+    asked = []
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(parallelize=asked.append))
+    module.configure_model()
+    assert asked == [module]
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace())  # one of Lightning's own
+    with pytest.warns(UserWarning, match="MaskvidSingleDeviceStrategy"):
+        module.configure_model()
+    module._trainer = None  # load_from_checkpoint: nothing to do, nothing to say
+    module.configure_model()
