@@ -608,6 +608,7 @@ def trace_step(recipe: Recipe, gpu: GPUSpec, activation_checkpointing: bool, fak
     with fake_mode, paths:
         if fake:
             module.to_empty(device="cpu")
+            module._device = torch.device("cpu")  # LightningModule.device (it was built on meta)
             text_encoder = getattr(module, "text_encoder", None)
             if isinstance(text_encoder, nn.Module):
                 text_encoder.to_empty(device="cpu")

@@ -110,10 +110,10 @@ def planned_peak(setup, model: str, strategy: str, devices: int) -> tuple[int, o
 @pytest.mark.parametrize("model,strategy,devices", [
     ("tokenizer", "single", 1),
     ("mebt", "single", 1),
-    ("maskgit", "ddp", 2),
-    ("mebt", "fsdp", 2),
-    ("tokenizer", "ddp", 2),
-    ("tokenizer", "fsdp", 2),
+    pytest.param("maskgit", "ddp", 2, marks=pytest.mark.slow),
+    pytest.param("mebt", "fsdp", 2, marks=pytest.mark.slow),
+    pytest.param("tokenizer", "ddp", 2, marks=pytest.mark.slow),
+    pytest.param("tokenizer", "fsdp", 2, marks=pytest.mark.slow),
 ])
 def test_planned_memory_matches_a_real_cpu_step(setup, model, strategy, devices, tmp_path):
     real = measured_peak(setup, model, strategy, devices, tmp_path / "run")
@@ -122,3 +122,58 @@ def test_planned_memory_matches_a_real_cpu_step(setup, model, strategy, devices,
     error = planned / real - 1
     print(f"{model} {strategy} x{devices}: planned {planned / 2**20:.2f} MiB, measured {real / 2**20:.2f} MiB, {error:+.1%}")
     assert abs(error) <= TOLERANCE, (planned, real, plan.memory_gib)
+
+
+# The demo's maskgit widened to d=8192 (4.4B trainable parameters): too big for one L40S.
+BIG = ["--set", "model.init_args.backbone.init_args.dim=8192"]
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """The JSON plan from the CLI on 1 x L40S, and the traces for other world sizes (fake tensors:
+    the trace of a 4B-parameter model costs what the tiny one's does)."""
+    import contextlib
+    import io
+
+    from launch.cli import main
+    from launch.plan import trace_recipe
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(["plan", "--config", str(REPO / "configs/experiment/maskgit_demo.yaml"), *BIG,
+                       "--gpus", "1", "--gpu", "l40s", "--json"])
+    assert status == 0
+    traces = trace_recipe([str(REPO / "configs/experiment/maskgit_demo.yaml")],
+                          ["--model.init_args.backbone.init_args.dim", "8192"], gpu="h100", checkpointing=False)
+    return json.loads(out.getvalue()), traces
+
+
+def test_too_big_for_one_gpu_says_so_and_what_would_fit(big):
+    plan, _ = big
+    assert 4e9 < plan["parameters"]["trainable"] < 5e9
+    assert not plan["fits"] and plan["memory_gib"]["total"] > plan["capacity_gib"]
+    # The fp32 parameters (and EMA copy) and AdamW state of 4.4B parameters alone.
+    assert plan["memory_gib"]["parameters"] + plan["memory_gib"]["optimizer"] > 40
+    advice = " ".join(plan["suggestions"])
+    assert "more GPUs" in advice and ("fsdp" in advice or "deepspeed_zero3" in advice)
+    assert plan["tokens_per_clip"] == 5 * 8 * 8
+    assert plan["flops_per_step"] > 0 and 0 < plan["mfu"] <= 1 and plan["step_seconds"] > 0
+
+
+def test_fsdp_divides_parameter_memory_by_the_world_size(big):
+    from launch.plan import format_plan, make_plan
+
+    _, traces = big
+    frozen = make_plan(traces, "h100", 1, strategy="fsdp").parameters["frozen"] * 4 / GiB
+    sharded = {n: make_plan(traces, "h100", n, strategy="fsdp").memory_gib["parameters"] - frozen for n in (1, 8, 64)}
+    assert sharded[8] == pytest.approx(sharded[1] / 8, rel=0.02)
+    assert sharded[64] == pytest.approx(sharded[1] / 64, rel=0.05)
+    ddp = make_plan(traces, "h100", 8, strategy="ddp")
+    fsdp = make_plan(traces, "h100", 8, nodes=1, strategy="fsdp")
+    assert fsdp.memory_gib["optimizer"] == pytest.approx(ddp.memory_gib["optimizer"] / 8, rel=0.02)
+    assert not ddp.fits and fsdp.fits
+    # Across nodes the network, slower than NVLink, carries the collectives.
+    assert make_plan(traces, "h100", 64, nodes=8, strategy="fsdp").communication_seconds > \
+        make_plan(traces, "h100", 8, nodes=1, strategy="fsdp").communication_seconds
+    text = format_plan(ddp)
+    assert "DOES NOT FIT" in text and "fsdp" in text
