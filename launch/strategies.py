@@ -14,9 +14,9 @@ below has that option, the single-device one included.
 - ddp:        Lightning's DDP; finds unused parameters by itself for the GAN tokenizer, whose
               generator step leaves the discriminator without gradients.
 - fsdp:       FSDP2 (`fully_shard`) through ModelParallelStrategy: one FSDP unit per transformer
-              block, then each network's root;
-              bf16 parameters with fp32 gradient reduction; modules marked `full_precision` (quantizers,
-              whose codes bf16 would round onto each other) compute in fp32; buffers untouched.
+              block, then each network's root; bf16 parameters with fp32 gradient reduction;
+              modules marked `full_precision` (quantizers, whose codes bf16 would round onto each
+              other) compute in fp32; buffers untouched.
               Networks marked `replicate_under_fsdp` (the discriminator: R1's double backward)
               are replicated data-parallel instead.
               Checkpoints are DCP directories, loadable at another world size.
@@ -88,7 +88,8 @@ def _checkpoint_every(activation_checkpointing: bool | int) -> int:
     """0 (none), 1 (every block) or k (every k-th block)."""
     every = int(activation_checkpointing)
     if every < 0:
-        raise StrategyConfigError(f"activation_checkpointing must be true, false or k >= 0, got {activation_checkpointing!r}")
+        raise StrategyConfigError(
+            f"activation_checkpointing must be true, false or k >= 0, got {activation_checkpointing!r}")
     return every
 
 
@@ -110,8 +111,8 @@ def checkpoint_blocks(network: nn.Module, activation_checkpointing: bool | int) 
 
 def compile_blocks(module) -> int:
     """torch.compile each top-level transformer block of the module's trainable networks (or of
-    one network) in place: per block, so graph breaks stay local, and before sharding, so FSDP2's
-    hooks stay outside the compiled code. Returns how many."""
+    one network) in place (`nn.Module.compile`: parameter names and checkpoints unchanged), per
+    block so that graph breaks stay local. Returns how many."""
     networks = _networks(module) if hasattr(module, "parallel_networks") else [module]
     count = 0
     for network in networks:
@@ -124,10 +125,11 @@ def compile_blocks(module) -> int:
 def parallelize(module, activation_checkpointing: bool | int = False, compile: bool = False,
                 shard: Callable[[nn.Module], None] | None = None) -> None:
     """Apply activation checkpointing, then torch.compile, then sharding, to each of the module's
-    networks (`parallel_networks()`), once. The order is FSDP2's: compiled code must contain the
-    checkpointed region and not the all-gather hooks `shard` adds. Checkpointing only touches
-    networks that train (an EMA copy never runs backward). DDP and DeepSpeed pass no `shard`:
-    they wrap the whole module afterwards, in their own setup."""
+    networks (`parallel_networks()`), once. The order FSDP2 wants: the checkpoint wrapper is what
+    gets compiled (the recomputation traced with its block, no graph break at checkpoint hooks)
+    and what becomes the FSDP unit (its weights gathered again, as one, for the recomputation).
+    Checkpointing only touches networks that train (an EMA copy never runs backward). DDP and
+    DeepSpeed pass no `shard`: they wrap the whole module afterwards, in their own setup."""
     if getattr(module, "_maskvid_parallelized", False):
         return
     for network in _networks(module):

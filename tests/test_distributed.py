@@ -91,7 +91,8 @@ class _CheckFSDPLayout(Callback):
                 if isinstance(sub, FSDPModule) and sub is not network:
                     # A checkpointed block's unit is its wrapper: name it by the block inside.
                     inner = sub._checkpoint_wrapped_module if isinstance(sub, CheckpointWrapper) else sub
-                    sub.register_forward_pre_hook(functools.partial(self._record, type(inner).__name__.removeprefix("FSDP")))
+                    kind = type(inner).__name__.removeprefix("FSDP")
+                    sub.register_forward_pre_hook(functools.partial(self._record, kind))
 
     def _record(self, kind: str, module, args) -> None:
         self.compute.setdefault(kind, set()).add(str(next(module.parameters()).dtype))

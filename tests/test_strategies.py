@@ -236,10 +236,18 @@ def test_fsdp2_checkpoints_then_compiles_then_shards(one_rank_group, monkeypatch
     import torch.distributed.fsdp as fsdp
 
     events = []
-    compile_, shard = nn.Module.compile, fsdp.fully_shard
-    monkeypatch.setattr(nn.Module, "compile", lambda m, *a, **k: (events.append(("compile", type(m).__name__)),
-                                                                   compile_(m, *a, **k))[1])
-    monkeypatch.setattr(fsdp, "fully_shard", lambda m, **k: (events.append(("shard", type(m).__name__)), shard(m, **k))[1])
+    compile_, shard_ = nn.Module.compile, fsdp.fully_shard
+
+    def compile(m, *args, **kwargs):
+        events.append(("compile", type(m).__name__))
+        return compile_(m, *args, **kwargs)
+
+    def shard(m, **kwargs):
+        events.append(("shard", type(m).__name__))
+        return shard_(m, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "compile", compile)
+    monkeypatch.setattr(fsdp, "fully_shard", shard)
 
     torch.manual_seed(0)
     eager = Net()
