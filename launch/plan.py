@@ -138,8 +138,10 @@ def _tokenizer_from_config(path: str, vocab_size: int | None = None):
             info = torch.load(path, map_location="cpu", weights_only=True, mmap=True)[CHECKPOINT_KEY]
         return instantiate(info["config"]).eval().requires_grad_(False)
     candidates = sorted((REPO / "configs/experiment").glob("tokenizer_*.yaml")) + sorted((REPO / "configs/model").glob("cvivit_*.yaml"))
-    for cfg in candidates:
-        doc = yaml.safe_load(cfg.read_text()) or {}
+    docs = [_merged(cfg) for cfg in candidates]
+    # The stage-1 recipe that writes this checkpoint (its default_root_dir holds the path) first.
+    writes = [str(path).startswith(str((d.get("trainer") or {}).get("default_root_dir") or "//")) for d in docs]
+    for _, doc in sorted(zip(writes, docs), key=lambda pair: not pair[0]):
         spec = ((doc.get("model") or {}).get("init_args") or {}).get("tokenizer")
         if not isinstance(spec, dict) or "class_path" not in spec:
             continue  # a partial override of another file's tokenizer
@@ -147,6 +149,23 @@ def _tokenizer_from_config(path: str, vocab_size: int | None = None):
         if vocab_size is None or tokenizer.vocab_size == vocab_size:
             return tokenizer.eval().requires_grad_(False)
     raise PlanError(f"tokenizer_path {path} does not exist and no configs/ C-ViViT has {vocab_size} codes")
+
+
+def _merged(path: Path) -> dict:
+    """A config as the CLI sees it: its `include:` files first, later ones override (dicts merge)."""
+    from launch.config_includes import expand_config_includes
+
+    def merge(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for key, value in b.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    doc: dict = {}
+    for part in expand_config_includes(["--config", str(path)])[1::2]:
+        loaded = yaml.safe_load(Path(part).read_text() if Path(part).is_file() else part)
+        doc = merge(doc, loaded if isinstance(loaded, dict) else {})
+    return doc
 
 
 @contextlib.contextmanager
@@ -246,7 +265,10 @@ def load_recipe(configs: Sequence[str], overrides: Sequence[str] = (), fake: boo
         stage = 2
     else:
         raise PlanError(f"{type(module).__name__}: the planner knows TokenizerModule and MaskedVideoModule")
-    hp = getattr(data, "hparams", {})
+    hp = dict(getattr(data, "hparams", {}))
+    if stage == 2 and hp.get("samples") == "tokens" and getattr(module.tokenizer, "image_size", None):
+        # Token shards hold the grid the tokenizer made at its own frame size.
+        hp["resolution"] = int(module.tokenizer.image_size)
     kind, ac, param_dtype = _strategy_kind(trainer.strategy)
     precision = str(trainer.precision)
     if kind != "fsdp":
