@@ -163,7 +163,8 @@ def _merged(path: Path) -> dict:
 
     doc: dict = {}
     for part in expand_config_includes(["--config", str(path)])[1::2]:
-        loaded = yaml.safe_load(Path(part).read_text() if Path(part).is_file() else part)
+        is_file = "\n" not in part and Path(part).is_file()  # else the YAML text of a file's own keys
+        loaded = yaml.safe_load(Path(part).read_text() if is_file else part)
         doc = merge(doc, loaded if isinstance(loaded, dict) else {})
     return doc
 
@@ -190,8 +191,8 @@ def _stand_ins() -> Iterator[None]:
 @contextlib.contextmanager
 def gpu_code_paths() -> Iterator[None]:
     """Run the models' GPU code paths on (fake) CPU tensors: attention in the input dtype (the CPU
-    form upcasts bf16 to fp32), and MeBT's sets exact and padded per batch (the CPU form rounds
-    them to a multiple of 64 and attends clip by clip)."""
+    form upcasts bf16 to fp32), MeBT's sets exact and padded per batch where the CPU form differs,
+    and the fused AdamW step a GPU takes."""
     import torch.nn.functional as F
 
     import models.attention as attention
@@ -200,7 +201,17 @@ def gpu_code_paths() -> Iterator[None]:
     def sdpa(q, k, v, attn_mask=None, is_causal=False):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
-    patches = [(attention, "attention", sdpa), (mebt, "pack_multiple", lambda d: 1), (mebt, "ragged_attention", lambda d: False)]
+    import lightning_modules.masked_video_module as stage2
+    import lightning_modules.tokenizer_module as stage1
+    from lightning_modules.optim import _grad_scaler
+
+    def adamw(param_groups, trainer, **kwargs):
+        # lightning_modules.optim.adamw's rule, for which fake parameters are not plain ones: the
+        # fused kernel whenever no fp16 scaler is involved.
+        return torch.optim.AdamW(param_groups, fused=_grad_scaler(trainer) is None, **kwargs)
+
+    patches = [(attention, "attention", sdpa), (mebt, "pack_multiple", lambda d: 1), (mebt, "ragged_attention", lambda d: False),
+               (stage1, "adamw", adamw), (stage2, "adamw", adamw)]
     with contextlib.ExitStack() as stack:
         for owner, name, value in patches:
             if hasattr(owner, name):  # the models' CPU-only switches, where they exist
@@ -618,6 +629,9 @@ def trace_step(recipe: Recipe, gpu: GPUSpec, activation_checkpointing: bool, fak
         _checkpoint_blocks(module)
     # The steady state: the GAN on and, on an R1 step, the penalty's double backward too.
     step = 0
+    curriculum = getattr(module.hparams, "length_curriculum", None) if recipe.stage == 2 else None
+    if curriculum:
+        step = max(int(start) for start, _ in curriculum)  # the longest clips of the curriculum
     if recipe.stage == 1 and module.discriminator is not None:
         gp = max(1, int(module.hparams.gp_every))
         step = int(math.ceil(module.hparams.gan_start_step / gp) * gp)
