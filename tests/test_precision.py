@@ -1,6 +1,6 @@
-"""bf16 on CPUs: attention stays fp32 under CPU autocast (its bf16 CPU backward kernel is slow;
-models/attention.py's non-CUDA path), and one helper decides where the demo and `generate` use
-bf16."""
+"""bf16: attention stays fp32 under CPU autocast (its bf16 CPU backward kernel is slow;
+models/attention.py's non-CUDA path), LocalMixing's depthwise conv runs in its weights' dtype
+under autocast (every device), and one helper decides where the demo and `generate` use bf16."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import launch.precision as precision
 from models.attention import CrossAttention, SelfAttention
+from models.maskgit import LocalMixing
 
 
 def spy_sdpa(monkeypatch) -> list[torch.dtype]:
@@ -48,6 +49,22 @@ def test_attention_keeps_fp32_inputs_and_bf16_without_autocast_as_they_are(monke
     out = attn(torch.randn(1, 4, 32, dtype=torch.bfloat16))
     # A bf16 model run outside autocast is the caller's choice: the result keeps its dtype.
     assert out.dtype == torch.bfloat16 and seen == [torch.float32]
+
+
+def test_local_mixing_convolves_in_its_weights_dtype_under_autocast():
+    mixing = LocalMixing(16)
+    torch.nn.init.normal_(mixing.conv.weight)
+    dtypes = []
+    mixing.conv.register_forward_hook(lambda module, args, out: dtypes.append((args[0].dtype, out.dtype)))
+    x = torch.randn(2, 2 * 3 * 3, 16)
+    reference = mixing(x, (2, 3, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mixing(x, (2, 3, 3))
+    assert dtypes == [(torch.float32, torch.float32)] * 2
+    torch.testing.assert_close(out, reference)
+    # A bf16 model (FSDP2's bf16 parameters) convolves in bf16.
+    out = mixing.to(torch.bfloat16)(x.bfloat16(), (2, 3, 3))
+    assert dtypes[-1] == (torch.bfloat16, torch.bfloat16) and out.dtype == torch.bfloat16
 
 
 def test_precision_choice(monkeypatch):
