@@ -688,12 +688,22 @@ def _fsdp_compute_dtypes(module) -> None:
     for network in _parallel(module):
         if getattr(network, "replicate_under_fsdp", False):
             continue
-        network.to(torch.bfloat16)
-        network.register_forward_pre_hook(caster(torch.bfloat16), with_kwargs=True)
+        keep = set()
         for sub in network.modules():
             if sub is not network and getattr(sub, "full_precision", False):
-                sub.float()
+                keep |= {id(p) for p in sub.parameters()}
                 sub.register_forward_pre_hook(caster(torch.float32), with_kwargs=True)
+        # Parameters only (FSDP leaves buffers alone), replaced rather than converted in place:
+        # `Module.to` cannot swap fake tensors.
+        cast: dict[int, nn.Parameter] = {}
+        for sub in network.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is None or id(p) in keep or not p.is_floating_point():
+                    continue
+                if id(p) not in cast:
+                    cast[id(p)] = nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=p.requires_grad)
+                sub._parameters[name] = cast[id(p)]
+        network.register_forward_pre_hook(caster(torch.bfloat16), with_kwargs=True)
 
 
 def _optimizers(result) -> tuple[list, list]:
