@@ -122,3 +122,30 @@ def test_matmul_precision_callback_sets_tf32_for_the_run_and_restores_it(tmp_pat
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_fp32_matmuls_run_in_tf32_during_the_fit(tmp_path):
+    """What configs/trainer/gpu.yaml asks for, on the real device: TF32 matmuls and convolutions
+    while training under bf16-mixed, full fp32 again afterwards."""
+    from lightning.pytorch import Callback, Trainer
+
+    from launch.matmul_precision import MatmulPrecision
+    from tests.tiny_model import TinyVideoModel
+
+    torch.set_float32_matmul_precision("highest")
+    seen = []
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                         next(pl_module.parameters()).device.type))
+
+    batches = [{"video": torch.randn(1, 3, 2, 8, 8)} for _ in range(2)]
+    trainer = Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=2, logger=False,
+                      callbacks=[MatmulPrecision("high"), Probe()], enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(TinyVideoModel(), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert seen == [(True, True, "cuda")] * 2
+    assert torch.backends.cuda.matmul.allow_tf32 is False
