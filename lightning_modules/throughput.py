@@ -8,7 +8,8 @@ then left out of the timing, and the rates are averages over the last `window` s
 between consecutive batch ends (data loading included; validation excluded).
 
 Logged under `throughput/` on every step:
-- clips_per_sec, tokens_per_sec: all ranks together (per-device rate x world size).
+- clips_per_sec, tokens_per_sec: all ranks together (per-device rate x world size); tokens are
+  those of the token grid, so tokens_per_sec needs token batches or a module with a tokenizer.
 - flops_per_sec: per device, flops_per_batch / mean step time.
 - mfu: flops_per_sec / peak_flops, where the peak is `peak_flops` if given, else Lightning's table
   for the device and compute dtype (H100, H200, A100, ...: lightning.fabric.utilities.throughput);
@@ -36,11 +37,14 @@ from lightning.pytorch.utilities import rank_zero_info
 _clock = time.perf_counter
 
 
-def tokens_per_clip(pl_module, batch: dict[str, Any]) -> int:
+def tokens_per_clip(pl_module, batch: dict[str, Any]) -> int | None:
     """Video tokens one clip of `batch` stands for: the token grid of token-shard batches, or the
-    tokenizer's grid for a video batch (uint8 [B,T,H,W,C] or float [B,C,T,H,W])."""
+    module's tokenizer's grid for a video batch (uint8 [B,T,H,W,C] or float [B,C,T,H,W]); None
+    for a module without a tokenizer."""
     if "tokens" in batch:
         return math.prod(batch["tokens"].shape[1:])
+    if not hasattr(pl_module, "tokenizer") or "video" not in batch:
+        return None
     video = batch["video"]
     frames, height, width = video.shape[1:4] if video.dtype == torch.uint8 else video.shape[2:5]
     return math.prod(pl_module.tokenizer.token_grid(int(frames), (int(height), int(width))))
@@ -75,7 +79,7 @@ class TrainingThroughput(Callback):
         self.flops_per_batch: int | None = None
         self._durations: deque[float] = deque(maxlen=window)
         self._clips: deque[int] = deque(maxlen=window)
-        self._tokens: deque[int] = deque(maxlen=window)
+        self._tokens: deque[int | None] = deque(maxlen=window)
         self._last: float | None = None
         self._paused: float | None = None
         self._counting: contextlib.ExitStack | None = None
@@ -138,7 +142,8 @@ class TrainingThroughput(Callback):
         self._last = now
         clips = len(batch["caption"]) if "caption" in batch else int(next(iter(batch.values())).shape[0])
         self._clips.append(clips)
-        self._tokens.append(clips * tokens_per_clip(pl_module, batch))
+        tokens = tokens_per_clip(pl_module, batch)
+        self._tokens.append(clips * tokens if tokens is not None else None)
         elapsed = sum(self._durations)
         if elapsed <= 0:
             return
@@ -146,9 +151,10 @@ class TrainingThroughput(Callback):
         flops_per_sec = self.flops_per_batch * len(self._durations) / elapsed
         metrics = {
             "throughput/clips_per_sec": sum(self._clips) / elapsed * world,
-            "throughput/tokens_per_sec": sum(self._tokens) / elapsed * world,
             "throughput/flops_per_sec": flops_per_sec,
         }
+        if None not in self._tokens:
+            metrics["throughput/tokens_per_sec"] = sum(self._tokens) / elapsed * world
         if self._peak:
             metrics["throughput/mfu"] = flops_per_sec / self._peak
             metrics["throughput/peak_flops"] = float(self._peak)

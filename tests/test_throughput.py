@@ -49,8 +49,23 @@ class _TokenModel(LightningModule):
         return torch.utils.data.DataLoader(_Batches(), batch_size=B)
 
 
+class _VideoBatches(_Batches):
+    def __getitem__(self, i: int) -> dict:
+        return {"video": torch.rand(3, 1, 2, 2), "caption": f"clip {i}"}
+
+
+class _VideoModel(_TokenModel):
+    """Video batches and no tokenizer: clips are known, tokens are not."""
+
+    def training_step(self, batch, batch_idx):
+        return self.proj(batch["video"].flatten(1)[:, :4].repeat(1, D // 4)).pow(2).mean()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_VideoBatches(), batch_size=B)
+
+
 def _fit(tmp_path: Path, monkeypatch, callback, steps: int = 6,
-         durations: list[float] | None = None) -> list[dict]:
+         durations: list[float] | None = None, model: type = _TokenModel) -> list[dict]:
     """Fit on a substituted clock: read twice at the end of the counted first step, then once per
     step, `durations` apart (else STEP)."""
     ticks = itertools.accumulate(durations or [STEP] * steps, initial=1.0)
@@ -59,7 +74,7 @@ def _fit(tmp_path: Path, monkeypatch, callback, steps: int = 6,
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=CSVLogger(tmp_path), log_every_n_steps=1,
                       callbacks=callback, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False)
-    trainer.fit(_TokenModel())
+    trainer.fit(model())
     (metrics,) = Path(tmp_path).rglob("metrics.csv")
     with open(metrics) as f:
         return [r for r in csv.DictReader(f) if r.get("throughput/flops_per_sec")]
@@ -91,6 +106,12 @@ def test_no_peak_on_a_cpu_means_no_mfu_and_a_second_copy_stays_idle(tmp_path, mo
     assert float(rows[-1]["throughput/flops_per_sec"]) == pytest.approx(FLOPS_PER_BATCH / STEP)
 
 
+def test_video_batches_without_a_tokenizer_log_clips_not_tokens(tmp_path, monkeypatch):
+    rows = _fit(tmp_path, monkeypatch, TrainingThroughput(), steps=3, model=_VideoModel)
+    assert len(rows) == 2 and all(float(r["throughput/clips_per_sec"]) == pytest.approx(B / STEP) for r in rows)
+    assert not any(r.get("throughput/tokens_per_sec") for r in rows)
+
+
 def test_tokens_per_clip_of_video_batches():
     from tests.stage2_fixtures import tiny_tokenizer
 
@@ -101,6 +122,7 @@ def test_tokens_per_clip_of_video_batches():
     assert tokens_per_clip(Module, {"video": torch.zeros(2, 3, 9, 32, 32)}) == grid[0] * grid[1] * grid[2] == 5 * 4 * 4
     assert tokens_per_clip(Module, {"video": torch.zeros(2, 9, 32, 32, 3, dtype=torch.uint8)}) == 80
     assert tokens_per_clip(Module, {"tokens": torch.zeros(2, 3, 4, 4)}) == 48
+    assert tokens_per_clip(object(), {"video": torch.zeros(2, 3, 9, 32, 32)}) is None  # no tokenizer: no tokens
 
 
 def test_window_must_be_positive():
