@@ -430,6 +430,7 @@ class Roofline(TorchDispatchMode):
         self.flops = 0
         self.bytes = 0
         self.seconds = 0.0
+        self.by_op: dict[str, float] = {}  # roofline seconds per aten op
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.utils._runtime_estimation import _IGNORE_OPS, get_num_bytes
@@ -438,7 +439,8 @@ class Roofline(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = func._overloadpacket
-        if packet in _IGNORE_OPS:
+        # Views and factories move nothing; nor do queries without a tensor result (prim.device).
+        if packet in _IGNORE_OPS or func.namespace == "prim" or not _flat_tensors(out):
             return out
         flops = 0
         if packet in flop_registry:
@@ -452,6 +454,7 @@ class Roofline(TorchDispatchMode):
         self.flops += flops
         self.bytes += moved
         self.seconds += max(compute, memory)
+        self.by_op[str(packet)] = self.by_op.get(str(packet), 0.0) + max(compute, memory)
         return out
 
 
@@ -518,6 +521,7 @@ class StepTrace:
     seconds: float
     bytes_moved: int
     unknown_reads: int
+    top_ops: dict[str, float] = field(default_factory=dict)  # the ops taking most roofline time
 
 
 def _peak_tracker_class():
@@ -667,7 +671,8 @@ def trace_step(recipe: Recipe, gpu: GPUSpec, activation_checkpointing: bool, fak
         snap = tracker.get_tracker_snapshot("peak")
         peak = {getattr(k, "value", str(k)): int(v) for dev in snap.values() for k, v in dev.items()}
     return StepTrace(peak=peak, flops=roof.flops, seconds=roof.seconds, bytes_moved=roof.bytes,
-                     unknown_reads=getattr(concrete, "unknown_reads", 0))
+                     unknown_reads=getattr(concrete, "unknown_reads", 0),
+                     top_ops=dict(sorted(roof.by_op.items(), key=lambda kv: -kv[1])[:8]))
 
 
 def _fsdp_compute_dtypes(module) -> None:
@@ -893,6 +898,7 @@ class Plan:
     mfu: float
     suggestions: list[str]
     notes: list[str]
+    top_ops_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -973,6 +979,7 @@ def make_plan(traces: Traces, gpu: str, gpus: int, nodes: int = 1, strategy: str
         memory_gib_checkpointed=total_ac, capacity_gib=capacity, fits=fits, fits_with_checkpointing=total_ac <= capacity,
         flops_per_step=float(trace.flops), model_flops_per_step=float(model_flops), compute_seconds=compute,
         communication_seconds=comm, step_seconds=step, mfu=mfu, suggestions=suggestions, notes=notes,
+        top_ops_ms={k: round(v * 1e3, 3) for k, v in trace.top_ops.items()},
     )
 
 
@@ -1037,5 +1044,7 @@ def format_plan(plan: Plan) -> str:
     else:
         lines.append(f"  DOES NOT FIT: {m['total']:.1f} GiB per GPU > {plan.capacity_gib:.1f} GiB usable. What would make it fit:")
         lines += [f"    - {s}" for s in plan.suggestions]
+    if plan.top_ops_ms:
+        lines.append("  most roofline time: " + ", ".join(f"{k} {v:.1f} ms" for k, v in list(plan.top_ops_ms.items())[:5]))
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)
