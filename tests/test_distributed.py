@@ -1,7 +1,8 @@
 """Multi-process training on CPU over gloo, through the real `maskvid fit` and the repo's own
 configs/trainer/*.yaml: stage 2 (both backbones) under DDP, FSDP2, ZeRO-2 and ZeRO-3; the GAN
-tokenizer under DDP and FSDP2 (and refused by DeepSpeed); FSDP2 resume at 2 -> 1 -> 2 processes;
-two "nodes" on one machine through env vars and through torchrun."""
+tokenizer under DDP and FSDP2 (and refused by DeepSpeed); activation checkpointing under DDP, FSDP2
+and ZeRO-3 (recomputed, same losses); FSDP2 resume at 2 -> 1 -> 2 processes; two "nodes" on one
+machine through env vars and through torchrun."""
 
 from __future__ import annotations
 
