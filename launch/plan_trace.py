@@ -36,15 +36,14 @@ def gpu_code_paths() -> Iterator[None]:
     and the fused AdamW step a GPU takes."""
     import torch.nn.functional as F
 
+    import lightning_modules.masked_video_module as stage2
+    import lightning_modules.tokenizer_module as stage1
     import models.attention as attention
     import models.mebt as mebt
+    from lightning_modules.optim import _grad_scaler
 
     def sdpa(q, k, v, attn_mask=None, is_causal=False):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-
-    import lightning_modules.masked_video_module as stage2
-    import lightning_modules.tokenizer_module as stage1
-    from lightning_modules.optim import _grad_scaler
 
     def adamw(param_groups, trainer, **kwargs):
         # lightning_modules.optim.adamw's rule, for which fake parameters are not plain ones: the
