@@ -344,8 +344,9 @@ def _suggest(traces: Traces, gpu: str, gpus: int, nodes: int, strategy: str, ac:
     if rest < capacity and act_bytes > 0:
         fit_b = int(b * (capacity - rest) / act_bytes)
         if 0 < fit_b < b:
-            out.append(f"smaller batch: data.batch_size {fit_b} per GPU (with {sharded} and checkpointing), "
-                       f"gradient accumulation to keep the global batch")
+            how = "activation checkpointing" if gpus == 1 else f"{sharded} and activation checkpointing"
+            out.append(f"smaller batch: data.batch_size {fit_b} per GPU (with {how}), "
+                       f"gradient accumulation (trainer.accumulate_grad_batches) to keep the global batch")
     if not out:
         out.append("no single change fits: the sharded states alone exceed the GPU; use more GPUs or a smaller model")
     return out
