@@ -16,7 +16,7 @@ so that the drift of a machine shared with other jobs hits both alike. Each chun
 `fit` whose first step (optimizer state set-up) is dropped. Reported per workload: median step
 time of each tree, new/old ratio, and the spread (the per-round ratios' min and max).
 
-    git worktree add /tmp/base_b5b2dfd b5b2dfd
+    git worktree add /tmp/base_b5b2dfd b5b2dfd   # (or let the script make it)
     python benchmarks/demo_step_ab.py --base /tmp/base_b5b2dfd --json-out docs/benchmarks/demo_step_ab_DATE.json
     python benchmarks/demo_step_ab.py --rounds 1 --steps 1 --workloads mebt_fp32   # a smoke test
 """
@@ -161,7 +161,9 @@ def git_commit(tree: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=Path("/tmp/base_b5b2dfd"), help="the old tree (a worktree)")
+    parser.add_argument("--base", type=Path, default=Path("/tmp/base_b5b2dfd"),
+                        help="the old tree (a worktree; made from --base-commit if it does not exist)")
+    parser.add_argument("--base-commit", default="b5b2dfd", help="commit of the old tree (default: %(default)s)")
     parser.add_argument("--new", type=Path, default=REPO,
                         help="the new tree (default: this one; a worktree of the base with only the change "
                              "applied isolates it from other work)")
@@ -185,6 +187,8 @@ def main() -> int:
 
     import torch
 
+    if not args.base.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(args.base), args.base_commit], cwd=REPO, check=True)
     trees = {"new": args.new.resolve(), "old": args.base.resolve()}
     workers = {name: Worker(tree, args.threads) for name, tree in trees.items()}
     result: dict = {"benchmark": "demo_step_ab", "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
