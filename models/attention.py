@@ -12,6 +12,7 @@ boolean mask, no padding), a padded SDPA with a key mask elsewhere.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -253,7 +254,7 @@ def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """
     half = dim // 2
     freqs = torch.exp(
-        -torch.arange(half, device=positions.device, dtype=torch.float32) * (torch.log(torch.tensor(10000.0)) / half)
+        -torch.arange(half, device=positions.device, dtype=torch.float32) * (math.log(10000.0) / half)
     )
     angles = positions.float()[:, None] * freqs[None]
     emb = torch.cat([angles.sin(), angles.cos()], dim=-1)
