@@ -47,7 +47,7 @@ class _PlanTextEncoder(nn.Module):
     """Stand-in for models.text_encoder.TextEncoder with the named model's architecture and random
     weights: a hub T5 from T5_CONFIGS, anything local from its config file."""
 
-    def __init__(self, name_or_path: str = "packaged:minilm", max_length: int = 32) -> None:
+    def __init__(self, name_or_path: str = "packaged:minilm", max_length: int = 32, dtype: str = "fp32") -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel, ByT5Tokenizer, T5Config, T5EncoderModel
 
@@ -65,7 +65,7 @@ class _PlanTextEncoder(nn.Module):
                             f"({', '.join(sorted(T5_CONFIGS))})")
         is_t5 = hf_config.model_type in ("t5", "mt5", "umt5")
         self.model = T5EncoderModel(hf_config) if is_t5 else AutoModel.from_config(hf_config)
-        self.model.requires_grad_(False).eval()
+        self.model.requires_grad_(False).eval().to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
         self.vocab = int(hf_config.vocab_size)
         self.dim = int(getattr(hf_config, "d_model", None) or hf_config.hidden_size)
         self.tokenizer = ByT5Tokenizer()  # shapes only: captions are padded to max_length

@@ -39,7 +39,6 @@ def gpu_code_paths() -> Iterator[None]:
     import lightning_modules.masked_video_module as stage2
     import lightning_modules.tokenizer_module as stage1
     import models.attention as attention
-    import models.mebt as mebt
     from lightning_modules.optim import _grad_scaler
 
     def sdpa(q, k, v, attn_mask=None, is_causal=False):
@@ -50,12 +49,10 @@ def gpu_code_paths() -> Iterator[None]:
         # fused kernel whenever no fp16 scaler is involved.
         return torch.optim.AdamW(param_groups, fused=_grad_scaler(trainer) is None, **kwargs)
 
-    patches = [(attention, "attention", sdpa), (mebt, "pack_multiple", lambda d: 1), (mebt, "ragged_attention", lambda d: False),
-               (stage1, "adamw", adamw), (stage2, "adamw", adamw)]
+    patches = [(attention, "attention", sdpa), (stage1, "adamw", adamw), (stage2, "adamw", adamw)]
     with contextlib.ExitStack() as stack:
         for owner, name, value in patches:
-            if hasattr(owner, name):  # the models' CPU-only switches, where they exist
-                stack.enter_context(mock.patch.object(owner, name, value))
+            stack.enter_context(mock.patch.object(owner, name, value))
         yield
 
 

