@@ -75,6 +75,7 @@ class ModelCounts:
     largest_unit: int  # parameters of the largest FSDP unit (a block)
     root_params: int  # parameters of the networks outside their blocks (gathered all step)
     optimizer_bytes: int  # full (unsharded) optimizer state, fp32
+    frozen_bytes: int = 0  # the frozen networks' bytes, in their own dtypes (a bf16 text encoder: 2 a parameter)
 
 
 def count_model(module) -> ModelCounts:
@@ -102,7 +103,7 @@ def count_model(module) -> ModelCounts:
                 sharded_frozen += p.numel()
             if id(p) not in block_ids:
                 root += p.numel()
-    frozen = 0
+    frozen = frozen_bytes = 0
     extra = [*module.parameters()]
     text_encoder = getattr(module, "text_encoder", None)
     if isinstance(text_encoder, nn.Module):
@@ -111,9 +112,10 @@ def count_model(module) -> ModelCounts:
         if id(p) not in seen:
             seen.add(id(p))
             frozen += p.numel()
+            frozen_bytes += p.numel() * p.element_size()
     buffers = sum(b.numel() * b.element_size() for b in module.buffers())
     # AdamW: exp_avg and exp_avg_sq in fp32 per trainable parameter (+ a step counter).
-    return ModelCounts(trainable, replicated, sharded_frozen, frozen, buffers, largest, root, 8 * trainable)
+    return ModelCounts(trainable, replicated, sharded_frozen, frozen, buffers, largest, root, 8 * trainable, frozen_bytes)
 
 
 @dataclass
@@ -139,7 +141,7 @@ def per_gpu_memory(counts: ModelCounts, trace: StepTrace, trace_ac: StepTrace, s
     fp32 = 4
     compute_bytes = 2 if param_dtype == "bf16" else 4
     full_params = (counts.trainable + counts.sharded_frozen) * fp32
-    frozen = counts.frozen * fp32 + counts.buffers_bytes
+    frozen = counts.frozen_bytes + counts.buffers_bytes
     grads = counts.trainable * fp32
     opt = counts.optimizer_bytes
     # Gradients alive at the traced peak (with set_to_none some are not allocated yet).

@@ -177,3 +177,15 @@ def test_fsdp_divides_parameter_memory_by_the_world_size(big):
         make_plan(traces, "h100", 8, nodes=1, strategy="fsdp").communication_seconds
     text = format_plan(ddp)
     assert "DOES NOT FIT" in text and "fsdp" in text
+
+
+def test_a_bf16_text_encoder_is_planned_at_two_bytes_a_parameter():
+    from launch.plan import count_model, load_recipe
+
+    demo = [str(REPO / "configs/experiment/mebt_demo.yaml")]
+    full = count_model(load_recipe(demo).module)
+    half = count_model(load_recipe(demo, ["--model.init_args.text_encoder_dtype", "bf16"]).module)
+    encoder = load_recipe(demo).module.text_encoder
+    encoder_params = sum(p.numel() for p in encoder.parameters())
+    assert full.frozen == half.frozen and encoder_params > 1e6
+    assert full.frozen_bytes - half.frozen_bytes == 2 * encoder_params
