@@ -146,8 +146,8 @@ def _collect(container, stream, spec: ClipSpec, src_fps: float, start: float, st
     out: list[np.ndarray] = []
     k, index, dims = 0, 0, None
     # One reformatter for the whole clip: `frame.to_ndarray(width=..)` builds a fresh swscale
-    # context for every frame, whose set-up cost more than the scaling itself (0.63 against
-    # 0.12 ms a frame at 256->128 px, about a third of a clip's decode). Same output, bit for bit.
+    # context for every frame, whose set-up cost more than the scaling itself (docs/benchmarks.md).
+    # Same output, bit for bit.
     reformatter = VideoReformatter()
     last: Optional[np.ndarray] = None
     for frame in container.decode(stream):

@@ -7,8 +7,8 @@ so counting fetches would skip a batch on every resume.
 
 Workers hand over uint8 clips; the float conversion (`pixels.to_model`) runs as batches leave
 the loader, or on the accelerator with normalize_on_device. Shipping float32 out of the workers
-costs 4x the shared memory, and faulting in that fresh memory for every batch cost about 15% of
-2-worker throughput on a 2-core machine (benchmarks/data_throughput.py).
+costs 4x the shared memory, and faulting in that fresh memory for every batch cost a visible share
+of the workers' throughput (benchmarks/data_throughput.py).
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ def to_model(
         raise TypeError(f"to_model expects uint8 pixels, got {video.dtype}")
     if out is None and dtype == torch.float32 and video.device.type == "cpu":
         # On the host this runs in the loader's process beside the decoding workers. numpy is
-        # single-threaded: torch's OpenMP threads spin after each op and took ~8% of a 2-core
-        # machine's decode throughput (benchmarks/data_throughput.py).
+        # single-threaded: torch's OpenMP threads spin after each op and take cores from the
+        # decoding workers (benchmarks/data_throughput.py).
         planes = rearrange(video.numpy(), "... t h w c -> ... c t h w").astype(np.float32, order="C")
         planes *= np.float32(_SCALE)
         planes -= np.float32(1.0)

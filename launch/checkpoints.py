@@ -85,7 +85,7 @@ def _verify_dcp(path: Path) -> None:
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
-        # DCP's own metadata format is a pickle (torch's; see README "Reliability").
+        # DCP's own metadata format is a pickle (torch's; see docs/reliability.md).
         metadata = FileSystemReader(str(path)).read_metadata()
     except Exception as exc:  # noqa: BLE001 - a damaged pickle raises many types
         raise CheckpointCorruptError(path, f".metadata unreadable: {type(exc).__name__}: {str(exc)[:200]}") from None

@@ -30,7 +30,7 @@ last checkpoint.
 examples:
   maskvid demo --out runs/demo                     # the default budget, --minutes 40
   maskvid demo --out runs/demo --cpu-tuning        # faster on a CPU where tcmalloc/jemalloc is installed
-  maskvid demo --out runs/demo_quick --quick       # smoke run, under 5 minutes
+  maskvid demo --out runs/demo_quick --quick       # smoke run: a few steps per stage
   maskvid demo --out runs/demo_phenaki --backbone maskgit
   maskvid demo --out runs/demo_fast --minutes 20   # quicker, weaker models
   maskvid demo --out runs/mine --train-shards shards/mine --val-shards shards/mine_val --prompts prompts.txt

@@ -28,14 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 # How --minutes is shared between the two training stages (the one place to change it).
 # Stage 2 gets what is left after the tokenizer (which may stop early at max_steps) and tokenizing.
 # Rendering the data, generating and scoring are timed apart, outside the budget.
-# The tokenizer's share is what its reconstructions need to be read right by the oracle: on the
-# demo data its 3100 steps (5.9 minutes here in bf16) score 99.2% joint on its own reconstructions
-# of the 128 val clips (2325 steps: 93.0%), so the rest goes to stage 2, the stage that limits
-# quality.
+# The tokenizer's share is what its reconstructions need for the oracle to read them right
+# (docs/demo.md), so the rest goes to stage 2, the stage that limits quality.
 BUDGET_SPLIT = {"tokenizer": 0.2, "stage2": 0.8}
 # The demo experiment configs' max_steps are sized to fit this budget on a 2-core CPU, and another
-# --minutes scales them, so that the learning-rate schedules end when the budget does (README
-# "Benchmarks" has the timings, with and without the opt-in CPU tuning of launch/cpu_tuning.py).
+# --minutes scales them, so that the learning-rate schedules end when the budget does (docs/demo.md
+# has the timings, with and without the opt-in CPU tuning of launch/cpu_tuning.py).
 # Where the machine is slower, FitScheduleToTime shortens a fit's schedule to what the budget allows.
 REFERENCE_MINUTES = 40.0
 
@@ -58,8 +56,8 @@ def scaled_steps(config: Path, minutes: float) -> int:
 
 # The synthetic data the demo renders: large objects on black, both speeds. At the demo's 32x32 a
 # small object is 8 pixels, and the tokenizer's reconstruction rounds the corners the oracle reads
-# shape from: on the full dataset the oracle on a 4000-step tokenizer's reconstructions scores
-# joint 63% for small objects, 94% for large ones. Four backgrounds also multiply the edge tokens
+# shape from, so small objects read far worse than large ones (docs/benchmarks.md, "Text-to-video
+# quality"). Four backgrounds also multiply the edge tokens
 # stage 2 has to learn within its budget. `maskvid demo --sizes small large --backgrounds black
 # navy "dark gray" "dark brown"` renders the full dataset.
 DEMO_VARIATION = Variation(sizes=("large",), backgrounds=("black",))
@@ -90,7 +88,7 @@ class Recipe:
 
 
 FULL = Recipe()
-# A smoke run (about 3 minutes on 2 cores): a handful of steps per stage, a few prompts.
+# A smoke run: a handful of steps per stage, a few prompts, to check the pipeline end to end.
 QUICK = Recipe(num_train=32, num_val=8, num_heldout=8, samples_per_shard=8, tokenizer_steps=4,
                stage2_steps=4, val_every=2, stage2_val_every=4, limit_val_batches=1, log_every=1, num_val_videos=1,
                generate_steps=4, generate_refine_steps=0, max_prompts=3, videos_per_prompt=1, recon_clips=4, workers=1)
@@ -215,9 +213,9 @@ class DemoPipeline:
 
     def precision(self, stage: str = "stage2") -> str:
         """A fit's trainer.precision: stage 2 in bf16 autocast where the device has native bf16,
-        else fp32. The tokenizer stays fp32 on a CPU: in bf16 it saved only ~10% of its time here,
-        and its tokens came out harder for stage 2 (val loss 1.41 against 1.23 at step 500, one run
-        each), which cost more than the saving."""
+        else fp32. The tokenizer stays fp32 on a CPU: bf16 saved little of its time there, and its
+        tokens came out harder for stage 2 (higher stage-2 val loss; docs/demo.md), which cost more
+        than the saving."""
         from launch.precision import trainer_precision
 
         gpu = _cuda_available()

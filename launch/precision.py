@@ -2,10 +2,10 @@
 ask, so that a CPU with native bf16 (AMX / AVX512-BF16) trains stage 2 and samples in bf16 like a
 GPU.
 
-On this project's 2-core CPU (AMX) bf16 matmuls ran 6-12x faster than fp32, and with attention and
-the depthwise conv kept in fp32 (models/attention.py, models/maskgit.py) the demo MeBT's train
-step took 1.33x less time, sampling 1.71x less (benchmarks/cpu_bf16.py). A CPU without native
-bf16 emulates it, slower than fp32, so there everything stays fp32.
+On a CPU with AMX, bf16 matmuls run several times faster than fp32, and with attention and the
+depthwise conv kept in fp32 (models/attention.py, models/maskgit.py) the demo's train steps and
+sampling take less time (benchmarks/cpu_bf16.py; docs/benchmarks.md, "bf16 on the CPU"). A CPU
+without native bf16 emulates it, slower than fp32, so there everything stays fp32.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Preemption: checkpoint on SLURM's warning signal, requeue, and resume with the same command.
 
-The scheme (one, documented in the README):
+The scheme (one, documented in docs/distributed.md):
 - sbatch templates ask for `--signal=USR1@90` and run `maskvid fit ... --ckpt_path auto`.
 - `SlurmRequeue` replaces Lightning's USR1 handler. Lightning's saves from inside the signal
   handler, at whatever point each rank happens to be; with sharded strategies that is a collective

@@ -126,7 +126,7 @@ class MaskedVideoModule(LightningModule):
                 all ranks (FVD_N names N = ranks x this). 0 generates nothing.
             num_log_videos: How many of rank 0's generated videos are logged as media.
             val_sample_batch_size: Videos generated at once during validation.
-            i3d_path: I3D weights (state_dict or TorchScript file, see README "Metrics") for FVD
+            i3d_path: I3D weights (state_dict or TorchScript file, see docs/metrics.md) for FVD
                 of the generated videos against the real val clips, logged as val/fvd_N; null skips FVD.
             fvd_real_stats: Cached real-video statistics (`maskvid eval real-stats`) to compare with
                 instead of the val clips (needed on token shards, which hold no pixels).
@@ -310,7 +310,7 @@ class MaskedVideoModule(LightningModule):
         target = flat[masked]
         # F.cross_entropy's value and gradient, with a backward that reuses its buffer (models/losses.py).
         loss = token_cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
-        # max(...).indices, not argmax: the same index, ~2x faster on a CPU (models/sampling.py).
+        # max(...).indices, not argmax: the same index, faster on a CPU (models/sampling.py).
         accuracy = (logits.detach().max(dim=-1).indices == target).float().mean()
         return {"loss": loss, "accuracy": accuracy, "mask_ratio": masked.sum() / valid.sum().clamp(min=1), "latent_frames": t}
 

@@ -22,8 +22,8 @@ def _grad_scaler(trainer) -> object | None:
 
 def adamw(param_groups: list[dict], trainer, **kwargs) -> torch.optim.AdamW:
     """AdamW, fused where it can be: plain float parameters on CPU/CUDA (the fused kernel steps
-    about 2.5x faster on CPU) and no fp16 grad scaler (whose unscaling a fused step takes over,
-    which would put gradient clipping before the unscale)."""
+    faster on CPU) and no fp16 grad scaler (whose unscaling a fused step takes over, which would
+    put gradient clipping before the unscale)."""
     params = [p for group in param_groups for p in group["params"]]
     fused = _grad_scaler(trainer) is None and all(
         type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params

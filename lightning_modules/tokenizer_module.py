@@ -93,7 +93,7 @@ class TokenizerModule(LightningModule):
             ema_decay: Decay of the EMA copy used for validation and export; null disables.
             num_log_videos: Clips shown in the reconstruction grid and mp4 each validation.
             log_fps: Frame rate of the reconstruction mp4.
-            i3d_path: I3D weights (state_dict or TorchScript file, see README "Metrics") for the
+            i3d_path: I3D weights (state_dict or TorchScript file, see docs/metrics.md) for the
                 reconstruction FVD of the validation clips, logged as val/rfvd_N; null skips it.
                 Not stored in checkpoint hyperparameters, so `maskvid validate --ckpt_path` takes
                 it from the command line.

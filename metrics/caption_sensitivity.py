@@ -3,9 +3,9 @@ val clips, a random fraction masked, under the true caption and under the captio
 attribute swapped (colour -> the next colour, shape -> the next shape, direction -> its opposite).
 A gap near zero means the model ignores that word at that mask ratio.
 
-This is how the MeBT gap was found: at step 1500 of the demo recipe, swapping "left" for "right"
-raised maskgit's cross-entropy on object tokens by 0.08-0.30 nats but MeBT's by 0.002 at every mask
-ratio; MeBT read colour and nothing of the motion (README, "MeBT").
+This is how the MeBT gap was found: in the demo recipe, swapping "left" for "right" raised
+maskgit's cross-entropy on object tokens but left MeBT's almost unchanged at every mask ratio;
+MeBT read colour and nothing of the motion (docs/demo.md, "The direction word").
 
 Object tokens (those differing from the clip set's commonest, background token) are scored apart
 from all masked tokens, because the background dominates the mean and no caption changes it.

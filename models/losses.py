@@ -3,9 +3,9 @@
 `F.cross_entropy` on [N, V] logits (N masked tokens, V = 8192 codes) makes, in backward, a
 zero-filled [N, V] gradient for the NLL, then a second [N, V] tensor for the log-softmax's
 backward. Here the forward keeps the log-probabilities (which the backward needs anyway) and the
-backward turns them into the gradient in place: softmax - one-hot, scaled. On a 2-core CPU that is
-48 against 93 ms for the 3154 x 8192 logits of an M1 MeBT step (fwd + bwd), and the peak of the
-step loses two [N, V] tensors (the peak of MeBT's 129-frame step is this backward).
+backward turns them into the gradient in place: softmax - one-hot, scaled. That is faster, and the
+step's peak loses two [N, V] tensors, which matters where the peak is this backward (MeBT on long
+videos); figures in docs/benchmarks.md.
 """
 
 from __future__ import annotations

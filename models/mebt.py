@@ -231,11 +231,10 @@ class MeBT(nn.Module):
         # learned where objects are, i.e. shape and direction, only slowly.
         self.time_proj = nn.Linear(dim, dim, bias=False)
         nn.init.normal_(self.time_proj.weight, std=0.02 / math.sqrt(dim / 2))
-        # Unit scale, unlike the embeddings: the pooled caption (rms ~0.4 once trained) is added to
-        # every latent, and at std 0.02 it made all M latents nearly the same vector after the first
-        # norm (pairwise cosine 0.997 in a trained demo model), so they all asked the context the
-        # same question. (On the demo's budget this changed neither val loss nor caption accuracy
-        # measurably: README, "MeBT".)
+        # Unit scale, unlike the embeddings: the pooled caption is added to every latent, and at
+        # std 0.02 it made all M latents nearly the same vector after the first norm, so they all
+        # asked the context the same question. (On the demo's budget this changed neither val loss
+        # nor caption accuracy measurably.)
         self.latents = nn.Parameter(torch.randn(1, num_latents, dim))
         self.text = TextConditioning(text_dim, dim, pooled=pooled_text)
         self.local = LocalMixing(dim) if local_context else None

@@ -117,7 +117,7 @@ class VectorQuantizer(Quantizer):
         flat = z.reshape(-1, self.dim)
         codebook = self._normalised_codebook()
         with torch.no_grad():
-            # max(...).indices, not argmax: the same index, ~2x faster on a CPU (models/sampling.py).
+            # max(...).indices, not argmax: the same index, faster on a CPU (models/sampling.py).
             indices = (flat @ codebook.t()).max(dim=-1).indices
         q = F.embedding(indices, codebook)
         loss = F.mse_loss(q, flat.detach()) + self.beta * F.mse_loss(flat, q.detach())

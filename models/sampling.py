@@ -160,8 +160,8 @@ def maskgit_sample(
         """A token for every position given inputs [B, N] -> (sampled [B, N], log_probs [B, N, V])."""
         logits = guided_logits(backbone, rearrange(inputs, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, cfg_scale)
         log_probs = _token_log_probs(rearrange(logits, "b t h w v -> b (t h w) v"), options)
-        # max(...).indices, not argmax: the same first-maximum index, and 2-3x faster over a
-        # vocabulary on a CPU (argmax's reduction is not vectorised there; 3702 x 8192: 20 vs 36 ms).
+        # max(...).indices, not argmax: the same first-maximum index, and faster over a vocabulary on
+        # a CPU, where argmax's reduction is not vectorised (figures in docs/benchmarks.md).
         return (log_probs + gumbel(log_probs.shape, generator, device)).max(dim=-1).indices, log_probs
 
     for step in range(options.steps):
