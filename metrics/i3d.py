@@ -286,7 +286,7 @@ def load_i3d(path: Optional[str | Path], num_frames: int = FVD_FRAMES, resolutio
     path = Path(path).expanduser()
     if not path.is_file():
         raise I3DWeightsError(f"I3D weights not found: {path} (maskvid downloads nothing: put a state_dict "
-                              "or TorchScript I3D file there, see README 'Metrics')")
+                              "or TorchScript I3D file there, see docs/metrics.md)")
     if _is_torchscript(path):
         try:
             network = torch.jit.load(str(path), map_location="cpu")
