@@ -75,3 +75,24 @@ def expand_config_includes(argv: Sequence[str]) -> list[str]:
         for part in parts:
             out += ["--config", part]
     return out
+
+
+def merged_config(path) -> dict:
+    """A config file as the CLI sees it, as one dict: its `include:` files first, later ones
+    override, nested dicts merge (lists are replaced)."""
+    from pathlib import Path
+
+    import yaml
+
+    def merge(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for key, value in b.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    doc: dict = {}
+    for part in expand_config_includes(["--config", str(path)])[1::2]:
+        is_file = "\n" not in part and Path(part).is_file()  # else the YAML text of a file's own keys
+        loaded = yaml.safe_load(Path(part).read_text() if is_file else part)
+        doc = merge(doc, loaded if isinstance(loaded, dict) else {})
+    return doc

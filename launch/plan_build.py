@@ -16,8 +16,9 @@ from typing import Any, Iterator, Sequence
 from unittest import mock
 
 import torch
-import yaml
 from torch import nn
+
+from launch.config_includes import merged_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +97,7 @@ def _tokenizer_from_config(path: str, vocab_size: int | None = None):
             info = torch.load(path, map_location="cpu", weights_only=True, mmap=True)[CHECKPOINT_KEY]
         return instantiate(info["config"]).eval().requires_grad_(False)
     candidates = sorted((REPO / "configs/experiment").glob("tokenizer_*.yaml")) + sorted((REPO / "configs/model").glob("cvivit_*.yaml"))
-    docs = [_merged(cfg) for cfg in candidates]
+    docs = [merged_config(cfg) for cfg in candidates]
     # The stage-1 recipe that writes this checkpoint (its default_root_dir holds the path) first.
     writes = [str(path).startswith(str((d.get("trainer") or {}).get("default_root_dir") or "//")) for d in docs]
     for _, doc in sorted(zip(writes, docs), key=lambda pair: not pair[0]):
@@ -107,24 +108,6 @@ def _tokenizer_from_config(path: str, vocab_size: int | None = None):
         if vocab_size is None or tokenizer.vocab_size == vocab_size:
             return tokenizer.eval().requires_grad_(False)
     raise PlanError(f"tokenizer_path {path} does not exist and no configs/ C-ViViT has {vocab_size} codes")
-
-
-def _merged(path: Path) -> dict:
-    """A config as the CLI sees it: its `include:` files first, later ones override (dicts merge)."""
-    from launch.config_includes import expand_config_includes
-
-    def merge(a: dict, b: dict) -> dict:
-        out = dict(a)
-        for key, value in b.items():
-            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        return out
-
-    doc: dict = {}
-    for part in expand_config_includes(["--config", str(path)])[1::2]:
-        is_file = "\n" not in part and Path(part).is_file()  # else the YAML text of a file's own keys
-        loaded = yaml.safe_load(Path(part).read_text() if is_file else part)
-        doc = merge(doc, loaded if isinstance(loaded, dict) else {})
-    return doc
 
 
 @contextlib.contextmanager

@@ -13,20 +13,19 @@ accuracy (oracle-read, when the prompts are the synthetic dataset's) and rank 0'
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
 from einops import rearrange
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
 from lightning_modules.ema import EMA
 from lightning_modules.optim import adamw, clip_grad_norm
+from lightning_modules.parallelize import parallelize_with_strategy
 from lightning_modules.schedules import warmup_cosine
 from lightning_modules.video_metrics import VideoEvalMetrics
 from metrics.caption_accuracy import target_attributes
@@ -350,16 +349,7 @@ class MaskedVideoModule(LightningModule):
         return [self.backbone, self.backbone_ema.module if self.backbone_ema is not None else None]
 
     def configure_model(self) -> None:
-        # Activation checkpointing, compile and sharding are the trainer's strategy's business
-        # (maskvid's, in launch/strategies.py, have `parallelize`). No trainer
-        # (load_from_checkpoint): nothing to do.
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        parallelize = getattr(strategy, "parallelize", None)
-        if parallelize is not None:
-            parallelize(self)
-        elif self.hparams.compile:
-            rank_zero_warn(f"model.init_args.compile: {type(strategy).__name__} does not compile; use one of "
-                           "launch.strategies (MaskvidSingleDeviceStrategy on one device). Running uncompiled.")
+        parallelize_with_strategy(self)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -16,7 +16,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
@@ -25,6 +24,7 @@ from lightning_modules.config_errors import ConfigMismatchError, ModelOptionErro
 from lightning_modules.ema import EMA
 from lightning_modules.media import log_reconstructions
 from lightning_modules.optim import adamw, clip_grad_norm
+from lightning_modules.parallelize import parallelize_with_strategy
 from lightning_modules.schedules import warmup_cosine
 from lightning_modules.video_metrics import VideoEvalMetrics
 from metrics.codebook import CodebookUsage
@@ -169,16 +169,7 @@ class TokenizerModule(LightningModule):
         return [self.tokenizer, self.discriminator, ema]
 
     def configure_model(self) -> None:
-        # Activation checkpointing, compile and sharding are the trainer's strategy's business
-        # (maskvid's, in launch/strategies.py, have `parallelize`). No trainer
-        # (load_from_checkpoint): nothing to do.
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        parallelize = getattr(strategy, "parallelize", None)
-        if parallelize is not None:
-            parallelize(self)
-        elif self.hparams.compile:
-            rank_zero_warn(f"model.init_args.compile: {type(strategy).__name__} does not compile; use one of "
-                           "launch.strategies (MaskvidSingleDeviceStrategy on one device). Running uncompiled.")
+        parallelize_with_strategy(self)
 
     def configure_optimizers(self):
         hp = self.hparams

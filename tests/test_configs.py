@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from launch.config_includes import expand_config_includes
+from launch.config_includes import merged_config
 from launch.lightning_cli import MaskvidCLI
 from tests.stage2_fixtures import tiny_t5_dir, write_tokenizer_checkpoint
 
@@ -28,21 +28,7 @@ TINY_CVIVIT = {"dim": 32, "spatial_depth": 1, "temporal_depth": 1, "heads": 2}
 TINY_DISCRIMINATOR = {"base_channels": 8, "max_channels": 16}
 
 
-def merged(path: Path) -> dict:
-    """The config as the CLI sees it: includes first, later files override (dicts merge)."""
-    def merge(a: dict, b: dict) -> dict:
-        out = dict(a)
-        for key, value in b.items():
-            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        return out
-
-    doc: dict = {}
-    parts = expand_config_includes(["--config", str(path)])[1::2]
-    for part in parts:
-        # A part is a file path or (an experiment's own keys) YAML text.
-        loaded = yaml.safe_load(part if "\n" in part else Path(part).read_text())
-        doc = merge(doc, loaded or {})
-    return doc
+merged = merged_config
 
 
 def is_large(path: Path) -> bool:
