@@ -37,6 +37,29 @@ from lightning.pytorch.utilities import rank_zero_info
 _clock = time.perf_counter
 
 
+class _NoModuleTracker:
+    """Stands in for FlopCounterMode's module tracker: every FLOP goes to "Global" alone."""
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+def total_flop_counter():
+    """torch's FLOP counter without its per-module breakdown: the module tracker's backward hooks
+    make `torch.autograd.grad` on a leaf fail (the GAN tokenizer's R1 penalty), and only the total
+    is wanted here."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _NoModuleTracker()
+    return counter
+
+
 def tokens_per_clip(pl_module, batch: dict[str, Any]) -> int | None:
     """Video tokens one clip of `batch` stands for: the token grid of token-shard batches, or the
     module's tokenizer's grid for a video batch (uint8 [B,T,H,W,C] or float [B,C,T,H,W]); None
@@ -117,12 +140,10 @@ class TrainingThroughput(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if not self._active or self.flops_per_batch is not None:
             return
-        from torch.utils.flop_counter import FlopCounterMode
-
         self._counting = contextlib.ExitStack()
         if hasattr(torch.compiler, "set_stance"):
             self._counting.enter_context(torch.compiler.set_stance("force_eager"))
-        self._counter = self._counting.enter_context(FlopCounterMode(display=False))
+        self._counter = self._counting.enter_context(total_flop_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not self._active:

@@ -128,3 +128,33 @@ def test_tokens_per_clip_of_video_batches():
 def test_window_must_be_positive():
     with pytest.raises(ValueError, match="window"):
         TrainingThroughput(window=0)
+
+
+def test_the_count_is_torchs_and_a_gan_step_with_r1_first_runs_under_it():
+    """The FLOP count is torch's FlopCounterMode total; its module tracker is left out because its
+    backward hooks make R1's `autograd.grad` on a leaf fail when the first counted step is a GAN
+    step (a run resumed past gan_start_step)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_modules.throughput import TrainingThroughput, total_flop_counter
+    from tests.test_tokenizer_module import small_module
+
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    x = torch.randn(8, 16)
+    with FlopCounterMode(display=False) as reference:
+        net(x).sum().backward()
+    with total_flop_counter() as ours:
+        net(x).sum().backward()
+    assert ours.get_total_flops() == reference.get_total_flops() == 3 * 2 * 8 * (16 * 32 + 32 * 4) - 2 * 8 * 16 * 32
+
+    module = small_module(gan_start_step=0, gp_every=1, warmup_steps=1)
+    batch = {"video": torch.rand(2, 3, 5, 32, 32) * 2 - 1, "caption": ["a", "b"],
+             "frame_mask": torch.ones(2, 5, dtype=torch.bool)}
+    callback = TrainingThroughput()
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[callback])
+    trainer.fit(module, DataLoader([batch] * 3, batch_size=None))
+    assert trainer.global_step == 2 and callback.flops_per_batch > 0
