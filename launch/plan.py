@@ -25,10 +25,8 @@ from typing import Sequence
 
 from torch import nn
 
-from launch.plan_build import T5_CONFIGS, PlanError, Recipe, load_recipe  # noqa: F401 (the planner's API)
-from launch.plan_trace import (  # noqa: F401
-    BANDWIDTH_EFFICIENCY, FLOP_EFFICIENCY, StepTrace, _parallel, _PeakTracker, trace_step,
-)
+from launch.plan_build import PlanError, Recipe, load_recipe
+from launch.plan_trace import StepTrace, _parallel, trace_step
 
 GiB = 1024**3
 

@@ -156,7 +156,16 @@ class _Parallelize:
     their configure_model hook, with this strategy's checkpointing choice and the model's own
     `compile` option."""
 
-    activation_checkpointing: bool | int = False
+    _activation_checkpointing: bool | int = False
+
+    @property
+    def activation_checkpointing(self) -> bool | int:
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: bool | int) -> None:
+        _checkpoint_every(value)  # refuse a bad value when the strategy is built, not at setup
+        self._activation_checkpointing = value
     # Shards one network in place (FSDP2); data-parallel strategies wrap the module later instead.
     shard_network: Callable[[nn.Module], None] | None = None
 
@@ -183,7 +192,6 @@ class MaskvidSingleDeviceStrategy(_Parallelize, SingleDeviceStrategy):
         super().__init__(device=device or "cpu")
         self._device_given = device is not None
         self.activation_checkpointing = activation_checkpointing
-        _checkpoint_every(activation_checkpointing)
 
     @property
     def root_device(self) -> torch.device:
@@ -214,7 +222,6 @@ class MaskvidDDPStrategy(_Parallelize, DDPStrategy):
                          process_group_backend=process_group_backend)
         self.find_unused_parameters = find_unused_parameters
         self.activation_checkpointing = activation_checkpointing
-        _checkpoint_every(activation_checkpointing)
 
     def setup(self, trainer) -> None:
         find = self.find_unused_parameters
@@ -259,7 +266,6 @@ class FSDP2Strategy(_Parallelize, ModelParallelStrategy):
             timeout=timedelta(minutes=timeout_minutes),
         )
         self.activation_checkpointing = activation_checkpointing
-        _checkpoint_every(activation_checkpointing)
         self.param_dtype = param_dtype
         self.reshard_after_forward = reshard_after_forward
 
@@ -352,7 +358,6 @@ class DeepSpeedZeroStrategy(_Parallelize, DeepSpeedStrategy):
             reduce_bucket_size=reduce_bucket_size, process_group_backend=process_group_backend,
         )
         self.activation_checkpointing = activation_checkpointing
-        _checkpoint_every(activation_checkpointing)
 
     @property
     def _on_cpu(self) -> bool:
@@ -404,8 +409,6 @@ class DeepSpeedZeroStrategy(_Parallelize, DeepSpeedStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         """A checkpoint from another world size is converted to a universal one first (next to
         it, `<name>.universal`, once), then loaded as such."""
-        from pathlib import Path
-
         from launch.checkpoints import checkpoint_kind, deepspeed_world_size, is_universal, to_universal, verify_checkpoint
 
         path = verify_checkpoint(self.broadcast(str(checkpoint_path)))

@@ -132,15 +132,8 @@ def test_preloaded_reports_what_the_environment_already_preloads():
     assert allocator.preloaded({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}) == "tcmalloc"
 
 
-@pytest.mark.parametrize("setting", ["tcmalloc", "system"])
-def test_the_demo_runs_its_commands_on_the_chosen_allocator_when_tuning(tmp_path, monkeypatch, setting):
-    import launch.demo_pipeline as demo
-
-    monkeypatch.setattr(allocator, "find", lambda kind: f"/opt/lib{kind}.so")
-    monkeypatch.setattr(allocator, "_cuda_available", lambda: False)
-    monkeypatch.setenv("MASKVID_ALLOCATOR", setting)
-    monkeypatch.setenv(allocator.ENV, "1")
-    monkeypatch.delenv("LD_PRELOAD", raising=False)
+def record_demo_commands(monkeypatch, demo) -> dict:
+    """The demo's commands are not run: the environment each would get is recorded in the dict."""
     seen = {}
 
     class FakePopen:
@@ -152,6 +145,19 @@ def test_the_demo_runs_its_commands_on_the_chosen_allocator_when_tuning(tmp_path
             return 0
 
     monkeypatch.setattr(demo.subprocess, "Popen", FakePopen)
+    return seen
+
+
+@pytest.mark.parametrize("setting", ["tcmalloc", "system"])
+def test_the_demo_runs_its_commands_on_the_chosen_allocator_when_tuning(tmp_path, monkeypatch, setting):
+    import launch.demo_pipeline as demo
+
+    monkeypatch.setattr(allocator, "find", lambda kind: f"/opt/lib{kind}.so")
+    monkeypatch.setattr(allocator, "_cuda_available", lambda: False)
+    monkeypatch.setenv("MASKVID_ALLOCATOR", setting)
+    monkeypatch.setenv(allocator.ENV, "1")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    seen = record_demo_commands(monkeypatch, demo)
     pipeline = demo.DemoPipeline(tmp_path / "out", demo.QUICK, 2.0)
     (tmp_path / "out").mkdir(parents=True, exist_ok=True)
     pipeline.maskvid("data", "synthetic", "--help")
@@ -169,17 +175,7 @@ def test_by_default_the_demo_preloads_nothing(tmp_path, monkeypatch, cuda):
     monkeypatch.setattr(allocator, "_cuda_available", lambda: cuda)
     monkeypatch.delenv(allocator.ENV, raising=False)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    seen = {}
-
-    class FakePopen:
-        def __init__(self, cmd, env, **kwargs):
-            seen["env"] = env
-            self.stdout = __import__("io").BytesIO(b"")
-
-        def wait(self):
-            return 0
-
-    monkeypatch.setattr(demo.subprocess, "Popen", FakePopen)
+    seen = record_demo_commands(monkeypatch, demo)
     (tmp_path / "out").mkdir()
     pipeline = demo.DemoPipeline(tmp_path / "out", demo.QUICK, 2.0, cpu_tuning_flag=True if cuda else None)
     pipeline.maskvid("data", "synthetic", "--help")

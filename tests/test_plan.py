@@ -34,7 +34,7 @@ class PeakMemory(Callback):
             return
         from torch import nn
 
-        from launch.plan import _PeakTracker
+        from launch.plan_trace import _PeakTracker
 
         self.tracker = _PeakTracker()
         text_encoder = getattr(pl_module, "text_encoder", None)
