@@ -207,3 +207,18 @@ def test_padding_keeps_only_the_slots_for_backward():
     assert padded.shape == (2, 2, 3, 8) and torch.equal(padded[1, :, 1:], torch.zeros(2, 2, 8))
     assert saved and all(shape != tuple(x.shape) for shape in saved), saved
     padded.sum().backward()  # and the gradient still reaches every member
+
+
+def test_only_attention_py_asks_which_device_it_runs_on():
+    """One code path in models/: no other file branches on the device type or on CPU/CUDA autocast."""
+    import re
+
+    from tests.conftest import REPO
+
+    # A branch on the device, not a use of it (`torch.autocast(x.device.type, enabled=False)` is the
+    # same code on every device).
+    asks = re.compile(r"device\.type *([!=]=|in\b)|\.type *[!=]= *['\"](cpu|cuda)['\"]|is_autocast_enabled\(|torch\.cuda\.is_available")
+    offenders = {p.name: [line.strip() for line in p.read_text().splitlines() if asks.search(line)]
+                 for p in sorted((REPO / "models").glob("*.py")) if p.name != "attention.py"}
+    assert not {k: v for k, v in offenders.items() if v}
+    assert asks.search((REPO / "models/attention.py").read_text())  # the one place that does
