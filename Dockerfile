@@ -14,9 +14,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /opt/maskvid
 
-# Dependencies first, from pyproject.toml alone: a source change then reuses this layer.
-COPY pyproject.toml /opt/maskvid/
-RUN pip install torch==2.13.0 && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt && pip install -r /tmp/requirements.txt
+# Dependencies first, from pyproject.toml and the lock alone: a source change reuses this layer.
+# The exact versions CI tests (constraints.txt), with the DeepSpeed and demo extras.
+COPY pyproject.toml constraints.txt /opt/maskvid/
+RUN pip install torch==2.13.0 && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['deepspeed'] + p['optional-dependencies']['demo']))" > /tmp/requirements.txt && pip install -c constraints.txt -r /tmp/requirements.txt
 
 # Then the package itself (its dependencies are installed above).
 COPY . /opt/maskvid

@@ -28,14 +28,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402  (also puts the repo on sys.path)
 
-from launch.cpu_tuning import AllocatorError, child_env  # noqa: E402
+from maskvid.launch.cpu_tuning import AllocatorError, child_env  # noqa: E402
 
 
 def worker(steps: int, batch: int) -> None:
     """Child: time every step and print the list as JSON."""
     from cpu_bf16 import Trainer
 
-    from launch.precision import native_bf16
+    from maskvid.launch.precision import native_bf16
 
     bf16 = native_bf16("cpu")
     trainer = Trainer("mebt", batch)

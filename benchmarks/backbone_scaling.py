@@ -41,8 +41,8 @@ WIDTH = dict(dim=512, depth=8, heads=8, vocab=8192, text_len=16, text_dim=384, l
 
 
 def build(kind: str, t: int):
-    from models.maskgit import MaskGITBackbone
-    from models.mebt import MeBT
+    from maskvid.models.maskgit import MaskGITBackbone
+    from maskvid.models.mebt import MeBT
 
     w = WIDTH
     if kind == "maskgit":
@@ -52,8 +52,8 @@ def build(kind: str, t: int):
 
 
 def worker(kind: str, frames: int, steps: int) -> dict:
-    from models.losses import token_cross_entropy
-    from models.sampling import SamplingOptions, maskgit_sample
+    from maskvid.models.losses import token_cross_entropy
+    from maskvid.models.sampling import SamplingOptions, maskgit_sample
 
     torch.manual_seed(0)
     t = 1 + (frames - 1) // 2

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.cpu_tuning import keep_freed_memory  # noqa: E402
+from maskvid.launch.cpu_tuning import keep_freed_memory  # noqa: E402
 
 # The recorded CPU figures were taken with the host tuning that `maskvid fit` applies when
 # MASKVID_CPU_TUNING=1 (launch/cpu_tuning.py); the benchmarks keep it on to stay comparable.

@@ -32,10 +32,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, matmul_roof  # noqa: E402  (also puts the repo on sys.path and tunes the allocator)
 
-from launch.precision import native_bf16  # noqa: E402
-from models.config import instantiate  # noqa: E402
-from models.losses import token_cross_entropy  # noqa: E402
-from models.sampling import mask_ratio  # noqa: E402
+from maskvid.launch.precision import native_bf16  # noqa: E402
+from maskvid.models.config import instantiate  # noqa: E402
+from maskvid.models.losses import token_cross_entropy  # noqa: E402
+from maskvid.models.sampling import mask_ratio  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = (5, 8, 8)
@@ -77,7 +77,7 @@ class Trainer:
 
 
 def sample_seconds(net: torch.nn.Module, bf16: bool, steps: int, refine: int) -> float:
-    from models.sampling import SamplingOptions, maskgit_sample
+    from maskvid.models.sampling import SamplingOptions, maskgit_sample
 
     options = SamplingOptions(steps=steps, cfg_scale=1.5, temperature=0.25, refine_steps=refine)
     text, text_mask = torch.randn(8, 16, net.text_dim), torch.ones(8, 16, dtype=torch.bool)

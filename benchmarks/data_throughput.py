@@ -42,10 +42,10 @@ from av.video.reformatter import VideoReformatter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.shard_writer import ShardSink  # noqa: E402
-from datamodules.streams import _read_shard, expand_shards  # noqa: E402
-from datamodules.video_datamodule import VideoDataModule  # noqa: E402
-from datamodules.video_io import encode_mp4  # noqa: E402
+from maskvid.datamodules.shard_writer import ShardSink  # noqa: E402
+from maskvid.datamodules.streams import _read_shard, expand_shards  # noqa: E402
+from maskvid.datamodules.video_datamodule import VideoDataModule  # noqa: E402
+from maskvid.datamodules.video_io import encode_mp4  # noqa: E402
 
 
 def make_shards(out: Path, videos: int, size: int, frames: int, seed: int = 0) -> str:

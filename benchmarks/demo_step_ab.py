@@ -64,9 +64,9 @@ def _model_yaml(name: str) -> dict:
 def _stage2(kind: str, tmp: Path):
     import torch
 
-    from lightning_modules.masked_video_module import MaskedVideoModule
-    from models.config import instantiate
-    from models.tokenizer_checkpoint import save_tokenizer
+    from maskvid.lightning_modules.masked_video_module import MaskedVideoModule
+    from maskvid.models.config import instantiate
+    from maskvid.models.tokenizer_checkpoint import save_tokenizer
 
     torch.manual_seed(0)
     tokenizer = instantiate(_model_yaml("cvivit_tiny")["tokenizer"])
@@ -89,8 +89,8 @@ def _tokenizer():
     import torch
     import yaml
 
-    from lightning_modules.tokenizer_module import TokenizerModule
-    from models.config import instantiate
+    from maskvid.lightning_modules.tokenizer_module import TokenizerModule
+    from maskvid.models.config import instantiate
 
     torch.manual_seed(0)
     args = _model_yaml("cvivit_tiny")

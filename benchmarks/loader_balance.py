@@ -53,7 +53,7 @@ def _merge(base: dict, top: dict) -> dict:
 
 def load_experiment(path: Path) -> dict:
     """The experiment config with its `include:` files layered in, as `maskvid fit --config` reads it."""
-    from launch.config_includes import expand_config_includes
+    from maskvid.launch.config_includes import expand_config_includes
 
     parts = expand_config_includes(["--config", str(path)])[1::2]
     config: dict = {}
@@ -64,8 +64,8 @@ def load_experiment(path: Path) -> dict:
 
 
 def build_module(model_cfg: dict, gan: bool):
-    from lightning_modules.tokenizer_module import TokenizerModule
-    from models.config import instantiate
+    from maskvid.lightning_modules.tokenizer_module import TokenizerModule
+    from maskvid.models.config import instantiate
 
     init = copy.deepcopy(model_cfg["init_args"])
     tokenizer = instantiate(init.pop("tokenizer"))
@@ -76,7 +76,7 @@ def build_module(model_cfg: dict, gan: bool):
 
 
 def make_datamodule(data_cfg: dict, train_shards: str):
-    from datamodules.video_datamodule import VideoDataModule
+    from maskvid.datamodules.video_datamodule import VideoDataModule
 
     cfg = {k: v for k, v in data_cfg.items() if k not in ("train_shards", "val_shards", "test_shards")}
     return VideoDataModule(train_shards=train_shards, **cfg)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     data_cfg, model_cfg = config["data"], config["model"]
     with tempfile.TemporaryDirectory() as tmp:
         if args.data is None:
-            from datamodules.synthetic import build_synthetic
+            from maskvid.datamodules.synthetic import build_synthetic
 
             root = Path(tmp) / "synthetic"
             build_synthetic(root, num_train=args.num_train, num_val=0, num_heldout=0, workers=1, progress=False,

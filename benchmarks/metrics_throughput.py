@@ -1,11 +1,11 @@
 """Evaluation-metric throughput: videos/s of I3D feature extraction (FVD) and of CLIP scoring
 (CLIPSIM), with random-weight full-size networks, on this machine.
 
-- i3d: `metrics.i3d.I3DFeatures` on the Kinetics-400 InceptionI3d (12.7 M parameters), exactly as
+- i3d: `maskvid.metrics.i3d.I3DFeatures` on the Kinetics-400 InceptionI3d (12.7 M parameters), exactly as
   FVD runs it: a batch of generated-size videos (--resolution, --frames) is fitted to 16 frames,
   resized bilinearly to 224x224 and pushed through the network. FLOPs from
   torch.utils.flop_counter, compared with the matmul roof measured next to it.
-- clip: `metrics.clipsim.CLIPSimilarity` with a ViT-B/32-sized CLIP (transformers' CLIPConfig
+- clip: `maskvid.metrics.clipsim.CLIPSimilarity` with a ViT-B/32-sized CLIP (transformers' CLIPConfig
   defaults: 151 M parameters): every frame through the CLIP image processor (pillow bicubic
   resize to 224 + center crop) and the vision tower, the captions through the text tower.
   Reported per video (all its frames) and per frame.
@@ -57,7 +57,7 @@ def _timed(fn, repeats: int, warmup: int, device: str) -> list[float]:
 def bench_i3d(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from metrics.i3d import I3DFeatures, InceptionI3d
+    from maskvid.metrics.i3d import I3DFeatures, InceptionI3d
 
     torch.manual_seed(0)
     network = InceptionI3d()
@@ -80,8 +80,8 @@ def bench_i3d(args) -> dict:
 
 
 def bench_clip(args) -> dict:
-    from metrics.clip_model import write_random_clip
-    from metrics.clipsim import CLIPSimilarity
+    from maskvid.metrics.clip_model import write_random_clip
+    from maskvid.metrics.clipsim import CLIPSimilarity
 
     with tempfile.TemporaryDirectory() as tmp:
         # CLIPConfig's defaults are ViT-B/32; the real 49408-token embedding table, though the

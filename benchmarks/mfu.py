@@ -78,16 +78,16 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 def make_tokenizer(t: dict):
-    from models.cvivit import CViViT
-    from models.quantizer import VectorQuantizer
+    from maskvid.models.cvivit import CViViT
+    from maskvid.models.quantizer import VectorQuantizer
 
     return CViViT(t["image_size"], t["patch_size"], t["temporal_patch_size"], 3, t["dim"], t["spatial_depth"],
                   t["temporal_depth"], t["heads"], quantizer=VectorQuantizer(t["codebook_size"], t["code_dim"]))
 
 
 def make_backbone(kind: str, m: dict):
-    from models.maskgit import MaskGITBackbone
-    from models.mebt import MeBT
+    from maskvid.models.maskgit import MaskGITBackbone
+    from maskvid.models.mebt import MeBT
 
     if kind == "maskgit":
         return MaskGITBackbone(m["vocab"], m["grid"], m["dim"], m["depth"], m["heads"], text_dim=m["text_dim"])
@@ -97,8 +97,8 @@ def make_backbone(kind: str, m: dict):
 
 
 def tokenizer_job(t: dict, gan: bool):
-    from lightning_modules.tokenizer_module import TokenizerModule
-    from models.discriminator import VideoDiscriminator
+    from maskvid.lightning_modules.tokenizer_module import TokenizerModule
+    from maskvid.models.discriminator import VideoDiscriminator
 
     disc = VideoDiscriminator(base_channels=t["disc_base"], max_channels=t["disc_max"]) if gan else None
     module = TokenizerModule(make_tokenizer(t), disc, gan_start_step=0, warmup_steps=1, gp_every=4, num_log_videos=0)
@@ -111,8 +111,8 @@ def tokenizer_job(t: dict, gan: bool):
 def stage2_job(kind: str, m: dict, t: dict, tmp: Path):
     """MaskedVideoModule on a token-shard batch (tokens + cached text embeddings), as stage 2
     trains from `maskvid data tokenize` output. Its frozen tokenizer only has to match the vocab."""
-    from lightning_modules.masked_video_module import MaskedVideoModule
-    from models.tokenizer_checkpoint import save_tokenizer
+    from maskvid.lightning_modules.masked_video_module import MaskedVideoModule
+    from maskvid.models.tokenizer_checkpoint import save_tokenizer
 
     ckpt = save_tokenizer(tmp / f"tokenizer_{kind}.ckpt", make_tokenizer({**t, "codebook_size": m["vocab"]}))
     module = MaskedVideoModule(make_backbone(kind, m), str(ckpt), text_encoder="packaged:minilm",
@@ -198,7 +198,7 @@ def measure_train(module, batch, clips: int, steps: int, args, roof_dtype: torch
 def measure_sample(backbone, m: dict, args, roof_dtype: torch.dtype, start_roof: float) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from models.sampling import SamplingOptions, maskgit_sample
+    from maskvid.models.sampling import SamplingOptions, maskgit_sample
 
     device = args.device
     backbone = backbone.to(device).eval().requires_grad_(False)  # as `maskvid generate` loads it

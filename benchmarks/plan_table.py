@@ -19,7 +19,7 @@ GPUS_PER_NODE = 8
 
 
 def rows(configs: list[Path], gpu: str) -> list[dict]:
-    from launch.plan import make_plan, trace_recipe
+    from maskvid.launch.plan import make_plan, trace_recipe
 
     out = []
     for config in configs:

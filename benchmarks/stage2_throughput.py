@@ -44,21 +44,21 @@ M1 = dict(grid=(9, 8, 8), vocab=8192, dim=512, depth=8, heads=8, text_len=16, ba
 
 def make_backbone(kind: str):
     if kind == "maskgit":
-        from models.maskgit import MaskGITBackbone
+        from maskvid.models.maskgit import MaskGITBackbone
 
         return MaskGITBackbone(M1["vocab"], M1["grid"], M1["dim"], M1["depth"], M1["heads"], text_dim=384)
-    from models.config import instantiate
+    from maskvid.models.config import instantiate
 
-    return instantiate({"class_path": "models.mebt.MeBT", "init_args": {
+    return instantiate({"class_path": "maskvid.models.mebt.MeBT", "init_args": {
         "vocab_size": M1["vocab"], "grid": list(M1["grid"]), "dim": M1["dim"], "depth": M1["depth"],
         "heads": M1["heads"], "text_dim": 384}})
 
 
 def make_module(kind: str, tmp: Path):
-    from lightning_modules.masked_video_module import MaskedVideoModule
-    from models.cvivit import CViViT
-    from models.quantizer import VectorQuantizer
-    from models.tokenizer_checkpoint import save_tokenizer
+    from maskvid.lightning_modules.masked_video_module import MaskedVideoModule
+    from maskvid.models.cvivit import CViViT
+    from maskvid.models.quantizer import VectorQuantizer
+    from maskvid.models.tokenizer_checkpoint import save_tokenizer
 
     torch.manual_seed(0)
     tokenizer = CViViT(64, 8, 2, 3, 256, 4, 4, 8, quantizer=VectorQuantizer(M1["vocab"], 32))
@@ -99,7 +99,7 @@ def worker(kind: str, mode: str, steps: int) -> dict:
 def sample_worker(module, kind: str, repeats: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from models.sampling import SamplingOptions, maskgit_sample
+    from maskvid.models.sampling import SamplingOptions, maskgit_sample
 
     backbone = module.backbone.eval().requires_grad_(False)  # as `maskvid generate` loads it
     text, text_mask = module.text_encoder(["a red circle moving left"])

@@ -38,7 +38,7 @@ from common import emit  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from launch.demo_pipeline import REFERENCE_MINUTES
+    from maskvid.launch.demo_pipeline import REFERENCE_MINUTES
 
     parser.add_argument("--minutes", type=float, default=REFERENCE_MINUTES,
                         help=f"training budget for both stages, tokenizing included (default: {REFERENCE_MINUTES:g}, "
@@ -55,11 +55,11 @@ def main() -> int:
     args = parser.parse_args()
 
     run = args.run_dir or REPO / f"runs/t2v_benchmark_{args.backbone}"
-    cmd = [sys.executable, "-m", "launch.cli", "demo", "--out", str(run), "--backbone", args.backbone,
+    cmd = [sys.executable, "-m", "maskvid.launch.cli", "demo", "--out", str(run), "--backbone", args.backbone,
            "--minutes", str(args.minutes), "--videos-per-prompt", str(args.videos_per_prompt),
            "--seed", str(args.seed), "--quiet"]
     if args.full_data:
-        from datamodules.synthetic import FULL_VARIATION
+        from maskvid.datamodules.synthetic import FULL_VARIATION
 
         cmd += ["--sizes", *FULL_VARIATION.sizes, "--speeds", *FULL_VARIATION.speeds,
                 "--backgrounds", *FULL_VARIATION.backgrounds]
@@ -80,7 +80,7 @@ def main() -> int:
         "caption_accuracy": summary["metrics"]["caption_accuracy"],
         "data_variation": summary["data"]["variation"],
         "checkpoints": summary["checkpoints"], "targets": {"seen_joint_accuracy": 0.7},
-        "command": " ".join(cmd[1:]).replace("-m launch.cli", "maskvid"), "report": summary["report"],
+        "command": " ".join(cmd[1:]).replace("-m maskvid.launch.cli", "maskvid"), "report": summary["report"],
         "commands_log": summary["commands_log"],
     }
     emit(report, args.json_out)

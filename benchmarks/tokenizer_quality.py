@@ -54,7 +54,7 @@ def ensure_data(path: Path | None) -> Path:
     default = REPO / "data/synthetic"
     if (default / "train").is_dir():
         return default
-    from datamodules.synthetic import build_synthetic
+    from maskvid.datamodules.synthetic import build_synthetic
 
     print(f"building the synthetic dataset in {default} ...", file=sys.stderr)
     build_synthetic(default)
@@ -64,7 +64,7 @@ def ensure_data(path: Path | None) -> Path:
 def run_quality(data: Path, minutes: float, root: Path, val_every: int, overrides: list[str] = ()) -> dict:
     from lightning.pytorch.callbacks import Callback
 
-    from launch.lightning_cli import MaskvidCLI
+    from maskvid.launch.lightning_cli import MaskvidCLI
 
     args = [
         "--config", str(EXPERIMENT),
@@ -140,11 +140,11 @@ def plot_quality(quality: dict, path: Path) -> None:
 def build_module(name: str, gan: bool):
     import yaml
 
-    from lightning_modules.tokenizer_module import TokenizerModule
-    from models.config import instantiate
-    from models.cvivit import CViViT
-    from models.discriminator import VideoDiscriminator
-    from models.quantizer import VectorQuantizer
+    from maskvid.lightning_modules.tokenizer_module import TokenizerModule
+    from maskvid.models.config import instantiate
+    from maskvid.models.cvivit import CViViT
+    from maskvid.models.discriminator import VideoDiscriminator
+    from maskvid.models.quantizer import VectorQuantizer
 
     if name == "tiny":
         init = yaml.safe_load((REPO / "configs/model/cvivit_tiny.yaml").read_text())["model"]["init_args"]

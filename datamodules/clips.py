@@ -18,8 +18,8 @@ from av.video.reformatter import VideoReformatter
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import get_worker_info
 
-from datamodules.cpus import decode_threads
-from datamodules.video_io import VideoDecodeError, _open, _short, _stream_fps, _video_stream, decode_errors, rotate
+from maskvid.datamodules.cpus import decode_threads
+from maskvid.datamodules.video_io import VideoDecodeError, _open, _short, _stream_fps, _video_stream, decode_errors, rotate
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "gif", "m4v")

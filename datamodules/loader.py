@@ -21,9 +21,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-from datamodules.pixels import to_model
-from datamodules.samples import collate_meta
-from datamodules.streams import TrainStream
+from maskvid.datamodules.pixels import to_model
+from maskvid.datamodules.samples import collate_meta
+from maskvid.datamodules.streams import TrainStream
 
 
 def _worker_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -40,7 +40,7 @@ def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack samples: video uint8 [B,T,H,W,C] (VideoLoader turns it into float [B,C,T,H,W]),
     caption, frame_mask, meta. Token-shard samples go to `collate_tokens`."""
     if "tokens" in samples[0]:
-        from datamodules.token_samples import collate_tokens
+        from maskvid.datamodules.token_samples import collate_tokens
 
         return collate_tokens(samples)
     t, h, w, c = samples[0]["video"].shape

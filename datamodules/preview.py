@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from datamodules.pixels import to_uint8
-from datamodules.video_io import encode_mp4
+from maskvid.datamodules.pixels import to_uint8
+from maskvid.datamodules.video_io import encode_mp4
 
 
 def contact_sheet(

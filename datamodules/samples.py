@@ -14,8 +14,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from datamodules.clips import IMAGE_EXTS, VIDEO_EXTS, ClipSpec, decode_clip, decode_image
-from datamodules.video_io import VideoDecodeError
+from maskvid.datamodules.clips import IMAGE_EXTS, VIDEO_EXTS, ClipSpec, decode_clip, decode_image
+from maskvid.datamodules.video_io import VideoDecodeError
 
 
 class BadSample(Exception):

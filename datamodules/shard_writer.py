@@ -16,7 +16,7 @@ from typing import Any
 
 import webdataset as wds
 
-from datamodules.errors import DataError
+from maskvid.datamodules.errors import DataError
 
 INDEX_NAME = "shards.json"
 

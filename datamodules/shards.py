@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
-from datamodules.cpus import usable_cpus
-from datamodules.errors import DataError
-from datamodules.shard_writer import ShardSink
-from datamodules.video_io import VideoDecodeError, encode_mp4, iter_frames, probe
+from maskvid.datamodules.cpus import usable_cpus
+from maskvid.datamodules.errors import DataError
+from maskvid.datamodules.shard_writer import ShardSink
+from maskvid.datamodules.video_io import VideoDecodeError, encode_mp4, iter_frames, probe
 
 MISSING_FILE = "missing file"
 CORRUPT = "unreadable or corrupt"

@@ -34,9 +34,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import shardlists, tariterators
 
-from datamodules.errors import DataError
-from datamodules.samples import BadSample, SampleDecoder, check_member_key
-from datamodules.shard_writer import INDEX_NAME
+from maskvid.datamodules.errors import DataError
+from maskvid.datamodules.samples import BadSample, SampleDecoder, check_member_key
+from maskvid.datamodules.shard_writer import INDEX_NAME
 
 log = logging.getLogger("maskvid.data")
 

@@ -2,7 +2,7 @@
 
 Every clip shows one object (colour x shape) travelling in one direction, optionally varied in
 speed, size and background, and its caption names those attributes. Because the attributes are
-known exactly and can be read back from pixels (`metrics.oracle`), a text-to-video model trained
+known exactly and can be read back from pixels (`maskvid.metrics.oracle`), a text-to-video model trained
 on it can be scored on whether it draws what the prompt asked for.
 
 Composition is measured with held-out combinations: the (colour, shape, direction) triples in
@@ -28,10 +28,10 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from datamodules.cpus import usable_cpus
-from datamodules.errors import DataError
-from datamodules.shard_writer import ShardSink
-from datamodules.video_io import encode_mp4
+from maskvid.datamodules.cpus import usable_cpus
+from maskvid.datamodules.errors import DataError
+from maskvid.datamodules.shard_writer import ShardSink
+from maskvid.datamodules.video_io import encode_mp4
 
 RGB = tuple[int, int, int]
 Combo = tuple[str, str, str]  # (colour, shape, direction)

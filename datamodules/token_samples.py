@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from datamodules.samples import BadSample, collate_meta
+from maskvid.datamodules.samples import BadSample, collate_meta
 
 TOKEN_FIELDS = ("tokens.npy", "latentmask.npy", "text.npy", "textmask.npy")
 

@@ -9,12 +9,12 @@ from typing import Any, Literal, Optional, Union
 import lightning.pytorch as pl
 import torch
 
-from datamodules.clips import ClipSpec
-from datamodules.loader import ResumableLoader, VideoLoader
-from datamodules.pixels import to_model
-from datamodules.samples import SampleDecoder
-from datamodules.token_samples import TokenSampleDecoder
-from datamodules.streams import TrainStream, ValStream, dist_rank_world, expand_shards
+from maskvid.datamodules.clips import ClipSpec
+from maskvid.datamodules.loader import ResumableLoader, VideoLoader
+from maskvid.datamodules.pixels import to_model
+from maskvid.datamodules.samples import SampleDecoder
+from maskvid.datamodules.token_samples import TokenSampleDecoder
+from maskvid.datamodules.streams import TrainStream, ValStream, dist_rank_world, expand_shards
 
 log = logging.getLogger("maskvid.data")
 

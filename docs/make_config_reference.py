@@ -19,17 +19,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "docs/config_reference.md"
-MODULES = ["lightning_modules.tokenizer_module.TokenizerModule", "lightning_modules.masked_video_module.MaskedVideoModule"]
-NETWORKS = [("--model.tokenizer.help", "models.cvivit.CViViT", MODULES[0]),
-            ("--model.backbone.help", "models.maskgit.MaskGITBackbone", MODULES[1]),
-            ("--model.backbone.help", "models.mebt.MeBT", MODULES[1])]
+MODULES = ["maskvid.lightning_modules.tokenizer_module.TokenizerModule", "maskvid.lightning_modules.masked_video_module.MaskedVideoModule"]
+NETWORKS = [("--model.tokenizer.help", "maskvid.models.cvivit.CViViT", MODULES[0]),
+            ("--model.backbone.help", "maskvid.models.maskgit.MaskGITBackbone", MODULES[1]),
+            ("--model.backbone.help", "maskvid.models.mebt.MeBT", MODULES[1])]
 TOOLS = [["demo"], ["data", "shards"], ["data", "synthetic"], ["data", "tokenize"], ["generate"],
          ["eval", "fvd"], ["eval", "clipsim"]]
 
 
 def maskvid(*args: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "110"}
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "maskvid.launch.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True)
     if proc.returncode != 0:
         raise SystemExit(f"maskvid {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")

@@ -18,7 +18,7 @@ import sys
 import textwrap
 from typing import Callable, Optional, Sequence, Union
 
-from datamodules.errors import DataError
+from maskvid.datamodules.errors import DataError
 
 # Lightning subcommands are handed to LightningCLI untouched (it owns their --help).
 LIGHTNING_COMMANDS = {
@@ -31,23 +31,23 @@ LIGHTNING_COMMANDS = {
 Command = Union[str, dict[str, str]]
 TOOL_COMMANDS: dict[str, Command] = {
     "data": {
-        "shards": "launch.cmd_data_shards",
-        "synthetic": "launch.cmd_data_synthetic",
-        "preview": "launch.cmd_data_preview",
-        "tokenize": "launch.cmd_data_tokenize",
+        "shards": "maskvid.launch.cmd_data_shards",
+        "synthetic": "maskvid.launch.cmd_data_synthetic",
+        "preview": "maskvid.launch.cmd_data_preview",
+        "tokenize": "maskvid.launch.cmd_data_tokenize",
     },
     "ckpt": {
-        "export": "launch.cmd_ckpt_export",
-        "universal": "launch.cmd_ckpt_universal",
+        "export": "maskvid.launch.cmd_ckpt_export",
+        "universal": "maskvid.launch.cmd_ckpt_universal",
     },
     "eval": {
-        "fvd": "launch.cmd_eval_fvd",
-        "real-stats": "launch.cmd_eval_real_stats",
-        "clipsim": "launch.cmd_eval_clipsim",
+        "fvd": "maskvid.launch.cmd_eval_fvd",
+        "real-stats": "maskvid.launch.cmd_eval_real_stats",
+        "clipsim": "maskvid.launch.cmd_eval_clipsim",
     },
-    "generate": "launch.cmd_generate",
-    "plan": "launch.cmd_plan",
-    "demo": "launch.cmd_demo",
+    "generate": "maskvid.launch.cmd_generate",
+    "plan": "maskvid.launch.cmd_plan",
+    "demo": "maskvid.launch.cmd_demo",
 }
 GROUP_HELP = {
     "ckpt": "Checkpoint tools: export any checkpoint to one inference file, convert DeepSpeed to universal",
@@ -124,8 +124,8 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        from launch.cpu_tuning import apply_in_process
-        from launch.lightning_cli import run_lightning_cli
+        from maskvid.launch.cpu_tuning import apply_in_process
+        from maskvid.launch.lightning_cli import run_lightning_cli
 
         apply_in_process()  # opt-in (MASKVID_CPU_TUNING=1), never with CUDA
 

@@ -16,15 +16,15 @@ from typing import Iterator
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     # Imported here: the tool commands must not pay for Lightning's import (tests/test_cli.py).
-    from datamodules.errors import DataError
-    from launch.checkpoints import CheckpointFormatError
-    from launch.strategies import StrategyConfigError
-    from lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
-    from lightning_modules.nonfinite import NonFiniteError
-    from metrics.clip_model import CLIPLoadError
-    from metrics.i3d import I3DWeightsError
-    from models.perceptual import PerceptualWeightsError
-    from models.tokenizer_checkpoint import TokenizerCheckpointError
+    from maskvid.datamodules.errors import DataError
+    from maskvid.launch.checkpoints import CheckpointFormatError
+    from maskvid.launch.strategies import StrategyConfigError
+    from maskvid.lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
+    from maskvid.lightning_modules.nonfinite import NonFiniteError
+    from maskvid.metrics.clip_model import CLIPLoadError
+    from maskvid.metrics.i3d import I3DWeightsError
+    from maskvid.models.perceptual import PerceptualWeightsError
+    from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError
 
     return (DataError, CheckpointFormatError, StrategyConfigError, ModelOptionError, ConfigMismatchError,
             NonFiniteError, CLIPLoadError, I3DWeightsError, PerceptualWeightsError, TokenizerCheckpointError,

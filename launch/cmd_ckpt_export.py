@@ -2,7 +2,7 @@
 
 Reads a single-file Lightning checkpoint, an FSDP2 DCP directory or a DeepSpeed directory, and
 writes one file with the weights (fp32, EMA included) and what is needed to rebuild the model
-(`maskvid generate` for stage 2, `models.tokenizer_checkpoint.load_tokenizer` for stage 1). No
+(`maskvid generate` for stage 2, `maskvid.models.tokenizer_checkpoint.load_tokenizer` for stage 1). No
 optimizer or loop state, so it is a fraction of the size. Written atomically.
 
 examples:
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launch.checkpoints import CheckpointFormatError, export
+    from maskvid.launch.checkpoints import CheckpointFormatError, export
 
     try:
         out = export(args.checkpoint, args.out)

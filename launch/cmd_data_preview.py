@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from datamodules.errors import DataError
+from maskvid.datamodules.errors import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,8 +61,8 @@ def data_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from datamodules.preview import contact_sheet, save_batch_videos
-    from datamodules.video_datamodule import VideoDataModule
+    from maskvid.datamodules.preview import contact_sheet, save_batch_videos
+    from maskvid.datamodules.video_datamodule import VideoDataModule
 
     kwargs = data_kwargs(args)
     try:

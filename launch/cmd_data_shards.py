@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 
-from datamodules.shards import X264_PRESETS, EncodeOptions, build_shards, default_workers
-from launch.arg_types import non_negative_int, positive_float, positive_int
+from maskvid.datamodules.shards import X264_PRESETS, EncodeOptions, build_shards, default_workers
+from maskvid.launch.arg_types import non_negative_int, positive_float, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

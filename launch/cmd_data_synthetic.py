@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from datamodules.synthetic import BACKGROUNDS, HELDOUT_COMBOS, SIZES, SPEEDS, Variation, build_synthetic, seen_combos
+from maskvid.datamodules.synthetic import BACKGROUNDS, HELDOUT_COMBOS, SIZES, SPEEDS, Variation, build_synthetic, seen_combos
 
 
 def add_variation_arguments(parser: argparse.ArgumentParser, shown: Variation, default_all: bool = False) -> None:

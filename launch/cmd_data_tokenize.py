@@ -21,7 +21,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from datamodules.errors import DataError
+from maskvid.datamodules.errors import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,12 +52,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from datamodules.shard_writer import ShardSink
-    from datamodules.streams import expand_shards, shard_size
-    from datamodules.token_samples import npy_bytes
-    from datamodules.video_datamodule import VideoDataModule
-    from models.text_encoder import TextEncoder, TextEncoderError
-    from models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
+    from maskvid.datamodules.shard_writer import ShardSink
+    from maskvid.datamodules.streams import expand_shards, shard_size
+    from maskvid.datamodules.token_samples import npy_bytes
+    from maskvid.datamodules.video_datamodule import VideoDataModule
+    from maskvid.models.text_encoder import TextEncoder, TextEncoderError
+    from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:

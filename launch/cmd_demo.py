@@ -44,10 +44,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from datamodules.errors import DataError
-from launch.arg_types import positive_float, positive_int
-from launch.cmd_data_synthetic import add_variation_arguments
-from launch.demo_pipeline import DEMO_VARIATION, REFERENCE_MINUTES
+from maskvid.datamodules.errors import DataError
+from maskvid.launch.arg_types import positive_float, positive_int
+from maskvid.launch.cmd_data_synthetic import add_variation_arguments
+from maskvid.launch.demo_pipeline import DEMO_VARIATION, REFERENCE_MINUTES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from launch.demo_pipeline import FULL, QUICK, DemoPipeline
+    from maskvid.launch.demo_pipeline import FULL, QUICK, DemoPipeline
 
     if (args.train_shards is None) != (args.val_shards is None):
         raise DataError("--train-shards and --val-shards go together (both your shards, or neither for synthetic data)")

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from datamodules.errors import DataError
+from maskvid.datamodules.errors import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def captioned_videos(folder: Path) -> list[tuple[Path, str]]:
     """(video, prompt) pairs from index.json, else from sidecar caption files."""
-    from metrics.video_sets import video_files
+    from maskvid.metrics.video_sets import video_files
 
     if not folder.is_dir():
         raise DataError(f"not a folder: {folder}")
@@ -65,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from datamodules.pixels import to_model
-    from datamodules.video_io import VideoDecodeError, decode_all
-    from metrics.clip_model import CLIPLoadError
-    from metrics.clipsim import CLIPSimilarity
+    from maskvid.datamodules.pixels import to_model
+    from maskvid.datamodules.video_io import VideoDecodeError, decode_all
+    from maskvid.metrics.clip_model import CLIPLoadError
+    from maskvid.metrics.clipsim import CLIPSimilarity
 
     if args.batch_size < 1 or (args.max_frames is not None and args.max_frames < 1):
         raise DataError("--batch-size and --max-frames must be >= 1")

@@ -26,7 +26,7 @@ import argparse
 import json
 from pathlib import Path
 
-from datamodules.errors import DataError
+from maskvid.datamodules.errors import DataError
 
 
 def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +57,7 @@ def open_features(args: argparse.Namespace):
     """The I3D feature extractor on the chosen device; DataError for bad options or weights."""
     import torch
 
-    from metrics.i3d import I3DWeightsError, load_i3d
+    from maskvid.metrics.i3d import I3DWeightsError, load_i3d
 
     if args.num_frames < 1 or args.batch_size < 1 or (args.max_videos is not None and args.max_videos < 1):
         raise DataError("--num-frames, --batch-size and --max-videos must be >= 1")
@@ -71,7 +71,7 @@ def open_features(args: argparse.Namespace):
 def statistics(spec: str, args: argparse.Namespace, extract, device, label: str):
     from tqdm import tqdm
 
-    from metrics.video_sets import VideoSet, set_statistics
+    from maskvid.metrics.video_sets import VideoSet, set_statistics
 
     videos = VideoSet(spec, args.num_frames, args.resolution, args.max_videos)
     with tqdm(desc=label, unit="video", disable=args.quiet) as bar:
@@ -82,8 +82,8 @@ def statistics(spec: str, args: argparse.Namespace, extract, device, label: str)
 
 
 def run(args: argparse.Namespace) -> int:
-    from metrics.frechet import stats_distance
-    from metrics.fvd import FVDStatsError, load_stats
+    from maskvid.metrics.frechet import stats_distance
+    from maskvid.metrics.fvd import FVDStatsError, load_stats
 
     extract, device = open_features(args)
     if Path(args.real).is_file() and args.real.endswith((".pt", ".pth")):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from launch.cmd_eval_fvd import add_feature_arguments, open_features, statistics
+from maskvid.launch.cmd_eval_fvd import add_feature_arguments, open_features, statistics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from metrics.fvd import save_stats
+    from maskvid.metrics.fvd import save_stats
 
     extract, device = open_features(args)
     stats = statistics(args.data, args, extract, device, "real")

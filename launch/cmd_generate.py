@@ -23,7 +23,7 @@ import re
 from dataclasses import fields, replace
 from pathlib import Path
 
-from datamodules.errors import DataError
+from maskvid.datamodules.errors import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,11 +107,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from datamodules.pixels import to_uint8
-    from datamodules.video_io import encode_mp4
-    from launch import precision
-    from models.sampling import SamplingOptions
-    from models.stage2_checkpoint import Stage2CheckpointError, load_generator
+    from maskvid.datamodules.pixels import to_uint8
+    from maskvid.datamodules.video_io import encode_mp4
+    from maskvid.launch import precision
+    from maskvid.models.sampling import SamplingOptions
+    from maskvid.models.stage2_checkpoint import Stage2CheckpointError, load_generator
 
     if args.batch_size < 1 or args.videos_per_prompt < 1:
         raise DataError("--batch-size and --videos-per-prompt must be >= 1")

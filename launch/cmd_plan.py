@@ -28,7 +28,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from launch.plan import GPUS, STRATEGIES
+    from maskvid.launch.plan import GPUS, STRATEGIES
 
     parser.add_argument("--config", "-c", action="append", required=True, metavar="YAML",
                         help="config file, repeatable and layered like `maskvid fit --config` (include: works)")
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launch.plan import PlanError, format_plan, make_plan, trace_recipe
+    from maskvid.launch.plan import PlanError, format_plan, make_plan, trace_recipe
 
     if args.gpus < 1 or args.nodes < 1 or args.gpus % args.nodes:
         print("maskvid plan: error: --gpus must be a positive multiple of --nodes", file=sys.stderr)

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
-from datamodules.errors import DataError
+from maskvid.datamodules.errors import DataError
 
 ENV = "MASKVID_CPU_TUNING"
 CHOICES = ("auto", "tcmalloc", "jemalloc", "system")

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from datamodules.errors import DataError
+from maskvid.datamodules.errors import DataError
 
 
 def intended_attributes(info: Optional[dict[str, Any]], caption: str) -> Optional[dict[str, Any]]:
     """What a clip should show: the synthetic json's true attributes, else its caption's if it
     parses (None: the oracle cannot score it)."""
-    from datamodules.synthetic import parse_caption
+    from maskvid.datamodules.synthetic import parse_caption
 
     return info if info and "colour" in info else parse_caption(caption)
 
@@ -31,10 +31,10 @@ def check_data(train_shards: str, val_shards: str, out: Path, workers: int = 2, 
     """Stream train and val exactly as `maskvid fit` does; previews, shapes, ranges, and (when the
     clips carry synthetic attributes) the oracle's reading of every val clip: decoding, cropping
     and normalisation must keep the content the captions describe."""
-    from datamodules.pixels import to_uint8
-    from datamodules.preview import contact_sheet
-    from datamodules.video_datamodule import VideoDataModule
-    from metrics.oracle import caption_accuracy
+    from maskvid.datamodules.pixels import to_uint8
+    from maskvid.datamodules.preview import contact_sheet
+    from maskvid.datamodules.video_datamodule import VideoDataModule
+    from maskvid.metrics.oracle import caption_accuracy
 
     dm = VideoDataModule(train_shards=train_shards, val_shards=val_shards, num_frames=17, resolution=64,
                          batch_size=batch_size, num_workers=workers, seed=seed)
@@ -81,9 +81,9 @@ def check_data(train_shards: str, val_shards: str, out: Path, workers: int = 2, 
 def oracle_accuracy(index_path: Path) -> dict[str, Any]:
     """Caption accuracy of the videos `maskvid generate` listed in index.json, on the prompts the
     synthetic vocabulary can parse; a note instead when none can."""
-    from datamodules.synthetic import parse_caption
-    from datamodules.video_io import decode_all
-    from metrics.oracle import caption_accuracy
+    from maskvid.datamodules.synthetic import parse_caption
+    from maskvid.datamodules.video_io import decode_all
+    from maskvid.metrics.oracle import caption_accuracy
 
     index = json.loads(index_path.read_text())
     scored = [(item, parse_caption(item["prompt"])) for item in index]
@@ -103,12 +103,12 @@ def reconstruction_accuracy(tokenizer_ckpt: Path, token_shards: str, limit: int 
     below the data's own accuracy, the tokenizer (not stage 2) is what limits caption accuracy."""
     import torch
 
-    from datamodules.pixels import to_uint8
-    from datamodules.streams import ValStream, expand_shards
-    from datamodules.token_samples import TokenSampleDecoder
-    from datamodules.video_io import decode_all, encode_mp4
-    from metrics.oracle import caption_accuracy
-    from models.tokenizer_checkpoint import load_tokenizer
+    from maskvid.datamodules.pixels import to_uint8
+    from maskvid.datamodules.streams import ValStream, expand_shards
+    from maskvid.datamodules.token_samples import TokenSampleDecoder
+    from maskvid.datamodules.video_io import decode_all, encode_mp4
+    from maskvid.metrics.oracle import caption_accuracy
+    from maskvid.models.tokenizer_checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_ckpt)
     tokens, attrs = [], []

@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from datamodules.errors import DataError
-from datamodules.synthetic import Variation
-from launch import cpu_tuning
+from maskvid.datamodules.errors import DataError
+from maskvid.datamodules.synthetic import Variation
+from maskvid.configs import CONFIG_DIR
+from maskvid.launch import cpu_tuning
 
-REPO = Path(__file__).resolve().parents[1]
 
 # How --minutes is shared between the two training stages (the one place to change it).
 # Stage 2 gets what is left after the tokenizer (which may stop early at max_steps) and tokenizing.
@@ -156,8 +156,8 @@ class DemoPipeline:
 
     def preflight(self) -> None:
         """Bad input fails in a second with one line, not after the tokenizer has trained."""
-        from datamodules.streams import expand_shards
-        from launch.cmd_generate import read_prompts
+        from maskvid.datamodules.streams import expand_shards
+        from maskvid.launch.cmd_generate import read_prompts
 
         if not self.synthetic:
             for flag, spec in (("--train-shards", self.train_shards), ("--val-shards", self.val_shards)):
@@ -189,7 +189,7 @@ class DemoPipeline:
         """Run a real `maskvid` command in OUT; its output goes to commands.log (and the terminal,
         Lightning's progress bar included). A failure names the log."""
         self._commands.append("maskvid " + " ".join(shlex.quote(a) for a in args))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = dict(os.environ)
         if self.cpu_tuning:
             env[cpu_tuning.ENV] = "1"  # the fits tune glibc's malloc in-process too
             if self._preload:
@@ -197,7 +197,7 @@ class DemoPipeline:
         with open(self.log, "ab") as log:
             log.write(f"\n$ cd {self.out} && maskvid {' '.join(args)}\n".encode())
             log.flush()
-            proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=self.out, env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "maskvid.launch.cli", *args], cwd=self.out, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             assert proc.stdout is not None
             # Raw chunks, not lines: Lightning's bar redraws with \r.
@@ -216,7 +216,7 @@ class DemoPipeline:
         else fp32. The tokenizer stays fp32 on a CPU: bf16 saved little of its time there, and its
         tokens came out harder for stage 2 (higher stage-2 val loss; docs/demo.md), which cost more
         than the saving."""
-        from launch.precision import trainer_precision
+        from maskvid.launch.precision import trainer_precision
 
         gpu = _cuda_available()
         if stage == "tokenizer" and not gpu:
@@ -226,7 +226,7 @@ class DemoPipeline:
     def trainer_config(self) -> Path:
         """The trainer file layered after the experiment config: one GPU where CUDA is
         available (bf16, TF32), else one CPU process."""
-        return REPO / "configs/trainer" / ("gpu.yaml" if _cuda_available() else "cpu.yaml")
+        return CONFIG_DIR / "trainer" / ("gpu.yaml" if _cuda_available() else "cpu.yaml")
 
     def _trainer_args(self, steps: Optional[int], minutes: float, val_every: Optional[int],
                       stage: str = "stage2") -> list[str]:
@@ -234,7 +234,7 @@ class DemoPipeline:
         args = ["--config", str(self.trainer_config())]
         if self.devices > 1:
             # Data parallel over --devices (gloo on CPU); the GAN's unused parameters are handled.
-            args += ["--config", str(REPO / "configs/trainer/ddp.yaml")]
+            args += ["--config", str(CONFIG_DIR / "trainer/ddp.yaml")]
         # The precision `precision` picks for the stage (bf16 on CPUs with native bf16 too), over
         # the trainer files' own.
         args += ["--trainer.precision", self.precision(stage)]
@@ -279,13 +279,13 @@ class DemoPipeline:
         return {"data": str(self.out / "data"), "variation": v.as_dict()}
 
     def step_check(self) -> dict[str, Any]:
-        from launch.demo_checks import check_data
+        from maskvid.launch.demo_checks import check_data
 
         return check_data(self.train_shards, self.val_shards, self.out, workers=self.recipe.workers,
                           seed=self.seed, synthetic=self.synthetic)
 
     def step_tokenizer(self) -> dict[str, Any]:
-        config = REPO / "configs/experiment/tokenizer_demo.yaml"
+        config = CONFIG_DIR / "experiment/tokenizer_demo.yaml"
         steps = self.recipe.tokenizer_steps or scaled_steps(config, self.minutes)
         self.maskvid("fit", "--config", str(config),
                      "--data.train_shards", self.train_shards, "--data.val_shards", self.val_shards,
@@ -299,7 +299,7 @@ class DemoPipeline:
         for split, shards in (("train", self.train_shards), ("val", self.val_shards)):
             self.maskvid("data", "tokenize", "--tokenizer", str(self.tokenizer_ckpt), "--shards", shards,
                          "--out", f"tokens/{split}", "--workers", str(self.recipe.workers), "--overwrite", "--quiet")
-        from launch.demo_checks import reconstruction_accuracy
+        from maskvid.launch.demo_checks import reconstruction_accuracy
 
         return {"tokens": str(self.tokens),
                 "reconstruction_oracle_accuracy": reconstruction_accuracy(self.tokenizer_ckpt, str(self.tokens / "val"))}
@@ -321,7 +321,7 @@ class DemoPipeline:
                       str(self.real_stats)]
         if self.clip_path:
             model += ["--model.init_args.clip_path", self.clip_path]
-        config = REPO / f"configs/experiment/{self.stage2_name}.yaml"
+        config = CONFIG_DIR / f"experiment/{self.stage2_name}.yaml"
         steps = self.recipe.stage2_steps or scaled_steps(config, self.minutes)
         self.maskvid("fit", "--config", str(config),
                      "--data.samples", "tokens", "--data.train_shards", "tokens/train", "--data.val_shards",
@@ -333,7 +333,7 @@ class DemoPipeline:
     def prompt_sets(self) -> dict[str, list[str]]:
         """The prompts to generate, per set: the synthetic seen/held-out lists, the val captions of
         the user's shards, or --prompts FILE; each cut to --max-prompts."""
-        from launch.cmd_generate import read_prompts
+        from maskvid.launch.cmd_generate import read_prompts
 
         if self.prompts_file is not None:
             sets = {"prompts": read_prompts(self.prompts_file)}
@@ -362,7 +362,7 @@ class DemoPipeline:
         return result
 
     def step_score(self) -> dict[str, Any]:
-        from launch.demo_checks import oracle_accuracy
+        from maskvid.launch.demo_checks import oracle_accuracy
 
         result: dict[str, Any] = {"caption_accuracy": {}, "fvd": {}, "clipsim": {}}
         for name in self.prompt_sets():
@@ -383,7 +383,7 @@ class DemoPipeline:
         return result
 
     def step_report(self) -> dict[str, Any]:
-        from launch.demo_report import write_report
+        from maskvid.launch.demo_report import write_report
 
         summary = self.write_summary()
         page = write_report(self.out, summary, self.tokenizer_ckpt, self.val_shards, self.recipe.recon_clips,
@@ -428,7 +428,7 @@ class DemoPipeline:
         return found
 
     def write_summary(self) -> dict[str, Any]:
-        from launch.demo_checks import tokenizer_psnr
+        from maskvid.launch.demo_checks import tokenizer_psnr
 
         records = self.records()
         score = records.get("score", {}).get("result", {})
@@ -441,7 +441,7 @@ class DemoPipeline:
             "budget_minutes": self.minutes,
             "budget_split": BUDGET_SPLIT,
             "precision": {"tokenizer": self.precision("tokenizer"), "stage2": self.precision()},
-            "trainer_config": str(self.trainer_config().relative_to(REPO)),
+            "trainer_config": "configs/" + str(self.trainer_config().relative_to(CONFIG_DIR)),
             "cpu_tuning": self.cpu_tuning,
             "allocator": self.allocator,
             "recipe": asdict(self.recipe),

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from launch.demo_checks import read_metrics, video_path
+from maskvid.launch.demo_checks import read_metrics, video_path
 
 UPSCALE = 4  # 32x32 frames are unreadable at 1:1 in a browser
 FRAME_MS = 125  # 8 fps, the rate the demo renders and generates at
@@ -42,7 +42,7 @@ def _img(path: Path, out: Path, alt: str) -> str:
 
 
 def generated_gifs(out: Path, folder: Path, name: str, limit: int = 24) -> list[tuple[Path, str]]:
-    from datamodules.video_io import decode_all
+    from maskvid.datamodules.video_io import decode_all
 
     index = json.loads((folder / "index.json").read_text())
     gifs = []
@@ -57,9 +57,9 @@ def reconstructions(out: Path, tokenizer_ckpt: Path, val_shards: str, count: int
     """Real | reconstructed GIFs of the first `count` val clips, and their mean PSNR (frames in [0, 1])."""
     import torch
 
-    from datamodules.pixels import to_uint8
-    from datamodules.video_datamodule import VideoDataModule
-    from models.tokenizer_checkpoint import load_tokenizer
+    from maskvid.datamodules.pixels import to_uint8
+    from maskvid.datamodules.video_datamodule import VideoDataModule
+    from maskvid.models.tokenizer_checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_ckpt)
     dm = VideoDataModule(val_shards=val_shards, num_frames=17, resolution=tokenizer.image_size, batch_size=count,

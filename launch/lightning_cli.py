@@ -27,16 +27,16 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from datamodules.monitor import DataMonitor
-from datamodules.video_datamodule import VideoDataModule
-from launch.checkpoint_io import AtomicCheckpointIO, refused_pickle
-from launch.checkpoints import verify_checkpoint
-from launch.cli_errors import explain, report
-from launch.config_includes import expand_config_includes
-from launch.preemption import TerminationCheckpoint
-from launch.requeue import SlurmRequeue, find_resume_checkpoint
-from lightning_modules.nonfinite import NonFiniteGuard
-from lightning_modules.step_seed import StepSeed
+from maskvid.datamodules.monitor import DataMonitor
+from maskvid.datamodules.video_datamodule import VideoDataModule
+from maskvid.launch.checkpoint_io import AtomicCheckpointIO, refused_pickle
+from maskvid.launch.checkpoints import verify_checkpoint
+from maskvid.launch.cli_errors import explain, report
+from maskvid.launch.config_includes import expand_config_includes
+from maskvid.launch.preemption import TerminationCheckpoint
+from maskvid.launch.requeue import SlurmRequeue, find_resume_checkpoint
+from maskvid.lightning_modules.nonfinite import NonFiniteGuard
+from maskvid.lightning_modules.step_seed import StepSeed
 
 # --ckpt_path values Lightning resolves itself (not paths).
 _CKPT_KEYWORDS = ("auto", "last", "best", "hpc", "registry")

@@ -25,8 +25,8 @@ from typing import Sequence
 
 from torch import nn
 
-from launch.plan_build import PlanError, Recipe, load_recipe
-from launch.plan_trace import StepTrace, _parallel, trace_step
+from maskvid.launch.plan_build import PlanError, Recipe, load_recipe
+from maskvid.launch.plan_trace import StepTrace, _parallel, trace_step
 
 GiB = 1024**3
 
@@ -77,7 +77,7 @@ class ModelCounts:
 
 
 def count_model(module) -> ModelCounts:
-    from launch.strategies import _blocks
+    from maskvid.launch.strategies import _blocks
 
     parallel = _parallel(module)
     seen: set[int] = set()

@@ -18,9 +18,9 @@ from unittest import mock
 import torch
 from torch import nn
 
-from launch.config_includes import merged_config
+from maskvid.configs import CONFIG_DIR
+from maskvid.launch.config_includes import merged_config
 
-REPO = Path(__file__).resolve().parents[1]
 
 # Hub text encoders the base recipes name, as T5Config fields: built, never downloaded.
 T5_CONFIGS: dict[str, dict[str, Any]] = {
@@ -45,14 +45,14 @@ class PlanError(ValueError):
 
 
 class _PlanTextEncoder(nn.Module):
-    """Stand-in for models.text_encoder.TextEncoder with the named model's architecture and random
+    """Stand-in for maskvid.models.text_encoder.TextEncoder with the named model's architecture and random
     weights: a hub T5 from T5_CONFIGS, anything local from its config file."""
 
     def __init__(self, name_or_path: str = "packaged:minilm", max_length: int = 32, dtype: str = "fp32") -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel, ByT5Tokenizer, T5Config, T5EncoderModel
 
-        from models.text_encoder import resolve_text_encoder
+        from maskvid.models.text_encoder import resolve_text_encoder
 
         self.max_length = max_length
         key = name_or_path.rsplit("/", 1)[-1]
@@ -89,14 +89,14 @@ class _PlanTextEncoder(nn.Module):
 def _tokenizer_from_config(path: str, vocab_size: int | None = None):
     """The stage-1 tokenizer a checkpoint describes (its recorded config, weights not read), or
     the configs/ C-ViViT with `vocab_size` codes when the checkpoint does not exist yet."""
-    from models.config import instantiate
-    from models.tokenizer_checkpoint import CHECKPOINT_KEY
+    from maskvid.models.config import instantiate
+    from maskvid.models.tokenizer_checkpoint import CHECKPOINT_KEY
 
     if Path(path).is_file():
         with torch._subclasses.fake_tensor.unset_fake_temporarily():
             info = torch.load(path, map_location="cpu", weights_only=True, mmap=True)[CHECKPOINT_KEY]
         return instantiate(info["config"]).eval().requires_grad_(False)
-    candidates = sorted((REPO / "configs/experiment").glob("tokenizer_*.yaml")) + sorted((REPO / "configs/model").glob("cvivit_*.yaml"))
+    candidates = sorted((CONFIG_DIR / "experiment").glob("tokenizer_*.yaml")) + sorted((CONFIG_DIR / "model").glob("cvivit_*.yaml"))
     docs = [merged_config(cfg) for cfg in candidates]
     # The stage-1 recipe that writes this checkpoint (its default_root_dir holds the path) first.
     writes = [str(path).startswith(str((d.get("trainer") or {}).get("default_root_dir") or "//")) for d in docs]
@@ -113,7 +113,7 @@ def _tokenizer_from_config(path: str, vocab_size: int | None = None):
 @contextlib.contextmanager
 def _stand_ins() -> Iterator[None]:
     """Frozen stage-2 parts built from configs instead of loaded (nothing to download or read)."""
-    import lightning_modules.masked_video_module as mvm
+    import maskvid.lightning_modules.masked_video_module as mvm
 
     pending: dict[str, int] = {}
     real_init = mvm.MaskedVideoModule.__init__
@@ -165,9 +165,9 @@ def _strategy_kind(strategy: Any) -> tuple[str, bool, str]:
 
 def load_recipe(configs: Sequence[str], overrides: Sequence[str] = (), fake: bool = True) -> Recipe:
     """Instantiate the config as `maskvid fit` would (model, data, trainer), with fake weights."""
-    from launch.lightning_cli import MaskvidCLI
-    from lightning_modules.masked_video_module import MaskedVideoModule
-    from lightning_modules.tokenizer_module import TokenizerModule
+    from maskvid.launch.lightning_cli import MaskvidCLI
+    from maskvid.lightning_modules.masked_video_module import MaskedVideoModule
+    from maskvid.lightning_modules.tokenizer_module import TokenizerModule
 
     args: list[str] = []
     for c in configs:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-from launch.plan_build import Recipe
+from maskvid.launch.plan_build import Recipe
 
 # Fractions of the peaks that kernels reach (roofline efficiencies).
 FLOP_EFFICIENCY = 0.75
@@ -36,16 +36,16 @@ def gpu_code_paths() -> Iterator[None]:
     and the fused AdamW step a GPU takes."""
     import torch.nn.functional as F
 
-    import lightning_modules.masked_video_module as stage2
-    import lightning_modules.tokenizer_module as stage1
-    import models.attention as attention
-    from lightning_modules.optim import _grad_scaler
+    import maskvid.lightning_modules.masked_video_module as stage2
+    import maskvid.lightning_modules.tokenizer_module as stage1
+    import maskvid.models.attention as attention
+    from maskvid.lightning_modules.optim import _grad_scaler
 
     def sdpa(q, k, v, attn_mask=None, is_causal=False):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
     def adamw(param_groups, trainer, **kwargs):
-        # lightning_modules.optim.adamw's rule, for which fake parameters are not plain ones: the
+        # maskvid.lightning_modules.optim.adamw's rule, for which fake parameters are not plain ones: the
         # fused kernel whenever no fp16 scaler is involved.
         return torch.optim.AdamW(param_groups, fused=_grad_scaler(trainer) is None, **kwargs)
 
@@ -349,7 +349,7 @@ def _PeakTracker():
 def _checkpoint_blocks(module) -> int:
     from torch.distributed._composable import checkpoint
 
-    from launch.strategies import _blocks, _networks
+    from maskvid.launch.strategies import _blocks, _networks
 
     count = 0
     for network in _networks(module):
@@ -481,7 +481,7 @@ def _optimizers(result) -> tuple[list, list]:
 
 
 def _parallel(module) -> list[nn.Module]:
-    from launch.strategies import _networks
+    from maskvid.launch.strategies import _networks
 
     return _networks(module)
 

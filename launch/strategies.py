@@ -277,13 +277,13 @@ class FSDP2Strategy(_Parallelize, ModelParallelStrategy):
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)  # one file: CheckpointIO
-        from launch.checkpoint_io import save_directory_atomically
+        from maskvid.launch.checkpoint_io import save_directory_atomically
 
         save_directory_atomically(self, filepath, lambda staging: super(FSDP2Strategy, self).save_checkpoint(
             checkpoint, staging, storage_options))
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
-        from launch.checkpoints import verify_checkpoint
+        from maskvid.launch.checkpoints import verify_checkpoint
 
         verify_checkpoint(self.broadcast(str(checkpoint_path)))
         return super().load_checkpoint(checkpoint_path, weights_only)
@@ -409,7 +409,7 @@ class DeepSpeedZeroStrategy(_Parallelize, DeepSpeedStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         """A checkpoint from another world size is converted to a universal one first (next to
         it, `<name>.universal`, once), then loaded as such."""
-        from launch.checkpoints import checkpoint_kind, deepspeed_world_size, is_universal, to_universal, verify_checkpoint
+        from maskvid.launch.checkpoints import checkpoint_kind, deepspeed_world_size, is_universal, to_universal, verify_checkpoint
 
         path = verify_checkpoint(self.broadcast(str(checkpoint_path)))
         if checkpoint_kind(path) == "deepspeed" and not is_universal(path) and deepspeed_world_size(path) != self.world_size:
@@ -425,7 +425,7 @@ class DeepSpeedZeroStrategy(_Parallelize, DeepSpeedStrategy):
         return super().load_checkpoint(path, weights_only)
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
-        from launch.checkpoint_io import save_directory_atomically
+        from maskvid.launch.checkpoint_io import save_directory_atomically
 
         save_directory_atomically(self, filepath, lambda staging: super(DeepSpeedZeroStrategy, self).save_checkpoint(
             checkpoint, staging, storage_options))

@@ -20,5 +20,5 @@ fi
 PYTHON=${PYTHON:-python}
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  -m launch.cli fit --config "$CONFIG" --config "configs/trainer/$STRATEGY.yaml" \
+  -m maskvid.launch.cli fit --config "$CONFIG" --config "configs/trainer/$STRATEGY.yaml" \
   --trainer.num_nodes "$NNODES" --trainer.devices "$NPROC_PER_NODE" --ckpt_path auto "$@"

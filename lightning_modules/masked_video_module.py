@@ -22,21 +22,21 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
-from lightning_modules.ema import EMA
-from lightning_modules.optim import adamw, clip_grad_norm
-from lightning_modules.parallelize import parallelize_with_strategy
-from lightning_modules.schedules import warmup_cosine
-from lightning_modules.video_metrics import VideoEvalMetrics
-from metrics.caption_accuracy import target_attributes
-from metrics.clip_model import CLIPLoadError
-from metrics.i3d import I3DWeightsError
-from models.config import instantiate
-from models.losses import token_cross_entropy
-from models.sampling import SamplingOptionError, SamplingOptions, mask_ratio, maskgit_sample
-from models.stage2_checkpoint import STAGE2_KEY, STAGE2_FORMAT
-from models.text_encoder import TextEncoder
-from models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
+from maskvid.lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
+from maskvid.lightning_modules.ema import EMA
+from maskvid.lightning_modules.optim import adamw, clip_grad_norm
+from maskvid.lightning_modules.parallelize import parallelize_with_strategy
+from maskvid.lightning_modules.schedules import warmup_cosine
+from maskvid.lightning_modules.video_metrics import VideoEvalMetrics
+from maskvid.metrics.caption_accuracy import target_attributes
+from maskvid.metrics.clip_model import CLIPLoadError
+from maskvid.metrics.i3d import I3DWeightsError
+from maskvid.models.config import instantiate
+from maskvid.models.losses import token_cross_entropy
+from maskvid.models.sampling import SamplingOptionError, SamplingOptions, mask_ratio, maskgit_sample
+from maskvid.models.stage2_checkpoint import STAGE2_KEY, STAGE2_FORMAT
+from maskvid.models.text_encoder import TextEncoder
+from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
 
 _NO_DECAY = ("pos_t", "pos_h", "pos_w", "null", "latents")
 # Validation-only settings: kept out of checkpoint hyperparameters, because LightningCLI lets a
@@ -88,7 +88,7 @@ class MaskedVideoModule(LightningModule):
     ) -> None:
         """
         Args:
-            backbone: The stage-2 network (e.g. models.maskgit.MaskGITBackbone, models.mebt.MeBT).
+            backbone: The stage-2 network (e.g. maskvid.models.maskgit.MaskGITBackbone, maskvid.models.mebt.MeBT).
             tokenizer_path: Stage-1 checkpoint (from `maskvid fit` with TokenizerModule). Its frozen
                 tokenizer is stored in this module's checkpoints, so generation needs no other file.
             text_encoder: Frozen text encoder: a local directory, a cached hub name (T5 or any
@@ -429,7 +429,7 @@ class MaskedVideoModule(LightningModule):
         if logs:
             self.log_dict(logs)
         if shown:
-            from lightning_modules.media import log_samples
+            from maskvid.lightning_modules.media import log_samples
 
             log_samples(self.trainer, torch.stack(shown), [p for p, _ in mine[: len(shown)]], fps=self.hparams.log_fps)
 

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from datamodules.pixels import to_uint8
-from datamodules.preview import contact_sheet
-from datamodules.video_io import encode_mp4
+from maskvid.datamodules.pixels import to_uint8
+from maskvid.datamodules.preview import contact_sheet
+from maskvid.datamodules.video_io import encode_mp4
 
 
 def media_dir(trainer) -> Path:

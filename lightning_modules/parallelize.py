@@ -19,4 +19,4 @@ def parallelize_with_strategy(module: LightningModule) -> None:
         parallelize(module)
     elif module.hparams.get("compile"):
         rank_zero_warn(f"model.init_args.compile: {type(strategy).__name__} does not compile; use one of "
-                       "launch.strategies (MaskvidSingleDeviceStrategy on one device). Running uncompiled.")
+                       "maskvid.launch.strategies (MaskvidSingleDeviceStrategy on one device). Running uncompiled.")

@@ -103,7 +103,7 @@ class FitScheduleToTime(Callback):
         trainer.fit_loop.epoch_loop.max_steps = max_steps
         for config in trainer.lr_scheduler_configs:
             for fn in getattr(config.scheduler, "lr_lambdas", []):
-                # Schedules from lightning_modules.schedules read their length from this attribute.
+                # Schedules from maskvid.lightning_modules.schedules read their length from this attribute.
                 if hasattr(fn, "total_steps"):
                     fn.total_steps = max_steps
         pl_module = trainer.lightning_module

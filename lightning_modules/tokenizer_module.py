@@ -20,19 +20,19 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
-from lightning_modules.ema import EMA
-from lightning_modules.media import log_reconstructions
-from lightning_modules.optim import adamw, clip_grad_norm
-from lightning_modules.parallelize import parallelize_with_strategy
-from lightning_modules.schedules import warmup_cosine
-from lightning_modules.video_metrics import VideoEvalMetrics
-from metrics.codebook import CodebookUsage
-from metrics.i3d import I3DWeightsError
-from models.config import instantiate
-from models.cvivit import CViViT
-from models.discriminator import VideoDiscriminator
-from models.tokenizer_checkpoint import CHECKPOINT_KEY, FORMAT_VERSION
+from maskvid.lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
+from maskvid.lightning_modules.ema import EMA
+from maskvid.lightning_modules.media import log_reconstructions
+from maskvid.lightning_modules.optim import adamw, clip_grad_norm
+from maskvid.lightning_modules.parallelize import parallelize_with_strategy
+from maskvid.lightning_modules.schedules import warmup_cosine
+from maskvid.lightning_modules.video_metrics import VideoEvalMetrics
+from maskvid.metrics.codebook import CodebookUsage
+from maskvid.metrics.i3d import I3DWeightsError
+from maskvid.models.config import instantiate
+from maskvid.models.cvivit import CViViT
+from maskvid.models.discriminator import VideoDiscriminator
+from maskvid.models.tokenizer_checkpoint import CHECKPOINT_KEY, FORMAT_VERSION
 
 _NO_DECAY = ("codebook", "pos_h", "pos_w")
 
@@ -122,7 +122,7 @@ class TokenizerModule(LightningModule):
         # Kept out of the module tree: frozen, not checkpointed, not sharded, not optimized.
         self._perceptual: list[nn.Module] = []
         if perceptual_weight > 0:
-            from models.perceptual import PerceptualLoss, PerceptualWeightsError
+            from maskvid.models.perceptual import PerceptualLoss, PerceptualWeightsError
 
             try:
                 self._perceptual.append(PerceptualLoss(perceptual_path))
@@ -346,7 +346,7 @@ class TokenizerModule(LightningModule):
     # -- checkpoints ----------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Everything `models.tokenizer_checkpoint.load_tokenizer` needs, without Lightning.
+        # Everything `maskvid.models.tokenizer_checkpoint.load_tokenizer` needs, without Lightning.
         checkpoint[CHECKPOINT_KEY] = {
             "format": FORMAT_VERSION,
             "config": self.tokenizer.config,

@@ -13,11 +13,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
-from metrics.caption_accuracy import KEYS as CAPTION_KEYS
-from metrics.caption_accuracy import CaptionAccuracy
-from metrics.clipsim import CLIPSimilarity
-from metrics.fvd import FrechetVideoDistance
-from metrics.i3d import load_i3d
+from maskvid.metrics.caption_accuracy import KEYS as CAPTION_KEYS
+from maskvid.metrics.caption_accuracy import CaptionAccuracy
+from maskvid.metrics.clipsim import CLIPSimilarity
+from maskvid.metrics.fvd import FrechetVideoDistance
+from maskvid.metrics.i3d import load_i3d
 
 
 class VideoEvalMetrics(nn.Module):

@@ -1,6 +1,6 @@
 """Caption accuracy of generated videos, read back by the synthetic oracle, as a Metric across ranks.
 
-For each video, `metrics.oracle` reads colour, shape and direction from its pixels and compares
+For each video, `maskvid.metrics.oracle` reads colour, shape and direction from its pixels and compares
 them with what its prompt asked for; the metric is the fraction right per attribute and for all
 three at once ("joint"). Videos whose prompt names no synthetic attributes are counted as
 `unscored`, so a caller can tell whether the score covers every video.
@@ -14,17 +14,17 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from metrics.oracle import ATTRIBUTES, recover, score
+from maskvid.metrics.oracle import ATTRIBUTES, recover, score
 
 KEYS = (*ATTRIBUTES, "joint")
 
 
 def target_attributes(caption: str, info: Optional[Mapping[str, Any]] = None) -> Optional[dict[str, str]]:
     """What a prompt asks for: a synthetic sample's json attributes, else those its caption names
-    (`datamodules.synthetic.parse_caption`), else None."""
+    (`maskvid.datamodules.synthetic.parse_caption`), else None."""
     if info and all(isinstance(info.get(name), str) for name in ATTRIBUTES):
         return {name: info[name] for name in ATTRIBUTES}
-    from datamodules.synthetic import parse_caption
+    from maskvid.datamodules.synthetic import parse_caption
 
     return parse_caption(caption) if caption else None
 
@@ -33,7 +33,7 @@ def _uint8_channels_last(videos: Tensor) -> Tensor:
     """float [B, C, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, C]; uint8 input is taken as it is."""
     if videos.dtype == torch.uint8:
         return videos
-    from datamodules.pixels import to_uint8
+    from maskvid.datamodules.pixels import to_uint8
 
     return to_uint8(videos)
 

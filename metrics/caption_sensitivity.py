@@ -10,7 +10,7 @@ MeBT read colour and nothing of the motion (docs/demo.md, "The direction word").
 Object tokens (those differing from the clip set's commonest, background token) are scored apart
 from all masked tokens, because the background dominates the mean and no caption changes it.
 
-    python -m metrics.caption_sensitivity --ckpt runs/mebt_demo/checkpoints/last.ckpt \\
+    python -m maskvid.metrics.caption_sensitivity --ckpt runs/mebt_demo/checkpoints/last.ckpt \\
         --tokens 'tokens/val/shard-*.tar' --json-out results/sensitivity.json
 """
 
@@ -31,7 +31,7 @@ def swap_word(word: str, attribute: str) -> str | None:
     """The replacement of one caption word for `attribute` (None: the word does not name it):
     colour -> the next colour, shape -> the next shape, a direction word -> the same form of the
     opposite direction ("leftward" -> "rightward")."""
-    from datamodules.synthetic import COLOURS, SHAPES
+    from maskvid.datamodules.synthetic import COLOURS, SHAPES
 
     if attribute == "direction":
         for stem, opposite in OPPOSITE.items():
@@ -50,9 +50,9 @@ def swapped(caption: str, attribute: str) -> str:
 def load_clips(pattern: str, limit: int) -> tuple[torch.Tensor, list[str]]:
     """Token grids [n, t, h, w] and captions of the first `limit` val clips whose captions name a
     colour, a shape and a direction of the synthetic vocabulary."""
-    from datamodules.streams import ValStream, expand_shards
-    from datamodules.synthetic import parse_caption
-    from datamodules.token_samples import TokenSampleDecoder
+    from maskvid.datamodules.streams import ValStream, expand_shards
+    from maskvid.datamodules.synthetic import parse_caption
+    from maskvid.datamodules.token_samples import TokenSampleDecoder
 
     tokens, captions = [], []
     for sample in ValStream(expand_shards(pattern), TokenSampleDecoder()):
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     if any(not 0 < r <= 1 for r in args.mask_ratios):
         p.error("--mask-ratios must lie in (0, 1]")
 
-    from models.stage2_checkpoint import load_generator
+    from maskvid.models.stage2_checkpoint import load_generator
 
     generator = load_generator(args.ckpt)
     tokens, captions = load_clips(args.tokens, args.clips)

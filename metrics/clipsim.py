@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import Tensor
 from torchmetrics import Metric
 
-from metrics.clip_model import LocalCLIP
+from maskvid.metrics.clip_model import LocalCLIP
 
 FRAME_CHUNK = 64  # frames per CLIP forward: bounds memory for long or many videos
 

@@ -20,8 +20,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
-from metrics.frechet import GaussianStats, stats_distance
-from metrics.i3d import I3DFeatures, load_i3d
+from maskvid.metrics.frechet import GaussianStats, stats_distance
+from maskvid.metrics.i3d import I3DFeatures, load_i3d
 
 STATS_FORMAT = "maskvid-fvd-stats/1"
 

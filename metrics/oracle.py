@@ -1,6 +1,6 @@
 """The caption-accuracy oracle: reads colour, shape and direction back from a synthetic-style video.
 
-It scores generated videos against the prompts of the synthetic dataset (`datamodules.synthetic`)
+It scores generated videos against the prompts of the synthetic dataset (`maskvid.datamodules.synthetic`)
 without any learned model, so it needs no weights and shares no model's blind spots. Per frame:
 
 - background: the median of the border pixels (the renderer keeps the border clear);
@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from datamodules.synthetic import COLOURS
+from maskvid.datamodules.synthetic import COLOURS
 
 NO_OBJECT = "no object"  # colour/shape/direction when no object is found (blank, noise)
 STATIC = "static"  # direction when the object does not move
@@ -38,7 +38,7 @@ COLOUR_SPREAD = 40.0  # median RGB deviation within the object above which it is
 MAX_OBJECT_FRACTION = 0.5  # an "object" covering more of the frame is a background change
 MIN_OBJECT_FRACTION = 0.002  # fewer object pixels than this (and than 4) is an empty frame
 COLOUR_TOLERANCE = 80.0  # RGB distance to the nearest palette colour for it to count
-# Fill-ratio range of each shape (datamodules.synthetic.FILL_RATIO). The circle/triangle boundary sits above the
+# Fill-ratio range of each shape (maskvid.datamodules.synthetic.FILL_RATIO). The circle/triangle boundary sits above the
 # midpoint 0.64: a small triangle's apex is thinner than a pixel, so its height is under-measured
 # and its fill over-measured (up to ~0.67 at 32x32); circles and squares measure within ~0.03.
 # Outside every range the blob is no known shape.

@@ -17,11 +17,11 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from datamodules.clips import VIDEO_EXTS, ClipSpec, decode_clip
-from datamodules.errors import DataError
-from datamodules.pixels import to_model
-from datamodules.samples import BadSample
-from datamodules.video_io import VideoDecodeError, decode_all
+from maskvid.datamodules.clips import VIDEO_EXTS, ClipSpec, decode_clip
+from maskvid.datamodules.errors import DataError
+from maskvid.datamodules.pixels import to_model
+from maskvid.datamodules.samples import BadSample
+from maskvid.datamodules.video_io import VideoDecodeError, decode_all
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class VideoSet:
 
     def _videos(self) -> Iterator[np.ndarray]:
         if is_shards(self.spec):
-            from datamodules.streams import ValStream, expand_shards
+            from maskvid.datamodules.streams import ValStream, expand_shards
 
             stream = ValStream(expand_shards(self.spec), _ShardClipDecoder(self.num_frames, self.resolution))
             for sample in stream:
@@ -146,7 +146,7 @@ def set_features(videos: VideoSet, extract, batch_size: int = 8, device: str | t
 def set_statistics(videos: VideoSet, extract, batch_size: int = 8, device: str | torch.device = "cpu",
                    progress=None):
     """Gaussian statistics (float64) of the set's I3D features, the way FrechetVideoDistance forms them."""
-    from metrics.frechet import GaussianStats
+    from maskvid.metrics.frechet import GaussianStats
 
     dim = extract.num_features
     total = torch.zeros(dim, dtype=torch.float64)

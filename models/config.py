@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 # Rebuilding imports a class named by the checkpoint; only these packages may be named.
-TRUSTED_PACKAGES = ("models.",)
+TRUSTED_PACKAGES = ("maskvid.models.",)
 
 
 def module_config(module: nn.Module, init_locals: dict[str, Any]) -> dict[str, Any]:

@@ -13,9 +13,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from models.attention import Transformer, sinusoidal_embedding
-from models.config import module_config
-from models.quantizer import Quantizer, QuantizerOutput, VectorQuantizer
+from maskvid.models.attention import Transformer, sinusoidal_embedding
+from maskvid.models.config import module_config
+from maskvid.models.quantizer import Quantizer, QuantizerOutput, VectorQuantizer
 
 
 class CViViT(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import module_config
+from maskvid.models.config import module_config
 
 
 class VideoDiscriminator(nn.Module):

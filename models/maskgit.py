@@ -17,8 +17,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from models.attention import CrossAttention, FeedForward, SelfAttention
-from models.config import module_config
+from maskvid.models.attention import CrossAttention, FeedForward, SelfAttention
+from maskvid.models.config import module_config
 
 
 class LocalMixing(nn.Module):

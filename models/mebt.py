@@ -23,10 +23,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from models.attention import (CrossAttention, FeedForward, SelfAttention, Varlen, pack_rows, sinusoidal_embedding,
+from maskvid.models.attention import (CrossAttention, FeedForward, SelfAttention, Varlen, pack_rows, sinusoidal_embedding,
                               uniform)
-from models.config import module_config
-from models.maskgit import LocalMixing, TextConditioning
+from maskvid.models.config import module_config
+from maskvid.models.maskgit import LocalMixing, TextConditioning
 
 
 class Sets(NamedTuple):
@@ -208,7 +208,7 @@ class MeBT(nn.Module):
             query_text: In every decoder layer, the masked queries also read the caption (their
                 own softmax over its tokens; cost O(N_mask * L), still linear). Without it the
                 caption reaches a query only through the latents and the pooled vector, and the
-                demo MeBT never used the direction word (`python -m metrics.caption_sensitivity`:
+                demo MeBT never used the direction word (`python -m maskvid.metrics.caption_sensitivity`:
                 swapping "left" for "right" changed its loss by < 0.005 nats).
         """
         super().__init__()

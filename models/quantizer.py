@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import module_config
+from maskvid.models.config import module_config
 
 
 @dataclass

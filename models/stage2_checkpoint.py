@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.config import instantiate
-from models.cvivit import CViViT
-from models.sampling import SamplingOptions, maskgit_sample
+from maskvid.models.config import instantiate
+from maskvid.models.cvivit import CViViT
+from maskvid.models.sampling import SamplingOptions, maskgit_sample
 
 STAGE2_KEY = "maskvid_stage2"
 STAGE2_FORMAT = 1
@@ -107,7 +107,7 @@ class TextToVideo:
 
 def load_generator(path: str | Path, map_location: str | torch.device = "cpu") -> TextToVideo:
     """The generator stored in a stage-2 checkpoint file."""
-    from models.text_encoder import TextEncoder
+    from maskvid.models.text_encoder import TextEncoder
 
     path = Path(path)
     if path.is_dir():

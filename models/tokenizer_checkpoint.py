@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from models.config import instantiate
-from models.cvivit import CViViT
+from maskvid.models.config import instantiate
+from maskvid.models.cvivit import CViViT
 
 CHECKPOINT_KEY = "maskvid_tokenizer"
 FORMAT_VERSION = 1

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.shard_writer import ShardSink
-from datamodules.video_io import encode_mp4
+from maskvid.datamodules.shard_writer import ShardSink
+from maskvid.datamodules.video_io import encode_mp4
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path
     """Run `maskvid ...` in a fresh interpreter (as a user would), tests importable."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "launch.cli", *args],
+        [sys.executable, "-m", "maskvid.launch.cli", *args],
         cwd=cwd,
         env=full_env,
         capture_output=True,

@@ -136,7 +136,7 @@ def _write_forever(directory: Path, layout: str) -> None:
     DIR/committed names the last version whose save returned."""
     import torch.distributed.checkpoint as dcp
 
-    from launch.checkpoint_io import AtomicCheckpointIO, save_directory_atomically
+    from maskvid.launch.checkpoint_io import AtomicCheckpointIO, save_directory_atomically
 
     io = AtomicCheckpointIO()
     weights = torch.randn(16, 1024, 1024)  # 64 MiB: each write takes a while

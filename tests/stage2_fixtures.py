@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from models.cvivit import CViViT
-from models.quantizer import VectorQuantizer
-from models.tokenizer_checkpoint import save_tokenizer
+from maskvid.models.cvivit import CViViT
+from maskvid.models.quantizer import VectorQuantizer
+from maskvid.models.tokenizer_checkpoint import save_tokenizer
 
 
 def tiny_t5_dir(out: Path, d_model: int = 32) -> Path:
@@ -34,9 +34,9 @@ def write_tokenizer_checkpoint(path: Path, tokenizer: CViViT) -> Path:
 
 
 BACKBONES = {
-    "maskgit": {"class_path": "models.maskgit.MaskGITBackbone",
+    "maskgit": {"class_path": "maskvid.models.maskgit.MaskGITBackbone",
                 "init_args": {"vocab_size": 64, "grid": [5, 4, 4], "dim": 32, "depth": 2, "heads": 2, "text_dim": 32}},
-    "mebt": {"class_path": "models.mebt.MeBT",
+    "mebt": {"class_path": "maskvid.models.mebt.MeBT",
              "init_args": {"vocab_size": 64, "grid": [5, 4, 4], "dim": 32, "depth": 1, "heads": 2, "num_latents": 8,
                            "text_dim": 32}},
 }
@@ -47,7 +47,7 @@ def tiny_training_setup(root: Path) -> dict:
     YAMLs for `maskvid fit`: maskgit, mebt (stage 2, on-the-fly tokens) and the GAN tokenizer."""
     import yaml
 
-    from datamodules.synthetic import build_synthetic
+    from maskvid.datamodules.synthetic import build_synthetic
     from tests.test_tokenizer_module import MODEL as TOKENIZER_MODEL
 
     data = root / "data"
@@ -59,7 +59,7 @@ def tiny_training_setup(root: Path) -> dict:
     for name, backbone in BACKBONES.items():
         configs[name] = root / f"{name}.yaml"
         configs[name].write_text(yaml.safe_dump({"model": {
-            "class_path": "lightning_modules.masked_video_module.MaskedVideoModule",
+            "class_path": "maskvid.lightning_modules.masked_video_module.MaskedVideoModule",
             "init_args": {"backbone": backbone, "tokenizer_path": str(tok), "text_encoder": str(t5),
                           "text_max_length": 8, "warmup_steps": 1, "num_val_videos": 0}}}))
     configs["tokenizer"] = root / "tokenizer.yaml"

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
-from launch.strategies import (
+from maskvid.launch.strategies import (
     DeepSpeedZeroStrategy,
     FSDP2Strategy,
     MaskvidDDPStrategy,
@@ -23,10 +23,10 @@ from launch.strategies import (
     checkpoint_blocks,
     parallelize,
 )
-from models.cvivit import CViViT
-from models.maskgit import MaskGITBackbone
-from models.mebt import MeBT
-from models.quantizer import VectorQuantizer
+from maskvid.models.cvivit import CViViT
+from maskvid.models.maskgit import MaskGITBackbone
+from maskvid.models.mebt import MeBT
+from maskvid.models.quantizer import VectorQuantizer
 
 
 def _cvivit():

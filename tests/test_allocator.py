@@ -8,15 +8,15 @@ import sys
 
 import pytest
 
-import launch.cpu_tuning as allocator
-from launch.cpu_tuning import AllocatorError, child_env, choose
+import maskvid.launch.cpu_tuning as allocator
+from maskvid.launch.cpu_tuning import AllocatorError, child_env, choose
 
 
 def test_unknown_setting_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("MASKVID_ALLOCATOR", "hoard")
     with pytest.raises(AllocatorError, match="MASKVID_ALLOCATOR='hoard': expected one of auto, tcmalloc, jemalloc, system"):
         choose()
-    from launch.cli_errors import _user_error_types
+    from maskvid.launch.cli_errors import _user_error_types
 
     assert issubclass(AllocatorError, _user_error_types())  # reported as one line by the CLI
 
@@ -113,7 +113,7 @@ def test_keep_freed_memory_really_calls_mallopt():
         pytest.skip("glibc only")
     # A child, so this test process keeps glibc's defaults; M_MMAP_THRESHOLD's effect is visible
     # as a large allocation served from the heap (brk) instead of a fresh mapping.
-    code = ("import ctypes, ctypes.util, sys; from launch.cpu_tuning import keep_freed_memory; "
+    code = ("import ctypes, ctypes.util, sys; from maskvid.launch.cpu_tuning import keep_freed_memory; "
             "libc = ctypes.CDLL(ctypes.util.find_library('c')); libc.sbrk.restype = ctypes.c_void_p; "
             "tune = sys.argv[1] == '1'; ok = keep_freed_memory() if tune else True; "
             "libc.malloc.restype = ctypes.c_void_p; before = libc.sbrk(0); p = libc.malloc(64 << 20); "
@@ -150,7 +150,7 @@ def record_demo_commands(monkeypatch, demo) -> dict:
 
 @pytest.mark.parametrize("setting", ["tcmalloc", "system"])
 def test_the_demo_runs_its_commands_on_the_chosen_allocator_when_tuning(tmp_path, monkeypatch, setting):
-    import launch.demo_pipeline as demo
+    import maskvid.launch.demo_pipeline as demo
 
     monkeypatch.setattr(allocator, "find", lambda kind: f"/opt/lib{kind}.so")
     monkeypatch.setattr(allocator, "_cuda_available", lambda: False)
@@ -169,7 +169,7 @@ def test_the_demo_runs_its_commands_on_the_chosen_allocator_when_tuning(tmp_path
 @pytest.mark.parametrize("cuda", [False, True])
 def test_by_default_the_demo_preloads_nothing(tmp_path, monkeypatch, cuda):
     """Off by default on a CPU; with CUDA even --cpu-tuning is ignored."""
-    import launch.demo_pipeline as demo
+    import maskvid.launch.demo_pipeline as demo
 
     monkeypatch.setattr(allocator, "find", lambda kind: f"/opt/lib{kind}.so")
     monkeypatch.setattr(allocator, "_cuda_available", lambda: cuda)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import models.attention as attention
-from models.attention import CrossAttention, SelfAttention, Varlen, pack_rows, split_heads, varlen_attention
+import maskvid.models.attention as attention
+from maskvid.models.attention import CrossAttention, SelfAttention, Varlen, pack_rows, split_heads, varlen_attention
 
 
 class FullSizeOps(TorchDispatchMode):

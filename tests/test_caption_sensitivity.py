@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import torch
 
-from metrics.caption_sensitivity import sensitivity, swapped
-from models.maskgit import MaskGITBackbone
+from maskvid.metrics.caption_sensitivity import sensitivity, swapped
+from maskvid.models.maskgit import MaskGITBackbone
 
 
 def test_swaps_name_another_value_in_the_same_word_form():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.cli import LIGHTNING_COMMANDS, TOOL_COMMANDS, main
+from maskvid.launch.cli import LIGHTNING_COMMANDS, TOOL_COMMANDS, main
 from tests.conftest import REPO, run_cli
 
 
@@ -65,6 +65,6 @@ def test_tool_commands_start_without_lightning():
     import subprocess
     import sys
 
-    code = "import sys; from launch.cli import build_parser; build_parser(); print('lightning' in sys.modules)"
+    code = "import sys; from maskvid.launch.cli import build_parser; build_parser(); print('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO))
     assert out.stdout.strip() == "False", out.stderr

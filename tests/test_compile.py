@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from models.config import instantiate
-from models.losses import token_cross_entropy
+from maskvid.models.config import instantiate
+from maskvid.models.losses import token_cross_entropy
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"maskgit": dict(dim=32, heads=2, depth=2, text_dim=16),

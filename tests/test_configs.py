@@ -9,14 +9,14 @@ import pytest
 import torch
 import yaml
 
-from launch.config_includes import merged_config
-from launch.lightning_cli import MaskvidCLI
+from maskvid.launch.config_includes import merged_config
+from maskvid.launch.lightning_cli import MaskvidCLI
 from tests.stage2_fixtures import tiny_t5_dir, write_tokenizer_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
-STAGE2 = "lightning_modules.masked_video_module.MaskedVideoModule"
-TOKENIZER = "lightning_modules.tokenizer_module.TokenizerModule"
+STAGE2 = "maskvid.lightning_modules.masked_video_module.MaskedVideoModule"
+TOKENIZER = "maskvid.lightning_modules.tokenizer_module.TokenizerModule"
 EXPERIMENTS = sorted((REPO / "configs/experiment").glob("*.yaml"))
 BASE_RECIPES = [p for p in EXPERIMENTS if "_base" in p.stem]
 TRAINER_FILES = sorted((REPO / "configs/trainer").glob("*.yaml"))
@@ -40,7 +40,7 @@ def tiny_overrides(model: dict) -> list[str]:
     """--model options shrinking a paper-scale network to a few thousand parameters."""
     init = model["init_args"]
     if model["class_path"] == STAGE2:
-        sizes = dict(TINY_BACKBONE, **(TINY_MEBT if init["backbone"]["class_path"] == "models.mebt.MeBT" else {}))
+        sizes = dict(TINY_BACKBONE, **(TINY_MEBT if init["backbone"]["class_path"] == "maskvid.models.mebt.MeBT" else {}))
         return [a for k, v in sizes.items() for a in (f"--model.init_args.backbone.init_args.{k}", str(v))]
     assert model["class_path"] == TOKENIZER, model["class_path"]
     args = [a for k, v in TINY_CVIVIT.items() for a in (f"--model.init_args.tokenizer.init_args.{k}", str(v))]
@@ -50,7 +50,7 @@ def tiny_overrides(model: dict) -> list[str]:
 def stage2_overrides(model: dict, tmp_path: Path, text_dim: int | None = None) -> list[str]:
     """A stage-1 checkpoint matching the config's vocabulary (from the cvivit config with that many
     codes), and a tiny local T5 in place of a hub T5 that cannot be downloaded here."""
-    from models.config import instantiate
+    from maskvid.models.config import instantiate
 
     init = model["init_args"]
     vocab = init["backbone"]["init_args"]["vocab_size"]
@@ -135,16 +135,16 @@ def test_experiments_leave_the_hardware_to_a_trainer_file():
 def test_a_trainer_file_layered_after_an_experiment_keeps_its_callbacks(trainer_file, tmp_path, monkeypatch):
     """A `callbacks:` list in a later config replaces the earlier one (jsonargparse); trainer files
     append with `callbacks+:` so the experiment's checkpointing and time budget survive."""
-    from launch.last_checkpoint import LastCheckpoint
-    from lightning_modules.time_budget import FitScheduleToTime
+    from maskvid.launch.last_checkpoint import LastCheckpoint
+    from maskvid.lightning_modules.time_budget import FitScheduleToTime
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["maskvid"])
     assert "\n  callbacks:" not in trainer_file.read_text(), f"{trainer_file.name}: use `callbacks+:`"
     experiment = tmp_path / "exp.yaml"
     experiment.write_text(yaml.safe_dump({"trainer": {"max_steps": 7, "callbacks": [
-        {"class_path": "lightning_modules.time_budget.FitScheduleToTime"},
-        {"class_path": "launch.last_checkpoint.LastCheckpoint", "init_args": {"dirpath": str(tmp_path / "ck")}}]}}))
+        {"class_path": "maskvid.lightning_modules.time_budget.FitScheduleToTime"},
+        {"class_path": "maskvid.launch.last_checkpoint.LastCheckpoint", "init_args": {"dirpath": str(tmp_path / "ck")}}]}}))
     trainer = trainer_of(experiment, trainer_file, tmp_path=tmp_path)
     kinds = [type(c) for c in trainer.callbacks]
     assert FitScheduleToTime in kinds and LastCheckpoint in kinds and trainer.max_steps == 7
@@ -154,7 +154,7 @@ def test_a_trainer_file_layered_after_an_experiment_keeps_its_callbacks(trainer_
 
 
 def test_gpu_trainer_is_one_gpu_in_bf16_with_tf32(tmp_path, monkeypatch):
-    from launch.matmul_precision import MatmulPrecision
+    from maskvid.launch.matmul_precision import MatmulPrecision
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["maskvid"])
@@ -173,9 +173,9 @@ def test_base_recipes_are_gpu_references_with_their_launch_lines(path):
     trainer = doc["trainer"]
     assert trainer["accelerator"] == "gpu" and trainer["precision"] == "bf16-mixed"
     assert doc["model"]["init_args"]["compile"] is True
-    assert any(c["class_path"] == "launch.matmul_precision.MatmulPrecision" and c["init_args"]["precision"] == "high"
+    assert any(c["class_path"] == "maskvid.launch.matmul_precision.MatmulPrecision" and c["init_args"]["precision"] == "high"
                for c in trainer["callbacks"])
-    checkpoints = [c for c in trainer["callbacks"] if c["class_path"] == "launch.last_checkpoint.LastCheckpoint"]
+    checkpoints = [c for c in trainer["callbacks"] if c["class_path"] == "maskvid.launch.last_checkpoint.LastCheckpoint"]
     assert checkpoints and checkpoints[0]["init_args"]["dirpath"].startswith(trainer["default_root_dir"])
     header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
     rel = path.relative_to(REPO).as_posix()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import instantiate
-from models.cvivit import CViViT
-from models.quantizer import FSQ, VectorQuantizer
+from maskvid.models.config import instantiate
+from maskvid.models.cvivit import CViViT
+from maskvid.models.quantizer import FSQ, VectorQuantizer
 
 
 def tiny(quantizer=None, **kw) -> CViViT:

@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from datamodules.errors import DataError
-from datamodules.streams import ValStream, expand_shards
-from datamodules.video_datamodule import VideoDataModule
+from maskvid.datamodules.errors import DataError
+from maskvid.datamodules.streams import ValStream, expand_shards
+from maskvid.datamodules.video_datamodule import VideoDataModule
 from tests.conftest import make_bad_shards, mp4_item, png_item, ramp_video, write_shards
 
 
@@ -253,8 +253,8 @@ def test_clip_pixels_equal_plain_pyav_conversion():
     import av
     import numpy as np
 
-    from datamodules.clips import ClipSpec, decode_clip
-    from datamodules.video_io import encode_mp4
+    from maskvid.datamodules.clips import ClipSpec, decode_clip
+    from maskvid.datamodules.video_io import encode_mp4
 
     rng = np.random.default_rng(3)
     yy, xx = np.mgrid[0:96, 0:128]
@@ -276,7 +276,7 @@ class _ThreadsSeen(torch.utils.data.Dataset):
         return 4
 
     def __getitem__(self, i: int) -> int:
-        from datamodules.clips import _worker_threads
+        from maskvid.datamodules.clips import _worker_threads
 
         return _worker_threads()
 
@@ -291,7 +291,7 @@ def node(monkeypatch):
 
 
 def test_decode_threads_share_the_affinity_among_local_ranks_and_workers(node):
-    from datamodules.cpus import decode_threads, local_world_size, usable_cpus
+    from maskvid.datamodules.cpus import decode_threads, local_world_size, usable_cpus
 
     assert usable_cpus() == 16 and local_world_size() == 1
     assert decode_threads(0) == 16 and decode_threads(4) == 4
@@ -318,8 +318,8 @@ def test_clip_decoder_threads_in_workers(node, num_workers):
 def test_decoded_clip_gets_those_threads(node):
     import av
 
-    from datamodules import clips
-    from datamodules.video_io import encode_mp4
+    from maskvid.datamodules import clips
+    from maskvid.datamodules.video_io import encode_mp4
     from tests.conftest import ramp_video
 
     node.setenv("LOCAL_WORLD_SIZE", "8")

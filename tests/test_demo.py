@@ -46,14 +46,14 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
         assert metrics["clipsim"][split]["value"] is None and "--clip-path" in metrics["clipsim"][split]["reason"]
     assert any("maskvid fit" in c and "tokenizer_demo.yaml" in c for c in summary["commands"]["tokenizer"])
     # The data step rendered the demo's variation of the synthetic data, and says so.
-    from launch.demo_pipeline import DEMO_VARIATION
+    from maskvid.launch.demo_pipeline import DEMO_VARIATION
 
     assert summary["data"]["variation"] == DEMO_VARIATION.as_dict()
-    from launch.precision import trainer_precision
+    from maskvid.launch.precision import trainer_precision
 
     assert summary["precision"] == {"tokenizer": "32-true", "stage2": trainer_precision("cpu")}
     # Host CPU tuning is opt-in: by default the commands run on the malloc this process has.
-    from launch.cpu_tuning import preloaded
+    from maskvid.launch.cpu_tuning import preloaded
 
     assert summary["cpu_tuning"] is False and summary["allocator"] == preloaded(os.environ)
     assert summary["trainer_config"] == "configs/trainer/cpu.yaml"
@@ -109,7 +109,7 @@ def test_demo_quick_on_two_processes_with_maskgit(tmp_path):
     assert "maskgit_demo.yaml" in log
     # On a CPU stage 2 runs in bf16 autocast only where it is native (AMX/AVX512-BF16), else in
     # fp32; the tokenizer always in fp32.
-    from launch.precision import trainer_precision
+    from maskvid.launch.precision import trainer_precision
 
     # cpu.yaml (no CUDA here) then ddp.yaml, then the stage's precision over both.
     layered = "configs/trainer/cpu.yaml --config {repo}/configs/trainer/ddp.yaml --trainer.precision".format(
@@ -172,8 +172,8 @@ def test_demo_bad_input_is_one_line(tmp_path):
 
 
 def test_step_caps_scale_with_the_budget(tmp_path):
-    from launch.demo_pipeline import REFERENCE_MINUTES, REPO, config_max_steps, scaled_steps
-    from datamodules.errors import DataError
+    from maskvid.launch.demo_pipeline import REFERENCE_MINUTES, REPO, config_max_steps, scaled_steps
+    from maskvid.datamodules.errors import DataError
 
     for name in ("tokenizer_demo", "maskgit_demo", "mebt_demo"):
         config = REPO / f"configs/experiment/{name}.yaml"
@@ -189,8 +189,8 @@ def test_step_caps_scale_with_the_budget(tmp_path):
 def test_fits_run_in_bf16_where_the_device_has_it_natively(monkeypatch, tmp_path):
     """The fits layer trainer/gpu.yaml where CUDA is available, else cpu.yaml, after the
     experiment config, and the stage's precision over it."""
-    import launch.demo_pipeline as demo
-    import launch.precision as precision
+    import maskvid.launch.demo_pipeline as demo
+    import maskvid.launch.precision as precision
 
     pipeline = demo.DemoPipeline(tmp_path / "run", demo.QUICK, minutes=2.0)
     for gpu, native, trainer, expected in ((False, True, "cpu", "bf16-mixed"), (False, False, "cpu", "32-true"),
@@ -209,7 +209,7 @@ def test_the_fit_commands_put_the_trainer_file_after_the_experiment(monkeypatch,
     """Layered after the experiment (as the README's commands do): the trainer file only picks the
     hardware, so the experiment's steps, validation, output directory and callbacks stand; on a
     CUDA machine gpu.yaml adds TF32."""
-    import launch.demo_pipeline as demo
+    import maskvid.launch.demo_pipeline as demo
 
     commands = []
     monkeypatch.setattr(demo.DemoPipeline, "maskvid", lambda self, *args: commands.append(list(args)))

@@ -246,7 +246,7 @@ class _RecordCheckpointing(Callback):
     workers see and the decoder threads that gives, and the throughput callback's FLOP count."""
 
     def on_train_start(self, trainer, pl_module) -> None:
-        from launch.strategies import _top_blocks
+        from maskvid.launch.strategies import _top_blocks
 
         self.forwards, self.now = {}, 0
         for blocks, index in _top_blocks(pl_module.backbone):
@@ -263,8 +263,8 @@ class _RecordCheckpointing(Callback):
         self.forwards[trainer.global_step] = self.now
 
     def on_train_end(self, trainer, pl_module) -> None:
-        from datamodules.cpus import decode_threads
-        from lightning_modules.throughput import TrainingThroughput
+        from maskvid.datamodules.cpus import decode_threads
+        from maskvid.lightning_modules.throughput import TrainingThroughput
 
         wrapped = lambda net: sum(isinstance(m, CheckpointWrapper) for m in net.modules())  # noqa: E731
         (meter,) = [c for c in trainer.callbacks if isinstance(c, TrainingThroughput) and c._active]
@@ -350,7 +350,7 @@ def test_two_nodes_on_one_machine(setup, launcher, tmp_path):
     args = ["fit", *fit_args(setup, "maskgit", "ddp", run, devices=1, steps=4),
             "--config", str(REPO / "configs/trainer/multinode.yaml")]
     if launcher == "env":
-        commands = [[sys.executable, "-m", "launch.cli", *args]] * 2
+        commands = [[sys.executable, "-m", "maskvid.launch.cli", *args]] * 2
         envs = [{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(n), "WORLD_SIZE": "2",
                  "LOCAL_RANK": "0"} for n in range(2)]
     else:  # the repo's launcher for clusters without SLURM, once per "node"

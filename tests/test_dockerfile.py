@@ -41,7 +41,7 @@ def test_base_image_is_an_official_pytorch_cuda_devel_image_with_the_pinned_torc
     """A devel image (nvcc, CUDA headers): DeepSpeed builds its CUDA ops in it."""
     text = (REPO / "Dockerfile").read_text()
     base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
-    pinned = re.search(r'"torch==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    pinned = re.search(r"^torch==([\d.]+)$", (REPO / "constraints.txt").read_text(), re.M).group(1)
     assert base.startswith(f"pytorch/pytorch:{pinned}-cuda") and base.endswith("-devel"), base
     assert re.search(r'^ENTRYPOINT \["maskvid"\]', text, re.M)
 
@@ -54,28 +54,29 @@ def test_no_allocator_is_preloaded_in_the_image():
 
 
 def test_dependencies_are_installed_before_the_source_is_copied():
-    """Layer caching: the dependency layer depends on pyproject.toml only, so editing the source
+    """Layer caching: the dependency layer depends on pyproject.toml and the lock only, so editing the source
     rebuilds just the last layers."""
     steps = instructions()
     copies = [i for i, (word, _) in enumerate(steps) if word == "COPY"]
     whole = [i for i in copies if steps[i][1].split()[0] == "."]
     assert len(whole) == 1, steps
     before = [steps[i][1].split()[:-1] for i in copies if i < whole[0]]
-    assert before and all(sources == ["pyproject.toml"] for sources in before), before
+    assert before and all(sources == ["pyproject.toml", "constraints.txt"] for sources in before), before
     dependency_runs = [rest for word, rest in steps[:whole[0]] if word == "RUN"]
-    assert any("pip install -r" in r and "pyproject.toml" in r and "dependencies" in r for r in dependency_runs)
+    assert any("pip install -c constraints.txt -r" in r and "pyproject.toml" in r and "dependencies" in r for r in dependency_runs)
     package_runs = [rest for word, rest in steps[whole[0]:] if word == "RUN"]
     assert package_runs == ["pip install --no-deps ."], package_runs
 
 
 def test_dockerfile_installs_like_the_readme(tmp_path):
-    """The README's torch pin first; then exactly pyproject.toml's dependencies (the command the
-    image runs, executed here on the real file); then the package without the dev extra."""
+    """The README's torch pin first; then pyproject.toml's dependencies with the DeepSpeed and demo
+    extras, under the README's lock (the command the image runs, executed here on the real file);
+    then the package itself."""
     readme, docker = readme_setup(), docker_runs()
     assert readme and docker
     assert docker[0] == readme[0] == "pip install torch==2.13.0"
-    assert [c.replace("-e ", "").replace('".[dev]"', ".").replace("'.[dev]'", ".") for c in readme[1:]] == ["pip install ."]
-    assert docker[1:] == ["pip install -r /tmp/requirements.txt", "pip install --no-deps ."]
+    assert readme[1:] == ['pip install -c constraints.txt -e ".[demo]"']
+    assert docker[1:] == ["pip install -c constraints.txt -r /tmp/requirements.txt", "pip install --no-deps ."]
     (run,) = [rest for word, rest in instructions() if word == "RUN" and "requirements.txt" in rest]
     (generate,) = [c.strip() for c in run.split("&&") if c.strip().startswith("python -c")]
     command = generate.replace("/tmp/requirements.txt", str(tmp_path / "req.txt"))
@@ -83,7 +84,8 @@ def test_dockerfile_installs_like_the_readme(tmp_path):
     subprocess.run(command.replace("python -c", f"{sys.executable} -c", 1), shell=True, cwd=tmp_path, check=True)
     import tomllib
 
-    expected = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    expected = project["dependencies"] + project["optional-dependencies"]["deepspeed"] + project["optional-dependencies"]["demo"]
     assert (tmp_path / "req.txt").read_text().split("\n")[:-1] == expected
 
 
@@ -107,7 +109,8 @@ def test_build_context_installs_the_package_and_entrypoint(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    for package in ["launch", "datamodules", "models", "lightning_modules", "metrics"]:
-        assert (target / package / "__init__.py").exists(), package
+    for package in ["launch", "datamodules", "models", "lightning_modules", "metrics", "configs"]:
+        assert (target / "maskvid" / package / "__init__.py").exists(), package
+    assert (target / "maskvid/configs/experiment/mebt_demo.yaml").is_file()
     entry_points = next(target.glob("maskvid-*.dist-info")) / "entry_points.txt"
-    assert "maskvid = launch.cli:main" in entry_points.read_text()
+    assert "maskvid = maskvid.launch.cli:main" in entry_points.read_text()

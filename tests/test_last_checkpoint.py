@@ -1,4 +1,4 @@
-"""launch.last_checkpoint.LastCheckpoint: `last` holds the final step of a run stopped between saves."""
+"""maskvid.launch.last_checkpoint.LastCheckpoint: `last` holds the final step of a run stopped between saves."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from launch.last_checkpoint import LastCheckpoint
+from maskvid.launch.last_checkpoint import LastCheckpoint
 
 
 class _StopAt(Callback):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.masked_video_module import MaskedVideoModule
-from models.maskgit import MaskGITBackbone
-from models.sampling import SamplingOptions
-from models.stage2_checkpoint import TextToVideo
+from maskvid.lightning_modules.masked_video_module import MaskedVideoModule
+from maskvid.models.maskgit import MaskGITBackbone
+from maskvid.models.sampling import SamplingOptions
+from maskvid.models.stage2_checkpoint import TextToVideo
 from tests.stage2_fixtures import tiny_t5_dir, tiny_tokenizer, write_tokenizer_checkpoint
 
 
@@ -38,7 +38,7 @@ def test_length_curriculum_trains_on_growing_prefixes(parts):
 
 
 def test_sliding_window_past_the_trained_length(parts):
-    from models.text_encoder import TextEncoder
+    from maskvid.models.text_encoder import TextEncoder
 
     torch.manual_seed(0)
     backbone = MaskGITBackbone(vocab_size=64, grid=(3, 4, 4), dim=32, depth=1, heads=2, text_dim=32).eval()
@@ -64,8 +64,8 @@ def test_generate_writes_a_129_frame_video_from_a_mebt_checkpoint(parts, tmp_pat
     import json
     from pathlib import Path
 
-    from datamodules.video_io import decode_all
-    from models.mebt import MeBT
+    from maskvid.datamodules.video_io import decode_all
+    from maskvid.models.mebt import MeBT
     from tests.conftest import run_cli
 
     torch.manual_seed(0)

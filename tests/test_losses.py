@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import token_cross_entropy
+from maskvid.models.losses import token_cross_entropy
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.masked_video_module import ConfigMismatchError, MaskedVideoModule
-from models.maskgit import MaskGITBackbone
-from models.sampling import SamplingOptions, guided_logits, mask_ratio, maskgit_sample
+from maskvid.lightning_modules.masked_video_module import ConfigMismatchError, MaskedVideoModule
+from maskvid.models.maskgit import MaskGITBackbone
+from maskvid.models.sampling import SamplingOptions, guided_logits, mask_ratio, maskgit_sample
 from tests.stage2_fixtures import tiny_t5_dir, tiny_tokenizer, write_tokenizer_checkpoint
 
 
@@ -135,7 +135,7 @@ def test_video_batches_are_tokenized_on_the_fly(parts):
 
 @pytest.mark.parametrize("kind", ["maskgit", "mebt"])
 def test_pooled_text_starts_as_a_no_op_and_keeps_the_null_condition_text_free(kind):
-    from models.mebt import MeBT
+    from maskvid.models.mebt import MeBT
 
     def build(pooled: bool):
         torch.manual_seed(0)
@@ -165,7 +165,7 @@ def test_pooled_text_starts_as_a_no_op_and_keeps_the_null_condition_text_free(ki
 
 @pytest.mark.parametrize("kind", ["maskgit", "mebt"])
 def test_masked_only_logits_are_the_full_logits_at_the_masked_positions_in_order(kind):
-    from models.mebt import MeBT
+    from maskvid.models.mebt import MeBT
 
     torch.manual_seed(0)
     if kind == "maskgit":
@@ -184,7 +184,7 @@ def test_masked_only_logits_are_the_full_logits_at_the_masked_positions_in_order
 
 
 def test_linear_cfg_schedule_ramps_from_one_to_the_scale(monkeypatch):
-    import models.sampling as sampling
+    import maskvid.models.sampling as sampling
 
     options = SamplingOptions(steps=4, cfg_scale=3.0, cfg_schedule="linear")
     assert [options.guidance(k) for k in range(4)] == [1.5, 2.0, 2.5, 3.0]
@@ -201,7 +201,7 @@ def test_linear_cfg_schedule_ramps_from_one_to_the_scale(monkeypatch):
 
 
 def test_local_mixing_starts_as_a_no_op_and_reads_only_the_3x3x3_neighbourhood():
-    from models.maskgit import LocalMixing
+    from maskvid.models.maskgit import LocalMixing
 
     torch.manual_seed(0)
     plain = backbone()
@@ -268,7 +268,7 @@ def test_refinement_redraws_generated_tokens_from_the_rest_and_keeps_primed_ones
 
 
 def test_configured_sampler_is_validated_and_travels_in_the_checkpoint(parts):
-    from lightning_modules.config_errors import ModelOptionError
+    from maskvid.lightning_modules.config_errors import ModelOptionError
 
     with pytest.raises(ModelOptionError, match="model.init_args.temperature"):
         module(parts, temperature=0.0)
@@ -278,7 +278,7 @@ def test_configured_sampler_is_validated_and_travels_in_the_checkpoint(parts):
     checkpoint: dict = {}
     m.grid = (3, 4, 4)
     m.on_save_checkpoint(checkpoint)
-    from models.stage2_checkpoint import STAGE2_KEY
+    from maskvid.models.stage2_checkpoint import STAGE2_KEY
 
     sampling = checkpoint[STAGE2_KEY]["sampling"]
     assert sampling["temperature"] == 0.25 and sampling["top_k"] == 5 and sampling["refine_steps"] == 3

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models.attention as attention
-from models.attention import uniform
-from models.mebt import MeBT, join, pack_caption, pack_sets
-from models.sampling import SamplingOptions, maskgit_sample
+import maskvid.models.attention as attention
+from maskvid.models.attention import uniform
+from maskvid.models.mebt import MeBT, join, pack_caption, pack_sets
+from maskvid.models.sampling import SamplingOptions, maskgit_sample
 
 
 def net(**kw) -> MeBT:
@@ -170,7 +170,7 @@ def decoder_inputs(selected: torch.Tensor, latents: torch.Tensor):
 
 
 def test_a_masked_query_does_not_depend_on_another_masked_query():
-    from models.mebt import DecoderLayer
+    from maskvid.models.mebt import DecoderLayer
 
     torch.manual_seed(0)
     layer = DecoderLayer(32, 2, 4.0).eval()
@@ -199,7 +199,7 @@ def test_sampling_fills_every_masked_position_with_partial_context():
 
 
 def test_local_context_reads_only_observed_neighbours_and_starts_as_a_no_op():
-    from models.maskgit import LocalMixing
+    from maskvid.models.maskgit import LocalMixing
 
     plain, local = net(), net(local_context=True)
     local.load_state_dict(plain.state_dict(), strict=False)
@@ -259,8 +259,8 @@ def test_latents_stay_distinct_when_the_pooled_caption_is_added():
 
 def test_query_text_lets_every_masked_query_read_the_caption_and_keeps_cfg_text_free():
     # Through the latents and the pooled vector alone, the demo MeBT never used the direction
-    # word (metrics.caption_sensitivity); query_text gives every query its own read of the caption.
-    from models.mebt import TextRead
+    # word (maskvid.metrics.caption_sensitivity); query_text gives every query its own read of the caption.
+    from maskvid.models.mebt import TextRead
 
     m = net(query_text=True)
     assert all(isinstance(layer.query_text, TextRead) for layer in m.decoder)
@@ -287,7 +287,7 @@ def test_query_text_lets_every_masked_query_read_the_caption_and_keeps_cfg_text_
     torch.testing.assert_close(dropped, m(tokens))
     torch.testing.assert_close(m(tokens, changed, mask, drop_text=torch.tensor([True, True])), dropped)
     # Masked queries still never see each other.
-    from models.mebt import DecoderLayer
+    from maskvid.models.mebt import DecoderLayer
 
     layer = DecoderLayer(32, 2, 4.0, query_text=True).eval()
     out, _ = layer(queries, seqs, latents, latent_seqs, keys, caption)

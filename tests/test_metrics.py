@@ -16,16 +16,16 @@ import scipy.linalg
 import torch
 import yaml
 
-from datamodules.pixels import to_model
-from datamodules.synthetic import COLOURS, render_video
-from datamodules.video_io import encode_mp4
-from metrics.caption_accuracy import CaptionAccuracy, target_attributes
-from metrics.clip_model import CLIPLoadError, LocalCLIP, write_random_clip
-from metrics.clipsim import CLIPSimilarity
-from metrics.frechet import GaussianStats, frechet_distance
-from metrics.fvd import FrechetVideoDistance, FVDStatsError, save_stats
-from metrics.i3d import I3DWeightsError, InceptionI3d, fit_frames, load_i3d, save_i3d
-from metrics.oracle import caption_accuracy
+from maskvid.datamodules.pixels import to_model
+from maskvid.datamodules.synthetic import COLOURS, render_video
+from maskvid.datamodules.video_io import encode_mp4
+from maskvid.metrics.caption_accuracy import CaptionAccuracy, target_attributes
+from maskvid.metrics.clip_model import CLIPLoadError, LocalCLIP, write_random_clip
+from maskvid.metrics.clipsim import CLIPSimilarity
+from maskvid.metrics.frechet import GaussianStats, frechet_distance
+from maskvid.metrics.fvd import FrechetVideoDistance, FVDStatsError, save_stats
+from maskvid.metrics.i3d import I3DWeightsError, InceptionI3d, fit_frames, load_i3d, save_i3d
+from maskvid.metrics.oracle import caption_accuracy
 from tests.conftest import REPO
 
 TINY_I3D = {"num_classes": 16, "width": 0.125}
@@ -78,7 +78,7 @@ def fitted_clip(tmp_path_factory) -> Path:
     from transformers import CLIPProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from metrics.clip_model import byte_level_tokenizer
+    from maskvid.metrics.clip_model import byte_level_tokenizer
 
     out = tmp_path_factory.mktemp("clip")
     model = write_random_clip(out, **TINY_CLIP)
@@ -282,7 +282,7 @@ def test_fvd_with_cached_real_statistics_equals_fvd_on_the_videos(i3d_file, tmp_
 
 
 def write_videos(folder: Path, videos: torch.Tensor) -> Path:
-    from datamodules.pixels import to_uint8
+    from maskvid.datamodules.pixels import to_uint8
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, video in enumerate(videos):
@@ -292,8 +292,8 @@ def write_videos(folder: Path, videos: torch.Tensor) -> Path:
 
 
 def test_eval_fvd_and_real_stats_commands(i3d_file, tmp_path, capsys):
-    from datamodules.video_io import decode_all
-    from launch.cli import main
+    from maskvid.datamodules.video_io import decode_all
+    from maskvid.launch.cli import main
 
     real_dir = write_videos(tmp_path / "real", random_videos(4, 2, frames=6, size=24))
     fake_dir = write_videos(tmp_path / "fake", random_videos(3, 3, frames=12, size=24, offset=0.4))
@@ -401,8 +401,8 @@ def test_clipsim_agrees_with_torchmetrics_clipscore_through_the_local_loader(fit
 
 
 def test_eval_clipsim_command_reads_a_generate_folder(fitted_clip, tmp_path, capsys):
-    from datamodules.pixels import to_uint8
-    from launch.cli import main
+    from maskvid.datamodules.pixels import to_uint8
+    from maskvid.launch.cli import main
 
     names = ["red", "blue", "green"]
     videos = colour_videos(names, frames=4)
@@ -417,7 +417,7 @@ def test_eval_clipsim_command_reads_a_generate_folder(fitted_clip, tmp_path, cap
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["num_videos"] == 3 and "CLIPSIM:" in capsys.readouterr().out
-    from datamodules.video_io import decode_all
+    from maskvid.datamodules.video_io import decode_all
 
     direct = CLIPSimilarity(fitted_clip)
     decoded = torch.stack([to_model(torch.from_numpy(decode_all((tmp_path / f"{i}.mp4").read_bytes())))
@@ -429,14 +429,14 @@ def test_eval_clipsim_command_reads_a_generate_folder(fitted_clip, tmp_path, cap
 
 
 def test_video_sets_read_folders_and_shards(synthetic, tmp_path):
-    from metrics.video_sets import VideoSet
+    from maskvid.metrics.video_sets import VideoSet
 
     clips = list(VideoSet(str(synthetic / "val"), num_frames=16))
     assert len(clips) == 4 and all(c.shape == (9, 32, 32, 3) and c.dtype == np.uint8 for c in clips)
     assert [c.shape for c in VideoSet(str(synthetic / "val"), 4, resolution=16, max_videos=2)] == [(4, 16, 16, 3)] * 2
     folder = write_videos(tmp_path / "wide", random_videos(1, 0, frames=3, size=24))
     assert next(iter(VideoSet(str(folder), 16))).shape == (3, 24, 24, 3)
-    from datamodules.errors import DataError
+    from maskvid.datamodules.errors import DataError
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no video files"):
@@ -470,7 +470,7 @@ def test_caption_accuracy_scores_rendered_videos_per_attribute_and_jointly():
     out = metric.compute()
     assert (float(out["colour"]), float(out["direction"]), float(out["joint"])) == (1.0, 0.0, 0.0)
     assert (int(out["count"]), int(out["unscored"])) == (3, 1)
-    from datamodules.pixels import to_uint8
+    from maskvid.datamodules.pixels import to_uint8
 
     oracle = caption_accuracy(list(to_uint8(videos[:3]).numpy()), wrong[:3])
     assert all(oracle[k] == pytest.approx(float(out[k])) for k in ("colour", "shape", "direction", "joint"))
@@ -502,7 +502,7 @@ METRIC_KEYS = ("Mixed_", "logits.conv3d", "vision_model", "text_model", "i3d", "
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
-    from datamodules.synthetic import build_synthetic
+    from maskvid.datamodules.synthetic import build_synthetic
 
     out = tmp_path_factory.mktemp("syn")
     build_synthetic(out, num_train=4, num_val=4, num_heldout=0, size=32, frames=9, samples_per_shard=4,
@@ -513,7 +513,7 @@ def synthetic(tmp_path_factory) -> Path:
 def test_tokenizer_validation_logs_rfvd_and_checkpoints_no_i3d(i3d_file, synthetic, tmp_path):
     from lightning.pytorch import Trainer
 
-    from datamodules.video_datamodule import VideoDataModule
+    from maskvid.datamodules.video_datamodule import VideoDataModule
     from tests.test_tokenizer_module import small_module
 
     module = small_module(i3d_path=str(i3d_file), num_log_videos=0)
@@ -533,13 +533,13 @@ def test_tokenizer_validation_logs_rfvd_and_checkpoints_no_i3d(i3d_file, synthet
 
 def test_stage2_validate_logs_fvd_clipsim_caption_accuracy_and_samples(i3d_file, fitted_clip, synthetic, tmp_path,
                                                                        capsys):
-    from launch.cli import main
+    from maskvid.launch.cli import main
     from tests.stage2_fixtures import BACKBONES, tiny_t5_dir, tiny_tokenizer, write_tokenizer_checkpoint
 
     tok = write_tokenizer_checkpoint(tmp_path / "tok.ckpt", tiny_tokenizer())
     model = tmp_path / "stage2.yaml"
     model.write_text(yaml.safe_dump({"model": {
-        "class_path": "lightning_modules.masked_video_module.MaskedVideoModule",
+        "class_path": "maskvid.lightning_modules.masked_video_module.MaskedVideoModule",
         "init_args": {"backbone": BACKBONES["maskgit"], "tokenizer_path": str(tok),
                       "text_encoder": str(tiny_t5_dir(tmp_path / "t5")), "text_max_length": 8, "warmup_steps": 1,
                       "sample_steps": 2, "num_val_videos": 3, "val_sample_batch_size": 2,

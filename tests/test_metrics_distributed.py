@@ -26,13 +26,13 @@ SYNTHETIC = [{"colour": "red", "shape": "circle", "direction": "left"},
 
 def compute_all(rank: int, world: int, i3d: str, clip: str) -> dict[str, float]:
     """Every metric over this rank's share (videos rank, rank + world, ...) of fixed data."""
-    from datamodules.pixels import to_model
-    from datamodules.synthetic import render_video
-    from metrics.caption_accuracy import CaptionAccuracy
-    from metrics.clipsim import CLIPSimilarity
-    from metrics.codebook import CodebookUsage
-    from metrics.fvd import FrechetVideoDistance
-    from metrics.i3d import load_i3d
+    from maskvid.datamodules.pixels import to_model
+    from maskvid.datamodules.synthetic import render_video
+    from maskvid.metrics.caption_accuracy import CaptionAccuracy
+    from maskvid.metrics.clipsim import CLIPSimilarity
+    from maskvid.metrics.codebook import CodebookUsage
+    from maskvid.metrics.fvd import FrechetVideoDistance
+    from maskvid.metrics.i3d import load_i3d
 
     g = torch.Generator().manual_seed(0)
     real = torch.rand(20, 3, 16, 32, 32, generator=g) * 2 - 1
@@ -83,8 +83,8 @@ def _worker() -> None:
 
 
 def test_two_processes_with_half_the_videos_each_equal_one_process(tmp_path):
-    from metrics.clip_model import write_random_clip
-    from metrics.i3d import save_i3d
+    from maskvid.metrics.clip_model import write_random_clip
+    from maskvid.metrics.i3d import save_i3d
     from tests.test_metrics import TINY_CLIP, tiny_i3d
 
     i3d = save_i3d(tmp_path / "i3d.pt", tiny_i3d())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from lightning_modules.optim import adamw, clip_grad_norm
+from maskvid.lightning_modules.optim import adamw, clip_grad_norm
 
 
 class _Tiny(LightningModule):

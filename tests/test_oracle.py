@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.synthetic import BACKGROUNDS, SIZES, SPEEDS, all_combos, render_video
-from datamodules.video_io import decode_all, encode_mp4
-from metrics.oracle import NO_OBJECT, STATIC, caption_accuracy, recover
+from maskvid.datamodules.synthetic import BACKGROUNDS, SIZES, SPEEDS, all_combos, render_video
+from maskvid.datamodules.video_io import decode_all, encode_mp4
+from maskvid.metrics.oracle import NO_OBJECT, STATIC, caption_accuracy, recover
 
 BACKGROUND_NAMES = list(BACKGROUNDS)
 

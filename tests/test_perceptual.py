@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.perceptual import PerceptualLoss, PerceptualWeightsError, _vgg16_features
+from maskvid.models.perceptual import PerceptualLoss, PerceptualWeightsError, _vgg16_features
 
 
 @pytest.fixture(scope="module")

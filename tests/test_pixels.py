@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules.pixels import to_model, to_uint8
+from maskvid.datamodules.pixels import to_model, to_uint8
 
 
 def test_range_layout_and_round_trip():

@@ -22,7 +22,7 @@ GiB = 1024**3
 class PeakMemory(Callback):
     """Measures a real training step: live tensor storages (parameters, buffers, gradients,
     optimizer state, activations, temporaries, communication buffers) under torch's MemTracker
-    (launch.plan's subclass without module hooks, which the GAN's R1 penalty breaks), from the
+    (maskvid.launch.plan's subclass without module hooks, which the GAN's R1 penalty breaks), from the
     start to the end of the last batch (optimizer state exists by then). Writes peak-rank{N}.json."""
 
     @staticmethod
@@ -34,7 +34,7 @@ class PeakMemory(Callback):
             return
         from torch import nn
 
-        from launch.plan_trace import _PeakTracker
+        from maskvid.launch.plan_trace import _PeakTracker
 
         self.tracker = _PeakTracker()
         text_encoder = getattr(pl_module, "text_encoder", None)
@@ -99,7 +99,7 @@ def measured_peak(setup, model: str, strategy: str, devices: int, run: Path) -> 
 
 
 def planned_peak(setup, model: str, strategy: str, devices: int) -> tuple[int, object]:
-    from launch.plan import make_plan, trace_recipe
+    from maskvid.launch.plan import make_plan, trace_recipe
 
     overrides = DATA + (GAN_ON if model == "tokenizer" else [])
     traces = trace_recipe(configs(setup, model, strategy), overrides, device="cpu", checkpointing=False)
@@ -135,8 +135,8 @@ def big(tmp_path_factory):
     import contextlib
     import io
 
-    from launch.cli import main
-    from launch.plan import trace_recipe
+    from maskvid.launch.cli import main
+    from maskvid.launch.plan import trace_recipe
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -161,7 +161,7 @@ def test_too_big_for_one_gpu_says_so_and_what_would_fit(big):
 
 
 def test_fsdp_divides_parameter_memory_by_the_world_size(big):
-    from launch.plan import format_plan, make_plan
+    from maskvid.launch.plan import format_plan, make_plan
 
     _, traces = big
     frozen = make_plan(traces, "h100", 1, strategy="fsdp").parameters["frozen"] * 4 / GiB
@@ -180,7 +180,7 @@ def test_fsdp_divides_parameter_memory_by_the_world_size(big):
 
 
 def test_a_bf16_text_encoder_is_planned_at_two_bytes_a_parameter():
-    from launch.plan import count_model, load_recipe
+    from maskvid.launch.plan import count_model, load_recipe
 
     demo = [str(REPO / "configs/experiment/mebt_demo.yaml")]
     full = count_model(load_recipe(demo).module)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import launch.precision as precision
-from models.attention import CrossAttention, SelfAttention
-from models.maskgit import LocalMixing
+import maskvid.launch.precision as precision
+from maskvid.models.attention import CrossAttention, SelfAttention
+from maskvid.models.maskgit import LocalMixing
 
 
 def spy_sdpa(monkeypatch) -> list[torch.dtype]:
@@ -91,7 +91,7 @@ def test_matmul_precision_callback_sets_tf32_for_the_run_and_restores_it(tmp_pat
     real fit), the previous values back afterwards."""
     from lightning.pytorch import Callback, Trainer
 
-    from launch.matmul_precision import MatmulPrecision
+    from maskvid.launch.matmul_precision import MatmulPrecision
     from tests.tiny_model import TinyVideoModel
 
     before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
@@ -131,7 +131,7 @@ def test_on_a_gpu_fp32_matmuls_run_in_tf32_during_the_fit(tmp_path):
     while training under bf16-mixed, full fp32 again afterwards."""
     from lightning.pytorch import Callback, Trainer
 
-    from launch.matmul_precision import MatmulPrecision
+    from maskvid.launch.matmul_precision import MatmulPrecision
     from tests.tiny_model import TinyVideoModel
 
     torch.set_float32_matmul_precision("highest")

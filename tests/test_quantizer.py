@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrics.codebook import CodebookUsage
-from models.quantizer import FSQ, VectorQuantizer
+from maskvid.metrics.codebook import CodebookUsage
+from maskvid.models.quantizer import FSQ, VectorQuantizer
 
 
 def test_vq_picks_the_nearest_code_on_the_sphere_and_passes_gradients():

@@ -60,7 +60,7 @@ def test_every_readme_command_explains_itself():
     assert ("generate",) in helps and ("plan",) in helps and fits
     script = r"""
 import contextlib, io, json, sys
-from launch.cli import main
+from maskvid.launch.cli import main
 results = []
 for argv in json.loads(sys.argv[1]):
     out = io.StringIO()

@@ -29,8 +29,8 @@ import pytest
 import torch
 import yaml
 
-from datamodules.samples import BadSample, SampleDecoder
-from datamodules.video_io import VideoDecodeError
+from maskvid.datamodules.samples import BadSample, SampleDecoder
+from maskvid.datamodules.video_io import VideoDecodeError
 from tests.conftest import REPO, metrics_rows, mp4_item, ramp_video, write_shards
 from tests.reliability_helpers import STEP_LOG_ENV, read_step_log
 from tests.stage2_fixtures import tiny_training_setup
@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
 
 def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.Popen:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    return subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "maskvid.launch.cli", *args], cwd=REPO,
                             env={**clean, "PYTHONPATH": str(REPO), **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -71,7 +71,7 @@ def test_non_finite_steps_are_skipped_counted_and_k_in_a_row_stop_the_run(setup,
         "--trainer.callbacks+=tests.reliability_helpers.InjectFaults",
         "--trainer.callbacks.nan_loss", "1@1,4,5,6", "--trainer.callbacks.inf_grad", "2@0",
         "--trainer.callbacks+=tests.reliability_helpers.StepLog",
-        "--trainer.callbacks+=lightning_modules.nonfinite.NonFiniteGuard", "--trainer.callbacks.max_consecutive", "3",
+        "--trainer.callbacks+=maskvid.lightning_modules.nonfinite.NonFiniteGuard", "--trainer.callbacks.max_consecutive", "3",
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
         "--trainer.callbacks.dirpath", str(run / "checkpoints"), "--trainer.callbacks.filename", "{step}",
         "--trainer.callbacks.every_n_train_steps", "2", "--trainer.callbacks.save_top_k", "-1",
@@ -105,7 +105,7 @@ def test_non_finite_steps_are_skipped_counted_and_k_in_a_row_stop_the_run(setup,
 
 
 def test_the_finiteness_check_sees_every_kind_of_bad_value():
-    from lightning_modules.nonfinite import _all_finite
+    from maskvid.lightning_modules.nonfinite import _all_finite
 
     good = [torch.randn(64, 32), torch.randn(7, dtype=torch.bfloat16), torch.zeros(0), None,
             torch.arange(5)]  # integer tensors and missing gradients are not checked
@@ -126,8 +126,8 @@ def test_a_non_finite_model_is_never_saved(tmp_path, clean_shards):
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from datamodules.video_datamodule import VideoDataModule
-    from lightning_modules.nonfinite import NonFiniteError, NonFiniteGuard
+    from maskvid.datamodules.video_datamodule import VideoDataModule
+    from maskvid.lightning_modules.nonfinite import NonFiniteError, NonFiniteGuard
     from tests.reliability_helpers import InjectFaults
     from tests.tiny_model import TinyVideoModel
 
@@ -240,7 +240,7 @@ def test_training_on_shards_with_20_percent_bad_samples(twenty_percent_bad, tmp_
 
 
 def test_every_train_skip_is_counted_and_logged(twenty_percent_bad, caplog):
-    from datamodules.video_datamodule import VideoDataModule
+    from maskvid.datamodules.video_datamodule import VideoDataModule
 
     shards, where = twenty_percent_bad
     dm = VideoDataModule(train_shards=shards, num_frames=9, resolution=32, batch_size=4, num_workers=0)
@@ -260,7 +260,7 @@ def test_decoding_random_and_mutated_bytes_raises_only_known_errors(tmp_path):
 
     set_hypothesis_home_dir(tmp_path / "hypothesis")  # its caches, out of the repository
 
-    from datamodules.clips import ClipSpec, decode_clip
+    from maskvid.datamodules.clips import ClipSpec, decode_clip
 
     spec = ClipSpec(num_frames=5, size=16, max_pixels=512 * 512)
     decoder = SampleDecoder(spec)
@@ -392,9 +392,9 @@ def test_each_bad_config_is_one_line_naming_the_option_and_writes_nothing(setup,
 
 
 def test_checkpoints_load_weights_only_and_a_code_running_pickle_is_refused(tmp_path):
-    from launch.checkpoint_io import AtomicCheckpointIO
-    from launch.checkpoints import CheckpointFormatError
-    from models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
+    from maskvid.launch.checkpoint_io import AtomicCheckpointIO
+    from maskvid.launch.checkpoints import CheckpointFormatError
+    from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
 
     marker = tmp_path / "pwned"
     hostile = tmp_path / "hostile.ckpt"
@@ -431,7 +431,7 @@ def test_every_remaining_pickle_use_is_documented():
 
 
 def test_tar_members_with_absolute_or_parent_paths_are_never_written(tmp_path):
-    from datamodules.video_datamodule import VideoDataModule
+    from maskvid.datamodules.video_datamodule import VideoDataModule
 
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -24,9 +24,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from launch.checkpoint_io import AtomicCheckpointIO, backup_path, save_directory_atomically, staging_path
-from launch.checkpoints import CheckpointCorruptError, verify_checkpoint
-from launch.requeue import find_resume_checkpoint
+from maskvid.launch.checkpoint_io import AtomicCheckpointIO, backup_path, save_directory_atomically, staging_path
+from maskvid.launch.checkpoints import CheckpointCorruptError, verify_checkpoint
+from maskvid.launch.requeue import find_resume_checkpoint
 from tests.conftest import REPO
 from tests.reliability_helpers import STEP_LOG_ENV, _OneProcess, read_step_log
 from tests.stage2_fixtures import tiny_training_setup
@@ -46,7 +46,7 @@ def fit_command(setup, model: str, run: Path, devices: int = 2, steps: int = STE
     """One `maskvid fit` command line, the same for the first run and every resume."""
     data = setup["data"]
     return [
-        sys.executable, "-m", "launch.cli", "fit",
+        sys.executable, "-m", "maskvid.launch.cli", "fit",
         "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/trainer/ddp.yaml"),
         "--config", str(setup["configs"][model]),
         "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.max_steps", str(steps),
@@ -276,7 +276,7 @@ def test_sigterm_to_the_process_group_saves_and_exits_cleanly(setup, tmp_path):
     run = tmp_path / "run"
 
     def command(steps: int) -> list[str]:
-        return [sys.executable, "-m", "launch.cli", "fit", "--config", str(REPO / "configs/trainer/cpu.yaml"),
+        return [sys.executable, "-m", "maskvid.launch.cli", "fit", "--config", str(REPO / "configs/trainer/cpu.yaml"),
                 "--model", "tests.tiny_model.TinyVideoModel", "--trainer.max_steps", str(steps),
                 "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(run),
                 # No validation and no epoch-end checkpoint: the SIGTERM save is the run's newest.
@@ -320,7 +320,7 @@ def _ignored_signals(pid: int) -> int:
 
 
 def test_dataloader_workers_ignore_preemption_signals(setup):
-    from datamodules.video_datamodule import VideoDataModule
+    from maskvid.datamodules.video_datamodule import VideoDataModule
 
     dm = VideoDataModule(train_shards=str(setup["data"] / "train"), num_frames=9, resolution=32, batch_size=2,
                          num_workers=2)

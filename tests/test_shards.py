@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-import datamodules.shards as shards
-from datamodules.shards import (
+import maskvid.datamodules.shards as shards
+from maskvid.datamodules.shards import (
     BAD_MANIFEST_LINE,
     CORRUPT,
     EMPTY_CAPTION,
@@ -30,8 +30,8 @@ from datamodules.shards import (
     encode_one,
     sample_keys,
 )
-from datamodules.video_io import decode_all
-from launch.cli import main
+from maskvid.datamodules.video_io import decode_all
+from maskvid.launch.cli import main
 from tests.media_fixtures import (
     has_encoder,
     strip_to_header,
@@ -311,7 +311,7 @@ def test_manifest_input(tmp_path, monkeypatch):
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """`maskvid ...` in a fresh interpreter, as a user runs it."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "maskvid.launch.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

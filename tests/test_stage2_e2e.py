@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from datamodules.video_io import decode_all
+from maskvid.datamodules.video_io import decode_all
 from tests.conftest import REPO, run_cli
 from tests.stage2_fixtures import tiny_t5_dir
 from tests.test_tokenizer_module import MODEL as TOKENIZER_MODEL
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    from datamodules.synthetic import build_synthetic
+    from maskvid.datamodules.synthetic import build_synthetic
 
     root = tmp_path_factory.mktemp("e2e")
     data = root / "data"
@@ -41,9 +41,9 @@ def pipeline(tmp_path_factory):
 def stage2_config(pipeline, samples: str) -> Path:
     config = {
         "model": {
-            "class_path": "lightning_modules.masked_video_module.MaskedVideoModule",
+            "class_path": "maskvid.lightning_modules.masked_video_module.MaskedVideoModule",
             "init_args": {
-                "backbone": {"class_path": "models.maskgit.MaskGITBackbone",
+                "backbone": {"class_path": "maskvid.models.maskgit.MaskGITBackbone",
                              "init_args": {"vocab_size": 64, "grid": [5, 4, 4], "dim": 32, "depth": 2, "heads": 2,
                                            "text_dim": 32}},
                 "tokenizer_path": str(pipeline["tok"]), "text_encoder": str(pipeline["t5"]),
@@ -68,8 +68,8 @@ def test_tokenize_train_generate(pipeline):
     assert "wrote 4 token samples" in out.stdout
 
     # Token shards hold exactly what the tokenizer gives for the same clips.
-    from datamodules.video_datamodule import VideoDataModule
-    from models.tokenizer_checkpoint import load_tokenizer
+    from maskvid.datamodules.video_datamodule import VideoDataModule
+    from maskvid.models.tokenizer_checkpoint import load_tokenizer
 
     tokens_dm = VideoDataModule(val_shards=str(root / "tokens/val"), samples="tokens", batch_size=4, num_workers=0)
     video_dm = VideoDataModule(val_shards=str(data / "val"), num_frames=9, resolution=32, batch_size=4, num_workers=0)

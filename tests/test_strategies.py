@@ -19,8 +19,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from launch.requeue import SlurmRequeue, find_resume_checkpoint
-from launch.strategies import (
+from maskvid.launch.requeue import SlurmRequeue, find_resume_checkpoint
+from maskvid.launch.strategies import (
     DeepSpeedZeroStrategy,
     FSDP2Strategy,
     MaskvidDDPStrategy,
@@ -171,7 +171,7 @@ def test_compiled_blocks_train(setup, tmp_path):
     applied (every second block checkpointed, every block compiled, the checkpoint inside)."""
     run = tmp_path / "run"
     out = _fit(setup, run, 2, "--model.init_args.compile", "true",
-               "--trainer.strategy", "launch.strategies.MaskvidSingleDeviceStrategy",
+               "--trainer.strategy", "maskvid.launch.strategies.MaskvidSingleDeviceStrategy",
                "--trainer.strategy.activation_checkpointing", "2",
                "--trainer.callbacks+=tests.test_strategies._RecordCompiled")
     assert out.returncode == 0, out.stderr[-4000:]
@@ -276,7 +276,7 @@ def test_lightning_modules_import_nothing_from_launch():
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n == "launch" or n.startswith("launch.") for n in names), (path.name, names)
+            assert not any(n == "maskvid.launch" or n.startswith("maskvid.launch.") for n in names), (path.name, names)
 
 
 def test_configure_model_asks_the_strategy_and_warns_when_it_cannot_compile():

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules.errors import DataError
-from datamodules.synthetic import (
+from maskvid.datamodules.errors import DataError
+from maskvid.datamodules.synthetic import (
     BACKGROUNDS,
     COLOURS,
     DIRECTIONS,
@@ -31,8 +31,8 @@ from datamodules.synthetic import (
     render_video,
     seen_combos,
 )
-from datamodules.video_io import decode_all
-from launch.cli import main as cli_main
+from maskvid.datamodules.video_io import decode_all
+from maskvid.launch.cli import main as cli_main
 
 SMALL = dict(num_train=40, num_val=8, num_heldout=10, size=32, frames=5, samples_per_shard=16, progress=False)
 

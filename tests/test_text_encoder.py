@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.text_encoder import TextEncoder
+from maskvid.models.text_encoder import TextEncoder
 
 CAPTIONS = ["a red circle moving left", "a blue square moving up"]
 

@@ -14,8 +14,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-import lightning_modules.throughput as throughput
-from lightning_modules.throughput import TrainingThroughput, tokens_per_clip
+import maskvid.lightning_modules.throughput as throughput
+from maskvid.lightning_modules.throughput import TrainingThroughput, tokens_per_clip
 
 B, GRID, D = 3, (2, 2, 2), 16  # clips per batch, token grid (t, h, w), width
 N = GRID[0] * GRID[1] * GRID[2]  # tokens per clip
@@ -138,7 +138,7 @@ def test_the_count_is_torchs_and_a_gan_step_with_r1_first_runs_under_it():
     from torch.utils.data import DataLoader
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lightning_modules.throughput import TrainingThroughput, total_flop_counter
+    from maskvid.lightning_modules.throughput import TrainingThroughput, total_flop_counter
     from tests.test_tokenizer_module import small_module
 
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))

@@ -11,8 +11,8 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.schedules import warmup_cosine
-from lightning_modules.time_budget import FitScheduleToTime
+from maskvid.lightning_modules.schedules import warmup_cosine
+from maskvid.lightning_modules.time_budget import FitScheduleToTime
 
 MIN_RATIO = 0.1
 

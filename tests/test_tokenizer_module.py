@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from lightning_modules.tokenizer_module import TokenizerModule
-from models.cvivit import CViViT
-from models.discriminator import VideoDiscriminator
-from models.quantizer import VectorQuantizer
-from models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
+from maskvid.lightning_modules.tokenizer_module import TokenizerModule
+from maskvid.models.cvivit import CViViT
+from maskvid.models.discriminator import VideoDiscriminator
+from maskvid.models.quantizer import VectorQuantizer
+from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
 from tests.conftest import REPO, metrics_rows, run_cli
 
 
@@ -69,16 +69,16 @@ def test_loading_something_that_is_not_a_tokenizer_checkpoint(tmp_path):
 
 MODEL = {
     "model": {
-        "class_path": "lightning_modules.tokenizer_module.TokenizerModule",
+        "class_path": "maskvid.lightning_modules.tokenizer_module.TokenizerModule",
         "init_args": {
             "tokenizer": {
-                "class_path": "models.cvivit.CViViT",
+                "class_path": "maskvid.models.cvivit.CViViT",
                 "init_args": {"image_size": 32, "patch_size": 8, "dim": 32, "spatial_depth": 1,
                               "temporal_depth": 1, "heads": 2,
-                              "quantizer": {"class_path": "models.quantizer.VectorQuantizer",
+                              "quantizer": {"class_path": "maskvid.models.quantizer.VectorQuantizer",
                                             "init_args": {"codebook_size": 64, "dim": 8, "restart_every": 2}}},
             },
-            "discriminator": {"class_path": "models.discriminator.VideoDiscriminator",
+            "discriminator": {"class_path": "maskvid.models.discriminator.VideoDiscriminator",
                               "init_args": {"base_channels": 8, "max_channels": 16}},
             "warmup_steps": 2, "gan_start_step": 2, "gp_every": 2, "num_log_videos": 2,
         },
@@ -88,7 +88,7 @@ MODEL = {
 
 @pytest.fixture(scope="module")
 def synthetic32(tmp_path_factory) -> Path:
-    from datamodules.synthetic import build_synthetic
+    from maskvid.datamodules.synthetic import build_synthetic
 
     out = tmp_path_factory.mktemp("syn32")
     build_synthetic(out, num_train=16, num_val=4, num_heldout=0, size=32, frames=9,
