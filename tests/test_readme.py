@@ -91,3 +91,27 @@ def test_docs_links_resolve(doc):
     missing = [p for p in re.findall(r"\]\(([^)#\s]+)\)", text)
                if not p.startswith("http") and not ((REPO / "docs" / p).exists() or (REPO / p).exists())]
     assert not missing, missing
+
+
+def test_checkpoint_paths_in_readme_and_docs_are_where_the_configs_write():
+    """`runs/<recipe>/.../*.ckpt` in the README or docs/ must sit in the directory that recipe's
+    ModelCheckpoint writes to (an example once pointed at lightning_logs/version_0/)."""
+    from maskvid.launch.config_includes import merged_config
+
+    dirpaths = {}
+    for config in sorted((REPO / "configs/experiment").glob("*.yaml")):
+        trainer = merged_config(config).get("trainer", {})
+        root = trainer.get("default_root_dir")
+        for callback in trainer.get("callbacks") or []:
+            path = (callback.get("init_args") or {}).get("dirpath") if isinstance(callback, dict) else None
+            if root and path:
+                dirpaths.setdefault(root, set()).add(path)
+    assert dirpaths.get("runs/tokenizer_demo") == {"runs/tokenizer_demo/checkpoints"}, dirpaths
+    texts = {"README.md": README, **{f"docs/{p.name}": p.read_text() for p in (REPO / "docs").glob("*.md")}}
+    wrong = []
+    for name, text in texts.items():
+        for path in re.findall(r"(runs/[\w-]+/[\w./=-]*\.ckpt)\b", text):
+            root = "/".join(path.split("/")[:2])
+            if root in dirpaths and path.rsplit("/", 1)[0] not in dirpaths[root]:
+                wrong.append((name, path))
+    assert not wrong, wrong
