@@ -38,6 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WORKLOADS = ("mebt_bf16", "maskgit_bf16", "tokenizer_fp32", "mebt_fp32", "maskgit_fp32")
 GRID, BATCH, TEXT_LEN, TEXT_DIM = (5, 8, 8), 8, 16, 384
+FOLDERS = ("models", "lightning_modules", "launch", "datamodules", "metrics")
+PKG = "maskvid."  # the import prefix of the tree in use (see _use_tree)
 
 
 # -- worker (runs with one tree's code) ---------------------------------------------------------
@@ -49,24 +51,41 @@ def _use_tree(tree: Path) -> None:
     import common  # noqa: F401  (also tunes the host the same way for both trees)
 
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
-    for name in [m for m in sys.modules if m.split(".")[0] in ("models", "lightning_modules", "launch",
-                                                                "datamodules", "metrics")]:
+    for name in [m for m in sys.modules if m.split(".")[0] in ("maskvid", *FOLDERS)]:
         del sys.modules[name]
     sys.path.insert(0, str(tree))
+    global PKG
+    if (tree / "maskvid").is_dir():  # folders installed as maskvid.<folder>: resolve them in `tree`
+        import maskvid
+
+        maskvid.__path__.append(str(tree))
+    else:  # a tree from before the maskvid namespace: top-level folders, class_paths without it
+        PKG = ""
+
+
+def _imp(module: str):
+    """`module` ("models.config") from the tree in use, whichever layout it has."""
+    import importlib
+
+    return importlib.import_module(PKG + module)
+
+
+def _yaml(path: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / path).read_text().replace("maskvid.", PKG))
 
 
 def _model_yaml(name: str) -> dict:
-    import yaml
-
-    return yaml.safe_load((REPO / f"configs/model/{name}.yaml").read_text())["model"]["init_args"]
+    return _yaml(f"configs/model/{name}.yaml")["model"]["init_args"]
 
 
 def _stage2(kind: str, tmp: Path):
     import torch
 
-    from maskvid.lightning_modules.masked_video_module import MaskedVideoModule
-    from maskvid.models.config import instantiate
-    from maskvid.models.tokenizer_checkpoint import save_tokenizer
+    MaskedVideoModule = _imp("lightning_modules.masked_video_module").MaskedVideoModule
+    instantiate = _imp("models.config").instantiate
+    save_tokenizer = _imp("models.tokenizer_checkpoint").save_tokenizer
 
     torch.manual_seed(0)
     tokenizer = instantiate(_model_yaml("cvivit_tiny")["tokenizer"])
@@ -87,14 +106,13 @@ def _stage2(kind: str, tmp: Path):
 
 def _tokenizer():
     import torch
-    import yaml
 
-    from maskvid.lightning_modules.tokenizer_module import TokenizerModule
-    from maskvid.models.config import instantiate
+    TokenizerModule = _imp("lightning_modules.tokenizer_module").TokenizerModule
+    instantiate = _imp("models.config").instantiate
 
     torch.manual_seed(0)
     args = _model_yaml("cvivit_tiny")
-    demo = yaml.safe_load((REPO / "configs/experiment/tokenizer_demo.yaml").read_text())
+    demo = _yaml("configs/experiment/tokenizer_demo.yaml")
     args.update(demo["model"]["init_args"], num_log_videos=0)
     tokenizer, disc = instantiate(args.pop("tokenizer")), instantiate(args.pop("discriminator"))
     module = TokenizerModule(tokenizer, disc, **args)
