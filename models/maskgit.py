@@ -19,35 +19,7 @@ from torch import nn
 
 from maskvid.models.attention import CrossAttention, FeedForward, SelfAttention
 from maskvid.models.config import module_config
-
-
-class LocalMixing(nn.Module):
-    """Depthwise 3x3x3 convolution over the (t, h, w) token grid, zero-initialised.
-
-    A locality prior that attention with learned absolute positions only acquires after many
-    steps: an object is a compact group of neighbouring tokens that moves a little per latent
-    frame. Zero init makes the block start as a plain transformer block."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.conv = nn.Conv3d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
-
-    def forward(self, x: torch.Tensor, grid: tuple[int, int, int], keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, N, D] in (t h w) order -> [B, N, D]. keep: optional bool [B, N]; positions not
-        kept enter the convolution as zeros (after the norm), so nothing of them reaches the output."""
-        t, h, w = grid
-        y = self.norm(x)
-        if keep is not None:
-            y = y * keep[..., None].to(y.dtype)
-        y = rearrange(y, "b (t h w) d -> b d t h w", t=t, h=h, w=w)
-        # In its weights' dtype, not autocast's, on every device: the depthwise conv is a small,
-        # memory-bound part of the step, and its half-precision CPU backward is several times
-        # slower than its fp32 one.
-        with torch.autocast(y.device.type, enabled=False):
-            return rearrange(self.conv(y.to(self.conv.weight.dtype)), "b d t h w -> b (t h w) d")
+from maskvid.models.layers import LocalMixing, TextConditioning, position_table, token_embedding
 
 
 class CrossBlock(nn.Module):
@@ -72,51 +44,6 @@ class CrossBlock(nn.Module):
             x = x + self.local(x, grid)
         x = x + self.cross(self.norm2(x), text, text_mask)
         return x + self.ff(self.norm3(x))
-
-
-class TextConditioning(nn.Module):
-    """Projects text embeddings to the model width and supplies the learned null condition.
-
-    With `pooled`, it also gives one global vector per caption (the masked mean of the context
-    through a zero-initialised projection) that backbones add to every token: a direct path for
-    what the whole clip must show (colour, shape, motion), which cross-attention alone learns
-    slowly on a small budget. Zero init makes it a no-op at step 0.
-    """
-
-    def __init__(self, text_dim: int, dim: int, pooled: bool = False) -> None:
-        super().__init__()
-        self.proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, dim))
-        self.null = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.global_proj = nn.Linear(dim, dim) if pooled else None
-        if self.global_proj is not None:
-            nn.init.zeros_(self.global_proj.weight)
-            nn.init.zeros_(self.global_proj.bias)
-
-    def pooled(self, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        """(context [B, L, D], mask [B, L]) from forward -> [B, 1, D], or None without `pooled`.
-        A dropped caption pools to the null token alone, so CFG's unconditional pass stays text-free."""
-        if self.global_proj is None:
-            return None
-        weight = mask.to(context.dtype)[..., None]
-        mean = (context * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp(min=1)
-        return self.global_proj(mean)
-
-    def forward(
-        self, text: torch.Tensor | None, text_mask: torch.Tensor | None, batch: int, drop: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (context [B, L, D], mask [B, L]). Dropped rows (drop[b] True, or text None) see only
-        the null token: the unconditional model classifier-free guidance needs."""
-        if text is None:
-            # repeat, not expand (see MeBT.forward): a parameter view breaks module hooks under no_grad.
-            return self.null.repeat(batch, 1, 1), torch.ones(batch, 1, dtype=torch.bool, device=self.null.device)
-        context = self.proj(text.to(self.null.dtype))
-        mask = text_mask.bool() if text_mask is not None else torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
-        if drop is not None:
-            mask = mask & ~drop.bool()[:, None]
-        # Position 0 holds the null token, visible only to rows left with no text at all.
-        context = torch.cat([self.null.expand(batch, 1, -1), context], dim=1)
-        mask = torch.cat([~mask.any(dim=1, keepdim=True), mask], dim=1)
-        return context, mask
 
 
 class MaskGITBackbone(nn.Module):
@@ -154,14 +81,9 @@ class MaskGITBackbone(nn.Module):
         self.mask_id = vocab_size
         self.grid = tuple(grid)
         self.text_dim = text_dim
-        self.token_emb = nn.Embedding(vocab_size + 1, dim)
-        # The same scale as the position tables: nn.Embedding's N(0, 1) would drown position
-        # (0.02) by 50x, and the model would learn where tokens are only after hundreds of steps.
-        nn.init.normal_(self.token_emb.weight, std=0.02)
+        self.token_emb = token_embedding(vocab_size + 1, dim)
         t, h, w = self.grid
-        self.pos_t = nn.Parameter(torch.randn(t, dim) * 0.02)
-        self.pos_h = nn.Parameter(torch.randn(h, dim) * 0.02)
-        self.pos_w = nn.Parameter(torch.randn(w, dim) * 0.02)
+        self.pos_t, self.pos_h, self.pos_w = position_table(t, dim), position_table(h, dim), position_table(w, dim)
         self.text = TextConditioning(text_dim, dim, pooled=pooled_text)
         self.blocks = nn.ModuleList(CrossBlock(dim, heads, ff_mult, local_mixing) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)

@@ -201,7 +201,7 @@ def test_linear_cfg_schedule_ramps_from_one_to_the_scale(monkeypatch):
 
 
 def test_local_mixing_starts_as_a_no_op_and_reads_only_the_3x3x3_neighbourhood():
-    from maskvid.models.maskgit import LocalMixing
+    from maskvid.models.layers import LocalMixing
 
     torch.manual_seed(0)
     plain = backbone()

@@ -199,7 +199,7 @@ def test_sampling_fills_every_masked_position_with_partial_context():
 
 
 def test_local_context_reads_only_observed_neighbours_and_starts_as_a_no_op():
-    from maskvid.models.maskgit import LocalMixing
+    from maskvid.models.layers import LocalMixing
 
     plain, local = net(), net(local_context=True)
     local.load_state_dict(plain.state_dict(), strict=False)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import maskvid.launch.precision as precision
 from maskvid.models.attention import CrossAttention, SelfAttention
-from maskvid.models.maskgit import LocalMixing
+from maskvid.models.layers import LocalMixing
 
 
 def spy_sdpa(monkeypatch) -> list[torch.dtype]:
