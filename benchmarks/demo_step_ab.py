@@ -85,11 +85,14 @@ def _stage2(kind: str, tmp: Path):
 
     MaskedVideoModule = _imp("lightning_modules.masked_video_module").MaskedVideoModule
     instantiate = _imp("models.config").instantiate
-    save_tokenizer = _imp("models.tokenizer_checkpoint").save_tokenizer
+    record = _imp("models.tokenizer_checkpoint")
 
     torch.manual_seed(0)
     tokenizer = instantiate(_model_yaml("cvivit_tiny")["tokenizer"])
-    ckpt = save_tokenizer(tmp / "tokenizer.ckpt", tokenizer)
+    ckpt = tmp / "tokenizer.ckpt"  # a stage-1 checkpoint, which both trees' stage 2 reads
+    torch.save({record.CHECKPOINT_KEY: {"format": record.FORMAT_VERSION, "config": tokenizer.config,
+                                        "prefix": "tokenizer."},
+                "state_dict": {f"tokenizer.{k}": v for k, v in tokenizer.state_dict().items()}}, ckpt)
     args = _model_yaml(f"{kind}_tiny")
     backbone = instantiate(args.pop("backbone"))
     args.update(tokenizer_path=str(ckpt), num_val_videos=0)

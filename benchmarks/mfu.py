@@ -112,9 +112,9 @@ def stage2_job(kind: str, m: dict, t: dict, tmp: Path):
     """MaskedVideoModule on a token-shard batch (tokens + cached text embeddings), as stage 2
     trains from `maskvid data tokenize` output. Its frozen tokenizer only has to match the vocab."""
     from maskvid.lightning_modules.masked_video_module import MaskedVideoModule
-    from maskvid.models.tokenizer_checkpoint import save_tokenizer
+    from maskvid.video_tokenizer import VideoTokenizer
 
-    ckpt = save_tokenizer(tmp / f"tokenizer_{kind}.ckpt", make_tokenizer({**t, "codebook_size": m["vocab"]}))
+    ckpt = VideoTokenizer(make_tokenizer({**t, "codebook_size": m["vocab"]})).save_pretrained(tmp / f"tokenizer_{kind}")
     module = MaskedVideoModule(make_backbone(kind, m), str(ckpt), text_encoder="packaged:minilm",
                                text_max_length=m["text_len"], warmup_steps=1, num_val_videos=0)
     b, (lt, h, w) = m["batch"], m["grid"]

@@ -58,11 +58,11 @@ def make_module(kind: str, tmp: Path):
     from maskvid.lightning_modules.masked_video_module import MaskedVideoModule
     from maskvid.models.cvivit import CViViT
     from maskvid.models.quantizer import VectorQuantizer
-    from maskvid.models.tokenizer_checkpoint import save_tokenizer
+    from maskvid.video_tokenizer import VideoTokenizer
 
     torch.manual_seed(0)
     tokenizer = CViViT(64, 8, 2, 3, 256, 4, 4, 8, quantizer=VectorQuantizer(M1["vocab"], 32))
-    ckpt = save_tokenizer(tmp / "t1.ckpt", tokenizer)
+    ckpt = VideoTokenizer(tokenizer).save_pretrained(tmp / "t1")
     return MaskedVideoModule(make_backbone(kind), str(ckpt), text_encoder="packaged:minilm",
                              text_max_length=M1["text_len"], warmup_steps=1, num_val_videos=0)
 

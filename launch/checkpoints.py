@@ -6,13 +6,15 @@
   byte range a DCP `.metadata` names.
 - `deepspeed_world_size(path)`: the data-parallel size a DeepSpeed checkpoint was written at.
 - `to_universal(path, out)`: DeepSpeed -> universal checkpoint (loadable at any world size).
-- `export(path, out)`: any checkpoint -> one file with the weights and everything
-  `maskvid generate` / `load_tokenizer` need, no optimizer state; written atomically.
+- `read_checkpoint(path)`: any of them as one in-memory dict (sharded ones consolidated).
+- `export(path, out)`: any stage-1/stage-2 checkpoint -> an exported model directory
+  (maskvid/pretrained.py: config.json + model.safetensors), no optimizer state; written atomically.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -166,10 +168,21 @@ def to_universal(path: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _consolidate(path: Path) -> dict:
+def read_checkpoint(path: str | Path) -> dict:
+    """Any checkpoint as one dict in memory (plain data only): a single file as it is, a DCP or
+    DeepSpeed directory consolidated to full (unsharded) fp32 weights."""
+    path = Path(path)
     kind = checkpoint_kind(path)
     if kind == "file":
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise CheckpointFormatError(f"checkpoint {path} holds pickled objects that weights_only=True refuses "
+                                        f"({first}); maskvid never writes such objects") from None
+        except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many types
+            raise CheckpointFormatError(f"cannot read checkpoint {path}: {exc}") from None
+    verify_checkpoint(path)
     if kind == "dcp":
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -183,23 +196,29 @@ def _consolidate(path: Path) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "full.ckpt")
+        # Lightning's converter writes its own objects beside the weights, in a file made just now.
         return torch.load(Path(tmp) / "full.ckpt", map_location="cpu", weights_only=False)
 
 
-def export(path: str | Path, out: str | Path) -> Path:
-    """One self-contained inference file from any checkpoint: weights (EMA included), the
-    stage-1/stage-2 records and hyperparameters; no optimizer or loop state."""
-    path, out = Path(path), Path(out)
-    checkpoint = _consolidate(path)
-    keep = {k: v for k, v in checkpoint.items()
-            if k in ("state_dict", "hyper_parameters", "hparams_name", "global_step", "epoch", "pytorch-lightning_version")
-            or k.startswith("maskvid_")}
-    if "state_dict" not in keep:
+def export(path: str | Path, out: str | Path) -> tuple[Path, str]:
+    """Any stage-1 or stage-2 checkpoint -> an exported model directory (config.json +
+    model.safetensors: the inference weights, EMA when kept; no optimizer or loop state), and
+    which kind it is ("maskvid.text_to_video" or "maskvid.video_tokenizer")."""
+    from maskvid.models.stage2_checkpoint import STAGE2_KEY
+    from maskvid.models.tokenizer_checkpoint import CHECKPOINT_KEY
+
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointFormatError(f"{path}: no weights found")
-    keep["state_dict"] = {k: v.detach().float().clone() if v.is_floating_point() else v.clone()
-                          for k, v in keep["state_dict"].items() if isinstance(v, torch.Tensor)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(keep, tmp)
-    os.replace(tmp, out)
-    return out
+    if STAGE2_KEY in checkpoint:
+        from maskvid.text_to_video import TextToVideo
+
+        model = TextToVideo.from_checkpoint_dict(checkpoint, path)
+    elif CHECKPOINT_KEY in checkpoint:
+        from maskvid.video_tokenizer import VideoTokenizer
+
+        model = VideoTokenizer.from_checkpoint_dict(checkpoint, path)
+    else:
+        raise CheckpointFormatError(f"{path} holds neither a stage-1 tokenizer nor a stage-2 model "
+                                    "(was it written by `maskvid fit`?)")
+    return model.save_pretrained(out), model.FORMAT

@@ -1,13 +1,15 @@
-"""Consolidate any checkpoint into one inference file that `maskvid generate` takes.
+"""Export any checkpoint to a model directory: config.json + model.safetensors, nothing pickled.
 
-Reads a single-file Lightning checkpoint, an FSDP2 DCP directory or a DeepSpeed directory, and
-writes one file with the weights (fp32, EMA included) and what is needed to rebuild the model
-(`maskvid generate` for stage 2, `maskvid.models.tokenizer_checkpoint.load_tokenizer` for stage 1). No
-optimizer or loop state, so it is a fraction of the size. Written atomically.
+Reads a single-file Lightning checkpoint, an FSDP2 DCP directory or a DeepSpeed directory, of
+stage 1 (tokenizer) or stage 2 (text-to-video), and writes the inference weights (EMA when the run
+kept one) and the networks' configs, without optimizer or loop state. Load the directory with
+`maskvid.TextToVideo.from_pretrained` / `maskvid.VideoTokenizer.from_pretrained` (docs/api.md),
+`maskvid generate --ckpt DIR`, or as a stage-2 `tokenizer_path`. Written atomically.
 
 examples:
-  maskvid ckpt export runs/maskgit_demo/checkpoints/last.ckpt --out maskgit.pt
-  maskvid ckpt export runs/big/checkpoints/step=20000.ckpt --out big.pt     # a sharded directory
+  maskvid ckpt export runs/maskgit_demo/checkpoints/last.ckpt --out maskgit_demo
+  maskvid ckpt export runs/big/checkpoints/step=20000.ckpt --out big     # a sharded directory
+  maskvid ckpt export runs/tokenizer_demo/checkpoints/last.ckpt --out tokenizer
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="checkpoint file or sharded checkpoint directory")
-    parser.add_argument("--out", type=Path, required=True, help="the single file to write")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="the directory to write (config.json + model.safetensors)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from maskvid.launch.checkpoints import CheckpointFormatError, export
+    from maskvid.launch.checkpoints import export
 
     try:
-        out = export(args.checkpoint, args.out)
-    except CheckpointFormatError as e:
+        out, kind = export(args.checkpoint, args.out)
+    except ValueError as e:  # CheckpointFormatError, a stage record that does not match its weights, ...
         print(f"maskvid ckpt export: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"wrote {out} ({kind}, {size:.1f} MiB)")
     return 0

@@ -1,6 +1,8 @@
-"""Generate videos from text with a stage-2 checkpoint: one mp4 per prompt, plus index.json.
+"""Generate videos from text with a stage-2 model: one mp4 per prompt, plus index.json.
 
-The checkpoint alone is enough (it carries the frozen tokenizer and names the text encoder).
+--ckpt takes an exported model directory (`maskvid ckpt export`, or TextToVideo.save_pretrained)
+or a stage-2 checkpoint (a file or a sharded directory); either alone is enough (it carries the
+frozen tokenizer and names the text encoder). Loading and sampling go through maskvid.TextToVideo.
 Past the length the model was trained on, a window of that length slides forward, keeping the last
 --story-context latent frames as context (MeBT can also be trained long: see mebt_128f.yaml).
 Prompts come from --prompt (repeatable), or --prompts FILE: plain text with one prompt per line,
@@ -13,6 +15,7 @@ examples:
   maskvid generate --ckpt last.ckpt --prompts data/synthetic/prompts_heldout.txt --out heldout/ \\
       --steps 24 --cfg-scale 4 --seed 1 --batch-size 8
   maskvid generate --ckpt last.ckpt --story story.jsonl --out story/
+  maskvid generate --ckpt exported_model/ --prompt "a blue square moving up" --out samples/
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 from maskvid.datamodules.errors import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="stage-2 checkpoint (.ckpt written by maskvid fit)")
+    parser.add_argument("--ckpt", required=True,
+                        help="exported model directory (maskvid ckpt export) or stage-2 checkpoint (maskvid fit)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     source.add_argument("--prompts", type=Path, help="prompt file: one per line, or JSONL with a 'prompt' field")
@@ -107,44 +111,28 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from maskvid.datamodules.pixels import to_uint8
     from maskvid.datamodules.video_io import encode_mp4
-    from maskvid.launch import precision
     from maskvid.models.sampling import SamplingOptions
-    from maskvid.models.stage2_checkpoint import Stage2CheckpointError, load_generator
+    from maskvid.text_to_video import TextToVideo
 
     if args.batch_size < 1 or args.videos_per_prompt < 1:
         raise DataError("--batch-size and --videos-per-prompt must be >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
-        generator_model = load_generator(args.ckpt).to(device)
-    except Stage2CheckpointError as exc:
-        raise DataError(str(exc)) from None
-    # Each sampler flag is named after its SamplingOptions field; a flag not given (None) keeps the
-    # checkpoint's value. A given 0 is kept too, so that check() reports it rather than hiding it.
-    overrides = {f.name: getattr(args, f.name) for f in fields(SamplingOptions) if getattr(args, f.name, None) is not None}
-    options = replace(generator_model.defaults, **overrides)
-    try:
-        options.check()
-    except ValueError as exc:
+        model = TextToVideo.load(args.ckpt, map_location=device)
+        # Each sampler flag is named after its SamplingOptions field; a flag not given (None) keeps
+        # the model's value. A given 0 is kept too, so that check() reports it rather than hiding it.
+        options = model.options(**{f.name: getattr(args, f.name, None) for f in fields(SamplingOptions)})
+    except ValueError as exc:  # not a stage-2 model, a damaged file, a bad sampler value
         raise DataError(str(exc)) from None
     args.out.mkdir(parents=True, exist_ok=True)
-    device_type = torch.device(device).type
-    bf16 = precision.resolve(args.precision, device_type)
-
-    def sample_tokens(*a, **kw) -> torch.Tensor:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            return generator_model.tokens(*a, **kw)
-
-    def rng(*ids: int) -> torch.Generator:
-        # One generator per video: a video depends on (seed, prompt, sample), not on batching.
-        return torch.Generator(device=device).manual_seed(hash((args.seed, *ids)) & 0x7FFF_FFFF_FFFF_FFFF)
-
     index = []
 
-    def save(video: torch.Tensor, name: str, prompt) -> None:
-        frames = to_uint8(video.cpu()).numpy()
-        data, n = encode_mp4(list(frames), fps=args.fps, reproducible=True)
+    def sample(prompts, grid, generators, **kw) -> torch.Tensor:
+        return model.tokens(prompts, grid, options, generators, precision=args.precision, **kw)
+
+    def save(video, name: str, prompt) -> None:
+        data, n = encode_mp4(list(video.numpy()), fps=args.fps, reproducible=True)
         path = args.out / name
         path.write_bytes(data)
         index.append({"prompt": prompt, "path": str(path), "num_frames": n})
@@ -155,27 +143,25 @@ def run(args: argparse.Namespace) -> int:
             tokens = None
             pieces = []
             for prompt, frames in tqdm(scenes, desc="scenes", disable=args.quiet):
-                grid = generator_model.grid_for(frames or args.num_frames)
+                grid = model.grid_for(frames or args.num_frames)
                 prime = None
                 if tokens is not None:
                     k = min(args.story_context, grid[0] - 1)
                     prime = tokens[:, -k:]
-                new = sample_tokens([prompt], grid, options, [rng(len(pieces))], prime=prime)
+                new = sample([prompt], grid, [model.video_generator(args.seed, len(pieces))], prime=prime)
                 pieces.append(new if prime is None else new[:, prime.shape[1]:])
                 tokens = new
-            story_tokens = torch.cat(pieces, dim=1)
-            save(generator_model.decode(story_tokens)[0], "story.mp4", [p for p, _ in scenes])
+            save(model.decode(torch.cat(pieces, dim=1))[0], "story.mp4", [p for p, _ in scenes])
         else:
             prompts = args.prompt or read_prompts(args.prompts)
-            grid = generator_model.grid_for(args.num_frames)
+            grid = model.grid_for(args.num_frames)
             jobs = [(i, p, k) for i, p in enumerate(prompts) for k in range(args.videos_per_prompt)]
             bar = tqdm(total=len(jobs), desc="videos", unit="video", disable=args.quiet)
             for start in range(0, len(jobs), args.batch_size):
                 batch = jobs[start : start + args.batch_size]
-                generators = [rng(i, k) for i, _, k in batch]
-                tokens = sample_tokens([p for _, p, _ in batch], grid, options, generators,
-                                          context=args.story_context)
-                videos = generator_model.decode(tokens)
+                # (seed, prompt, sample), as TextToVideo.generate draws them: same seed, same video.
+                generators = [model.video_generator(args.seed, i, k) for i, _, k in batch]
+                videos = model.decode(sample([p for _, p, _ in batch], grid, generators, context=args.story_context))
                 for (i, prompt, k), video in zip(batch, videos):
                     suffix = f"-{k}" if args.videos_per_prompt > 1 else ""
                     save(video, f"{i:04d}-{slug(prompt)}{suffix}.mp4", prompt)

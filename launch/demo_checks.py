@@ -103,14 +103,13 @@ def reconstruction_accuracy(tokenizer_ckpt: Path, token_shards: str, limit: int 
     below the data's own accuracy, the tokenizer (not stage 2) is what limits caption accuracy."""
     import torch
 
-    from maskvid.datamodules.pixels import to_uint8
     from maskvid.datamodules.streams import ValStream, expand_shards
     from maskvid.datamodules.token_samples import TokenSampleDecoder
     from maskvid.datamodules.video_io import decode_all, encode_mp4
     from maskvid.metrics.oracle import caption_accuracy
-    from maskvid.models.tokenizer_checkpoint import load_tokenizer
+    from maskvid.video_tokenizer import VideoTokenizer
 
-    tokenizer = load_tokenizer(tokenizer_ckpt)
+    tokenizer = VideoTokenizer.from_checkpoint(tokenizer_ckpt)
     tokens, attrs = [], []
     for sample in ValStream(expand_shards(token_shards), TokenSampleDecoder()):
         info = sample["meta"]["info"]
@@ -125,7 +124,7 @@ def reconstruction_accuracy(tokenizer_ckpt: Path, token_shards: str, limit: int 
     videos = []
     with torch.no_grad():
         for i in range(0, len(tokens), batch_size):
-            for video in to_uint8(tokenizer.decode(torch.stack(tokens[i:i + batch_size]))).numpy():
+            for video in tokenizer.decode(torch.stack(tokens[i:i + batch_size])).numpy():
                 videos.append(decode_all(encode_mp4(list(video), fps=8.0, reproducible=True)[0]))
     return rounded(caption_accuracy(videos, attrs))
 

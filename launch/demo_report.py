@@ -59,9 +59,9 @@ def reconstructions(out: Path, tokenizer_ckpt: Path, val_shards: str, count: int
 
     from maskvid.datamodules.pixels import to_uint8
     from maskvid.datamodules.video_datamodule import VideoDataModule
-    from maskvid.models.tokenizer_checkpoint import load_tokenizer
+    from maskvid.video_tokenizer import VideoTokenizer
 
-    tokenizer = load_tokenizer(tokenizer_ckpt)
+    tokenizer = VideoTokenizer.from_checkpoint(tokenizer_ckpt).network
     dm = VideoDataModule(val_shards=val_shards, num_frames=17, resolution=tokenizer.image_size, batch_size=count,
                          num_workers=workers)
     batch = next(iter(dm.val_dataloader()))

@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     if any(not 0 < r <= 1 for r in args.mask_ratios):
         p.error("--mask-ratios must lie in (0, 1]")
 
-    from maskvid.models.stage2_checkpoint import load_generator
+    from maskvid.text_to_video import TextToVideo
 
-    generator = load_generator(args.ckpt)
+    generator = TextToVideo.load(args.ckpt)
     tokens, captions = load_clips(args.tokens, args.clips)
     result = {"benchmark": "caption_sensitivity", "ckpt": str(args.ckpt), "clips": len(captions),
               "ratios": sensitivity(generator, tokens, captions, args.mask_ratios, args.seed)}

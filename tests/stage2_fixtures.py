@@ -9,7 +9,7 @@ import torch
 
 from maskvid.models.cvivit import CViViT
 from maskvid.models.quantizer import VectorQuantizer
-from maskvid.models.tokenizer_checkpoint import save_tokenizer
+from maskvid.models.tokenizer_checkpoint import CHECKPOINT_KEY, FORMAT_VERSION
 
 
 def tiny_t5_dir(out: Path, d_model: int = 32) -> Path:
@@ -30,7 +30,9 @@ def tiny_tokenizer(codebook_size: int = 64, image_size: int = 32) -> CViViT:
 
 def write_tokenizer_checkpoint(path: Path, tokenizer: CViViT) -> Path:
     """What TokenizerModule writes, minus the training state."""
-    return save_tokenizer(path, tokenizer)
+    torch.save({CHECKPOINT_KEY: {"format": FORMAT_VERSION, "config": tokenizer.config, "prefix": "tokenizer."},
+                "state_dict": {f"tokenizer.{k}": v for k, v in tokenizer.state_dict().items()}}, path)
+    return path
 
 
 BACKBONES = {

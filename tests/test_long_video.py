@@ -8,7 +8,7 @@ import torch
 from maskvid.lightning_modules.masked_video_module import MaskedVideoModule
 from maskvid.models.maskgit import MaskGITBackbone
 from maskvid.models.sampling import SamplingOptions
-from maskvid.models.stage2_checkpoint import TextToVideo
+from maskvid.text_to_video import TextToVideo
 from tests.stage2_fixtures import tiny_t5_dir, tiny_tokenizer, write_tokenizer_checkpoint
 
 

@@ -1,0 +1,265 @@
+"""`TextToVideo`: prompts in, uint8 videos out, from a stage-2 model alone.
+
+    t2v = TextToVideo.from_pretrained("runs/demo/export")    # or .from_checkpoint("last.ckpt")
+    videos = t2v.generate(["a red circle moving left"], num_frames=17, seed=0)  # uint8 [B, T, H, W, 3]
+    t2v.save_pretrained("my_model")                           # config.json + model.safetensors
+
+The model is the frozen backbone, the frozen tokenizer that turns its tokens into pixels, and the
+text encoder, which is named (not copied): it is a frozen pretrained network loaded by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from maskvid import pretrained
+from maskvid.models.cvivit import CViViT
+from maskvid.models.sampling import SamplingOptions, maskgit_sample
+from maskvid.video_tokenizer import VideoTokenizer, provenance
+
+_BACKBONE, _TOKENIZER = "backbone.", "tokenizer."
+_SEED_MASK = 0x7FFF_FFFF_FFFF_FFFF
+
+
+class TextToVideo:
+    """Frozen backbone + tokenizer + text encoder, and how to sample from them."""
+
+    FORMAT = pretrained.TEXT_TO_VIDEO
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer: CViViT | VideoTokenizer,
+        text_encoder: nn.Module | dict[str, Any],
+        defaults: SamplingOptions | None = None,
+        grid: Sequence[int] | None = None,
+        source: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Args:
+            backbone: the stage-2 transformer (MaskGITBackbone or MeBT); frozen here.
+            tokenizer: the stage-1 tokenizer whose tokens the backbone predicts.
+            text_encoder: a TextEncoder, or its init arguments ({"name_or_path", "max_length",
+                "dtype"}) to build it on first use (exporting needs no text encoder).
+            defaults: the sampler's defaults; `generate(**overrides)` changes them per call.
+            grid: the training clip's token grid (t, h, w): the default length, and the window
+                past which generation slides.
+            source: where it came from (checkpoint, step, EMA), recorded in config.json.
+        """
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.tokenizer = tokenizer if isinstance(tokenizer, VideoTokenizer) else VideoTokenizer(tokenizer)
+        if isinstance(text_encoder, dict):
+            self._text_encoder, self.text_encoder_args = None, dict(text_encoder)
+        else:
+            self._text_encoder = text_encoder
+            self.text_encoder_args = dict(text_encoder.config["init_args"])
+        self.defaults = defaults or SamplingOptions()
+        self.grid = tuple(int(g) for g in grid) if grid else None
+        self.source = dict(source or {})
+        vocab = getattr(backbone, "vocab_size", None)
+        if vocab is not None and vocab != self.tokenizer.vocab_size:
+            raise pretrained.PretrainedError(
+                f"the backbone predicts {vocab} token ids but the tokenizer has {self.tokenizer.vocab_size} codes")
+
+    def __repr__(self) -> str:
+        return (f"TextToVideo(backbone={type(self.backbone).__name__}, grid={self.grid}, "
+                f"text_encoder={self.text_encoder_args.get('name_or_path')!r}, device={self.device})")
+
+    # -- the model ------------------------------------------------------------------------------
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        if self._text_encoder is None:
+            from maskvid.models.text_encoder import TextEncoder
+
+            self._text_encoder = TextEncoder(**self.text_encoder_args).to(self.device)
+        return self._text_encoder
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def to(self, device: str | torch.device) -> TextToVideo:
+        self.backbone.to(device)
+        self.tokenizer.to(device)
+        if self._text_encoder is not None:
+            self._text_encoder.to(device)
+        return self
+
+    @property
+    def trained_frames(self) -> int:
+        """Latent frames per clip in training: longer videos are made with a sliding window."""
+        return self.grid[0] if self.grid else self.backbone.grid[0]
+
+    def grid_for(self, num_frames: int | None, resolution: int | None = None) -> tuple[int, int, int]:
+        """The token grid for `num_frames` (default: the training clip length)."""
+        if num_frames is None:
+            if self.grid is None:
+                raise ValueError("this model does not record its clip length: pass num_frames")
+            return self.grid
+        net = self.tokenizer.network
+        size = resolution or net.patch_size * (self.grid[1] if self.grid else self.backbone.grid[1])
+        grid = net.token_grid(num_frames, size)
+        self.backbone.check_grid((min(grid[0], self.trained_frames), *grid[1:]))  # longer: sliding window
+        return grid
+
+    def options(self, **overrides: Any) -> SamplingOptions:
+        """The default sampler with `overrides` (SamplingOptions fields; None keeps the default)."""
+        names = {f.name for f in fields(SamplingOptions)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown sampling option(s) {unknown}; valid: {sorted(names)}")
+        options = replace(self.defaults, **{k: v for k, v in overrides.items() if v is not None})
+        options.check()
+        return options
+
+    def video_generator(self, seed: int, *ids: int) -> torch.Generator:
+        """One generator per video: a video depends on (seed, its ids), not on how it was batched.
+        `generate(prompts, seed=s)` draws prompt i from (s, i, 0), as `maskvid generate --seed s`."""
+        return torch.Generator(device=self.device).manual_seed(hash((seed, *ids)) & _SEED_MASK)
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def tokens(
+        self,
+        prompts: list[str],
+        grid: tuple[int, int, int],
+        options: SamplingOptions,
+        generator,
+        prime: torch.Tensor | None = None,
+        context: int = 2,
+        precision: str = "32",
+    ) -> torch.Tensor:
+        """Sample a [B, t, h, w] token grid. Past the trained length, a window of the trained
+        length slides forward, each window primed with the last `context` latent frames.
+        precision: "bf16" (autocast), "32", or "auto" (bf16 where the device has it natively)."""
+        from maskvid.launch.precision import resolve
+
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=resolve(precision, self.device.type)):
+            return self._tokens(list(prompts), grid, options, generator, prime, context)
+
+    def _tokens(self, prompts, grid, options, generator, prime, context) -> torch.Tensor:
+        text, text_mask = self.text_encoder(prompts)
+        text, text_mask = text.to(self.device), text_mask.to(self.device)
+        t, h, w = grid
+        window = self.trained_frames
+        if t <= window:
+            return maskgit_sample(self.backbone, grid, text, text_mask, options, generator, prime=prime)
+        if not 0 < context < window:
+            raise ValueError(f"sliding-window context must be in [1, {window - 1}], got {context}")
+        tokens = maskgit_sample(self.backbone, (window, h, w), text, text_mask, options, generator, prime=prime)
+        while tokens.shape[1] < t:
+            step = min(window - context, t - tokens.shape[1])
+            new = maskgit_sample(
+                self.backbone, (context + step, h, w), text, text_mask, options, generator, prime=tokens[:, -context:]
+            )
+            tokens = torch.cat([tokens, new[:, context:]], dim=1)
+        return tokens
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token grids [B, t, h, w] -> uint8 videos [B, T, H, W, 3] on the CPU (fp32 decoding)."""
+        return self.tokenizer.decode(tokens)
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        num_frames: int | None = None,
+        seed: int | None = None,
+        *,
+        context: int = 2,
+        precision: str = "auto",
+        **sampling: Any,
+    ) -> torch.Tensor:
+        """Prompts -> uint8 videos [B, T, H, W, 3] on the CPU, one per prompt.
+
+        Args:
+            prompts: the captions.
+            num_frames: frames per video, 1 + k * the tokenizer's temporal patch (default: the
+                training clip length); longer than trained slides a window forward.
+            seed: same seed, same videos (each video from (seed, its index)); None draws one from
+                torch's global generator.
+            context: latent frames each sliding window keeps from the one before.
+            precision: the transformer's: "auto" (bf16 autocast where native), "bf16" or "32".
+            **sampling: SamplingOptions overrides: steps, cfg_scale, temperature, top_k, noise,
+                cfg_schedule, refine_steps, refine_ratio.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts")
+        options = self.options(**sampling)
+        grid = self.grid_for(num_frames)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        generators = [self.video_generator(seed, i, 0) for i in range(len(prompts))]
+        return self.decode(self.tokens(prompts, grid, options, generators, context=context, precision=precision))
+
+    # -- saving and loading ---------------------------------------------------------------------
+
+    def save_pretrained(self, out: str | Path) -> Path:
+        """Write `out/config.json` and `out/model.safetensors` (backbone and tokenizer weights; the
+        text encoder is named, not copied); `from_pretrained(out)` reads them."""
+        config = {
+            "format": self.FORMAT,
+            "backbone": self.backbone.config,
+            "tokenizer": self.tokenizer.network.config,
+            "text_encoder": self.text_encoder_args,
+            "sampling": asdict(self.defaults),
+            "grid": list(self.grid) if self.grid else None,
+            "weights": {"backbone": _BACKBONE, "tokenizer": _TOKENIZER},
+            "source": self.source,
+        }
+        tensors = {**pretrained.prefixed(_BACKBONE, self.backbone),
+                   **pretrained.prefixed(_TOKENIZER, self.tokenizer.network)}
+        return pretrained.write_directory(out, config, tensors)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> TextToVideo:
+        """The model in an exported directory (`maskvid ckpt export`, or save_pretrained)."""
+        config = pretrained.read_config(path, (cls.FORMAT,))
+        tensors = pretrained.read_weights(path)
+        for key in ("backbone", "tokenizer", "text_encoder"):
+            if not isinstance(config.get(key), dict):
+                raise pretrained.PretrainedError(f"{path}: config.json has no {key!r} section")
+        prefixes = config.get("weights") or {"backbone": _BACKBONE, "tokenizer": _TOKENIZER}
+        pretrained.check_all_used(tensors, tuple(prefixes.values()), path)
+        backbone = pretrained.load_network(config["backbone"], tensors, prefixes["backbone"], path)
+        tokenizer = pretrained.load_network(config["tokenizer"], tensors, prefixes["tokenizer"], path)
+        return cls(backbone, tokenizer, config["text_encoder"], _sampling(config.get("sampling")),
+                   config.get("grid"), config.get("source")).to(map_location)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> TextToVideo:
+        """The model in a stage-2 training checkpoint: a single file or a sharded (FSDP2 DCP,
+        DeepSpeed) directory; the EMA backbone when training kept one."""
+        from maskvid.launch.checkpoints import read_checkpoint
+
+        return cls.from_checkpoint_dict(read_checkpoint(path), path).to(map_location)
+
+    @classmethod
+    def from_checkpoint_dict(cls, checkpoint: dict, source: Any) -> TextToVideo:
+        from maskvid.models.stage2_checkpoint import stage2_record
+
+        info, state = stage2_record(checkpoint, source)
+        backbone = pretrained.load_network(info["backbone"], state, info["backbone_prefix"], source)
+        tokenizer = pretrained.load_network(info["tokenizer"], state, info["tokenizer_prefix"], source)
+        ema = "_ema." in info["backbone_prefix"]
+        return cls(backbone, tokenizer, dict(info["text_encoder"]), _sampling(info.get("sampling")),
+                   info.get("grid"), provenance(checkpoint, source, ema))
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> TextToVideo:
+        """An exported directory (config.json) or any stage-2 checkpoint."""
+        if pretrained.is_pretrained_dir(path):
+            return cls.from_pretrained(path, map_location)
+        return cls.from_checkpoint(path, map_location)
+
+
+def _sampling(values: dict[str, Any] | None) -> SamplingOptions:
+    names = {f.name for f in fields(SamplingOptions)}
+    return SamplingOptions(**{k: v for k, v in (values or {}).items() if k in names})
