@@ -50,7 +50,7 @@ TOOL_COMMANDS: dict[str, Command] = {
     "demo": "maskvid.launch.cmd_demo",
 }
 GROUP_HELP = {
-    "ckpt": "Checkpoint tools: export any checkpoint to one inference file, convert DeepSpeed to universal",
+    "ckpt": "Checkpoint tools: export any checkpoint to a model directory (safetensors), convert DeepSpeed to universal",
     "data": "Data tools: build shards from your videos, make the synthetic dataset, preview a batch, tokenize",
     "eval": "Evaluation: FVD between video sets, cached real-video statistics, CLIPSIM of generated videos",
 }
@@ -62,7 +62,7 @@ examples:
   maskvid data synthetic --out data/synthetic
   maskvid generate --ckpt last.ckpt --prompt "a red circle moving left" --out samples/
   maskvid plan --config configs/experiment/mebt_demo.yaml --gpus 8 --gpu h100
-  maskvid ckpt export runs/x/checkpoints/last.ckpt --out model.pt
+  maskvid ckpt export runs/x/checkpoints/last.ckpt --out my_model
   maskvid eval fvd --real data/synthetic/val --fake samples/ --i3d i3d_torchscript.pt
   maskvid validate --config run/config.yaml --ckpt_path last.ckpt --model.init_args.i3d_path i3d.pt
   maskvid data preview --config configs/data/synthetic.yaml --split val
