@@ -87,11 +87,16 @@ class _PlanTextEncoder(nn.Module):
 
 
 def _tokenizer_from_config(path: str, vocab_size: int | None = None):
-    """The stage-1 tokenizer a checkpoint describes (its recorded config, weights not read), or
-    the configs/ C-ViViT with `vocab_size` codes when the checkpoint does not exist yet."""
+    """The stage-1 tokenizer a checkpoint or exported directory describes (its recorded config,
+    weights not read), or the configs/ C-ViViT with `vocab_size` codes when the checkpoint does
+    not exist yet."""
     from maskvid.models.config import instantiate
     from maskvid.models.tokenizer_checkpoint import CHECKPOINT_KEY
 
+    if (Path(path) / "config.json").is_file():  # an exported directory (maskvid/pretrained.py)
+        from maskvid.pretrained import TEXT_TO_VIDEO, VIDEO_TOKENIZER, read_config
+
+        return instantiate(read_config(path, (VIDEO_TOKENIZER, TEXT_TO_VIDEO))["tokenizer"]).eval().requires_grad_(False)
     if Path(path).is_file():
         with torch._subclasses.fake_tensor.unset_fake_temporarily():
             info = torch.load(path, map_location="cpu", weights_only=True, mmap=True)[CHECKPOINT_KEY]
