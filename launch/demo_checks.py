@@ -1,9 +1,8 @@
 """Measurements `maskvid demo` takes: the data-pipeline check, the oracle's caption accuracy of
-generated videos, and metrics read back from the fits' CSV logs."""
+generated videos, and metrics read back from the fits' logs (CSV or TensorBoard)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from maskvid.datamodules.errors import DataError
+from maskvid.launch.run_curves import curve_rows, read_curves
 
 
 def intended_attributes(info: Optional[dict[str, Any]], caption: str) -> Optional[dict[str, Any]]:
@@ -137,20 +137,9 @@ def video_path(item: dict[str, Any], index_path: Path) -> Path:
 
 
 def read_metrics(run_root: Path) -> list[dict[str, float]]:
-    """Rows of every Lightning CSV log under run_root (a resumed fit adds a version), as floats,
-    ordered by step."""
-    rows = []
-    for path in sorted(run_root.glob("lightning_logs/version_*/metrics.csv")):
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                parsed = {}
-                for key, value in row.items():
-                    try:
-                        parsed[key] = float(value)
-                    except (TypeError, ValueError):
-                        continue
-                rows.append(parsed)
-    return sorted(rows, key=lambda r: r.get("step", 0.0))
+    """Every logged point under run_root as a row {"step": s, metric: value}, ordered by step,
+    from the CSV logs or, without them, the TensorBoard event files (launch/run_curves.py)."""
+    return curve_rows(read_curves(run_root))
 
 
 def tokenizer_psnr(run_root: Path) -> Optional[dict[str, float]]:
@@ -159,4 +148,4 @@ def tokenizer_psnr(run_root: Path) -> Optional[dict[str, float]]:
     if not values:
         return None
     step, value = values[-1]
-    return {"value": round(value, 3), "step": int(step), "source": "val/psnr in the fit's metrics.csv"}
+    return {"value": round(value, 3), "step": int(step), "source": "val/psnr in the fit's log"}

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from PIL import Image
 
 from maskvid.launch.demo_checks import read_metrics, video_path
 
@@ -25,8 +24,9 @@ FRAME_MS = 125  # 8 fps, the rate the demo renders and generates at
 
 def _gif(frames: np.ndarray, path: Path) -> Path:
     """uint8 [T, H, W, 3] -> an upscaled, looping GIF."""
-    images = [Image.fromarray(f).resize((f.shape[1] * UPSCALE, f.shape[0] * UPSCALE), Image.NEAREST) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=FRAME_MS, loop=0)
+    from maskvid.lightning_modules.media import encode_gif
+
+    path.write_bytes(encode_gif(frames, fps=1000 / FRAME_MS, scale=UPSCALE))
     return path
 
 

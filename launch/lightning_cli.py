@@ -9,6 +9,10 @@
 launch/requeue.py); inside a SLURM job the preemption signal checkpoints and requeues, outside one
 SIGTERM checkpoints and exits cleanly (launch/preemption.py).
 
+Unless `trainer.logger` says otherwise, a run logs to TensorBoard and to a CSV file, both in
+`<default_root_dir>/lightning_logs/version_N/` (launch/run_loggers.py; W&B by adding
+configs/logger/wandb.yaml, see docs/logging.md).
+
 Every run also gets atomic, verified checkpoints (launch/checkpoint_io.py), non-finite step
 skipping (lightning_modules/nonfinite.py) and step-derived RNG seeds (lightning_modules/step_seed.py).
 Before anything is written, the model is checked against the data and the strategy, and a config
@@ -35,6 +39,7 @@ from maskvid.launch.cli_errors import explain, report
 from maskvid.launch.config_includes import expand_config_includes
 from maskvid.launch.preemption import TerminationCheckpoint
 from maskvid.launch.requeue import SlurmRequeue, find_resume_checkpoint
+from maskvid.launch.run_loggers import DEFAULT_LOGGERS, resolve_loggers
 from maskvid.lightning_modules.nonfinite import NonFiniteGuard
 from maskvid.lightning_modules.step_seed import StepSeed
 
@@ -60,9 +65,25 @@ class MaskvidCLI(LightningCLI):
             sys.argv[1:] = expand_config_includes(sys.argv[1:])
         elif isinstance(args, (list, tuple)):
             kwargs["args"] = expand_config_includes(args)
+        self._as_written = None
         super().__init__(**kwargs)
 
+    def add_arguments_to_parser(self, parser) -> None:
+        # A list default: `--print_config` shows it, and `logger+:` in a config file adds to it.
+        parser.set_defaults({"trainer.logger": DEFAULT_LOGGERS})
+
+    def before_instantiate_classes(self) -> None:
+        # The loggers are built from a copy with their directory and shared version filled in;
+        # config.yaml keeps the config as written, so running it again starts a new version
+        # instead of writing over this one's metrics.csv.
+        self._as_written = self.config
+        self.config = self.config.clone()
+        trainer = self.config[self.subcommand]["trainer"] if self.subcommand else self.config["trainer"]
+        trainer["logger"] = resolve_loggers(trainer.get("logger"), trainer.get("default_root_dir"))
+
     def instantiate_trainer(self, **kwargs):
+        if self._as_written is not None:
+            self.config = self._as_written  # what SaveConfigCallback records
         trainer = super().instantiate_trainer(**kwargs)
         standing = [DataMonitor, NonFiniteGuard, StepSeed]
         standing.append(SlurmRequeue if SLURMEnvironment.detect() else TerminationCheckpoint)
