@@ -2,6 +2,12 @@
 
 Every way a sample can be bad becomes a `BadSample` with a short reason, so the streams can skip,
 count and name it without knowing about PyAV, PIL or JSON.
+
+Shards from `maskvid data shards` and from video2dataset share one layout (`mp4`, `txt` caption,
+`json` metadata) and one decoder. video2dataset also stores a record (`txt` + `json` with a
+`status` other than "success") for each video it failed to fetch, and may leave `txt` empty with
+the caption in the json: `download_failure` names such records so the streams leave them out as
+non-samples, and the caption falls back to the json's `caption`.
 """
 
 from __future__ import annotations
@@ -9,13 +15,34 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
 
 from maskvid.datamodules.clips import IMAGE_EXTS, VIDEO_EXTS, ClipSpec, decode_clip, decode_image
 from maskvid.datamodules.video_io import VideoDecodeError
+
+
+# Members that describe a sample without being one: a record made only of these has no media.
+TEXT_FIELDS = frozenset({"txt", "json"})
+
+
+def download_failure(fields: Iterable[str], json_data: Optional[bytes]) -> Optional[str]:
+    """The status of a record video2dataset writes for a video it could not fetch, else None.
+
+    fields: the record's member extensions (`__key__`-style entries are ignored). Only a record
+    without media and whose json has a string `status` other than "success" qualifies, so a
+    sample of ours that lost its mp4 is still a bad sample, counted and named.
+    """
+    if json_data is None or any(f not in TEXT_FIELDS for f in fields if not f.startswith("__")):
+        return None
+    try:
+        info = json.loads(json_data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    status = info.get("status") if isinstance(info, dict) else None
+    return status if isinstance(status, str) and status != "success" else None
 
 
 class BadSample(Exception):
@@ -79,8 +106,11 @@ class SampleDecoder:
                 caption = raw["txt"].decode("utf-8").strip()
             except UnicodeDecodeError as e:
                 raise BadSample("bad caption", "not UTF-8") from e
+        if not caption and isinstance(info.get("caption"), str):
+            caption = info["caption"].strip()
         if not caption and self.missing_caption == "skip":
-            raise BadSample("missing caption" if "txt" not in raw else "empty caption")
+            has_caption = "txt" in raw or "caption" in info
+            raise BadSample("empty caption" if has_caption else "missing caption")
         try:
             video_ext = next((e for e in VIDEO_EXTS if e in raw), None)
             if video_ext is not None:

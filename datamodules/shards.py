@@ -1,14 +1,14 @@
 """Build WebDataset video shards from a user's captioned videos (`maskvid data shards`).
 
 Inputs come from a folder, scanned recursively, with a sidecar caption per video (`clip.txt`, or
-`clip.mp4.txt` when two videos share a stem), or from a JSONL manifest of
-`{"path": ..., "caption": ...}` lines with paths relative to the manifest's folder.
-Each input is probed, decoded upright (rotation metadata applied), optionally resampled to a
+`clip.mp4.txt` when two videos share a stem), from a JSONL manifest of
+`{"path": ..., "caption": ...}` lines with paths relative to the manifest's folder, or from a CSV
+such as WebVid's whose rows name local files (`shard_inputs.py`, `csv_manifest.py`). Each input is probed, decoded upright (rotation metadata applied), optionally resampled to a
 frame rate and downscaled, re-encoded as h264 mp4, and written as a sample `mp4`/`txt`/`json`.
 
 Every input that cannot be used is skipped with one of the `SKIP_REASONS` and listed in a JSON
 report; one bad file never stops a build. Output order follows input order (sorted paths, or
-manifest order) whatever the number of workers, and sample keys derive from the paths, so two
+manifest and CSV order) whatever the number of workers, and sample keys derive from the paths, so two
 builds of the same input hold the same samples under the same keys in the same order.
 """
 
@@ -18,7 +18,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -31,27 +30,28 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from tqdm import tqdm
 
 from maskvid.datamodules.cpus import usable_cpus
+from maskvid.datamodules.csv_manifest import read_csv
 from maskvid.datamodules.errors import DataError
+from maskvid.datamodules.shard_inputs import (  # noqa: F401 - re-exported for callers and tests
+    BAD_MANIFEST_LINE,
+    CORRUPT,
+    EMPTY_CAPTION,
+    MANIFEST_SUFFIXES,
+    MISSING_CAPTION,
+    MISSING_FILE,
+    NO_VIDEO,
+    SHORT_DECODE,
+    SKIP_REASONS,
+    ZERO_FRAMES,
+    InputItem,
+    Skip,
+    read_manifest,
+    sample_keys,
+    scan_folder,
+)
 from maskvid.datamodules.shard_writer import ShardSink
 from maskvid.datamodules.video_io import VideoDecodeError, encode_mp4, iter_frames, probe
 
-MISSING_FILE = "missing file"
-CORRUPT = "unreadable or corrupt"
-NO_VIDEO = "no video stream"
-ZERO_FRAMES = "zero frames"
-EMPTY_CAPTION = "empty caption"
-MISSING_CAPTION = "missing caption"
-BAD_MANIFEST_LINE = "bad manifest line"
-SKIP_REASONS = (
-    MISSING_FILE, CORRUPT, NO_VIDEO, ZERO_FRAMES, EMPTY_CAPTION, MISSING_CAPTION, BAD_MANIFEST_LINE
-)
-# Not a skip: the video is written, but the report flags it (see SHORT_DECODE_RATIO).
-SHORT_DECODE = "short decode"
-
-# Files in a video folder that are captions or metadata, never inputs. Anything else is tried as
-# a video, so a stray non-video file shows up in the report instead of vanishing silently.
-SIDECAR_SUFFIXES = frozenset({".txt", ".json", ".jsonl", ".md", ".csv"})
-MANIFEST_SUFFIXES = frozenset({".jsonl"})
 # Same fallback as video_io.iter_frames when a stream does not state a usable frame rate.
 DEFAULT_FPS = 25.0
 # A decode covering less than this share of the declared duration gets a warning (FFmpeg often
@@ -96,32 +96,6 @@ class EncodeOptions:
         if self.preset not in X264_PRESETS:
             choices = ", ".join(X264_PRESETS)
             raise DataError(f"--preset must be one of {choices}, got {self.preset!r}")
-
-
-@dataclass(frozen=True)
-class InputItem:
-    """One candidate video and its caption, as found in the folder or the manifest."""
-
-    path: Path
-    """Where the file is (absolute, or relative to the working directory)."""
-    source: str
-    """The path as reported: relative to the input root, with '/' separators."""
-    caption: Optional[str]
-    """Stripped caption; None when there is none at all."""
-    caption_detail: str = ""
-    """Why the caption is missing, or where an empty one came from."""
-    order: int = 0
-    """Position in the input (manifest line number for manifests), for a report in input order."""
-
-
-@dataclass(frozen=True)
-class Skip:
-    """A report entry: an input left out of the shards, or (in `kept_empty_captions` and
-    `warnings`) one written anyway, with a reason code and a human-readable detail."""
-
-    path: str
-    reason: str
-    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -177,112 +151,21 @@ class BuildReport:
 # --------------------------------------------------------------------------- collecting inputs
 
 
-def _read_sidecar(video: Path) -> tuple[Optional[str], str]:
-    """(caption, detail) from `clip.mp4.txt` or else `clip.txt`; caption None when absent."""
-    for sidecar in (video.with_name(video.name + ".txt"), video.with_suffix(".txt")):
-        if sidecar.is_file():
-            try:
-                return sidecar.read_text(encoding="utf-8-sig").strip(), f"{sidecar.name} is empty"
-            except (OSError, UnicodeDecodeError) as e:
-                return None, f"cannot read {sidecar.name} as UTF-8 text: {e}"
-    return None, f"no {video.with_suffix('.txt').name} next to it"
-
-
-def scan_folder(root: Path, exclude: Iterable[Path] = ()) -> list[InputItem]:
-    """Every non-hidden, non-sidecar file under `root`, sorted by relative path.
-
-    exclude: folders to leave out (the output folder, when it lies inside the input folder).
-    """
-    excluded = {p.resolve() for p in exclude}
-    found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = [
-            d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded
-        ]
-        for name in filenames:
-            path = here / name
-            if name.startswith(".") or path.suffix.lower() in SIDECAR_SUFFIXES:
-                continue
-            found.append((path.relative_to(root).as_posix(), path))
-    found.sort()
-    return [
-        InputItem(path, rel, *_read_sidecar(path), order=i) for i, (rel, path) in enumerate(found)
-    ]
-
-
-def read_manifest(manifest: Path) -> tuple[list[InputItem], list[tuple[int, Skip]]]:
-    """Items of a JSONL manifest in line order, and (line number, `bad manifest line` skip) for
-    each line that is not a JSON object with a "path" string and an optional "caption" string.
-    """
-    root = manifest.parent
-    items: list[InputItem] = []
-    bad: list[tuple[int, Skip]] = []
-    try:
-        lines = manifest.read_bytes().splitlines()
-    except OSError as e:
-        raise DataError(f"cannot read manifest {manifest}: {e.strerror or e}") from e
-    for lineno, raw in enumerate(lines, 1):
-        where = f"{manifest.name}:{lineno}"
-        try:
-            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            if not text.strip():
-                continue
-            entry = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            detail = f"line {lineno}: not valid JSON: {e}"
-            bad.append((lineno, Skip(where, BAD_MANIFEST_LINE, detail)))
-            continue
-        path = entry.get("path") if isinstance(entry, dict) else None
-        caption = entry.get("caption") if isinstance(entry, dict) else None
-        if not isinstance(path, str) or not path.strip():
-            detail = f'line {lineno}: expected an object with a non-empty "path" string'
-            bad.append((lineno, Skip(where, BAD_MANIFEST_LINE, detail)))
-            continue
-        if caption is not None and not isinstance(caption, str):
-            detail = f'line {lineno}: "caption" must be a string, got {type(caption).__name__}'
-            bad.append((lineno, Skip(where, BAD_MANIFEST_LINE, detail)))
-            continue
-        source = Path(os.path.normpath(path)).as_posix()
-        if caption is None:
-            caption_detail = f'line {lineno} has no "caption"'
-        else:
-            caption, caption_detail = caption.strip(), f'line {lineno}: "caption" is empty'
-        items.append(InputItem(root / path, source, caption, caption_detail, lineno))
-    return items, bad
-
-
 def collect_inputs(
-    videos: Path, exclude: Iterable[Path] = ()
+    videos: Path, exclude: Iterable[Path] = (), csv: Optional[Path] = None, progress: bool = False
 ) -> tuple[list[InputItem], list[tuple[int, Skip]]]:
-    """Inputs from a folder or a `.jsonl` manifest, plus (line, skip) for bad manifest lines."""
+    """Inputs from a folder, a `.jsonl` manifest or a CSV whose rows name files in the folder
+    `videos`, plus (line, skip) for manifest lines and CSV rows that name no usable file."""
     if not videos.exists():
         raise DataError(f"--videos {videos} does not exist")
+    if csv is not None:
+        return read_csv(csv, videos, progress=progress)
     if videos.is_dir():
         return scan_folder(videos, exclude), []
     if videos.suffix.lower() in MANIFEST_SUFFIXES:
         return read_manifest(videos)
     raise DataError(f"--videos {videos} must be a folder of videos or a .jsonl manifest")
 
-
-def sample_keys(sources: Iterable[str]) -> list[str]:
-    """A unique WebDataset key per source path: no dots, no slashes, stable for a given input.
-
-    `a.mp4` and `a.webm` give `a_mp4` and `a_webm`; a clash left after that (`a_b.mp4` and
-    `a/b.mp4`) gets `-2`, `-3`... in input order.
-    """
-    keys: list[str] = []
-    taken: set[str] = set()
-    for source in sources:
-        base = re.sub(r"[^\w-]+", "_", source).strip("_") or "sample"
-        key = base
-        for n in itertools.count(2):
-            if key not in taken:
-                break
-            key = f"{base}-{n}"
-        taken.add(key)
-        keys.append(key)
-    return keys
 
 
 # --------------------------------------------------------------------------- encoding one input
@@ -424,8 +307,12 @@ def build_shards(
     overwrite: bool = False,
     report_path: str | os.PathLike | None = None,
     progress: bool = True,
+    csv: str | os.PathLike | None = None,
 ) -> BuildReport:
     """Write `<out>/<prefix>-NNNNNN.tar` shards and a JSON report; return the report.
+
+    videos: a folder of videos with sidecar captions or a `.jsonl` manifest; with `csv`, the
+        folder the CSV's rows name files in (see csv_manifest.py).
 
     empty_caption: "skip" leaves out videos with a missing or empty caption; "keep" writes them
         with caption "" (for unconditional training) and lists them under `kept_empty_captions`.
@@ -436,6 +323,7 @@ def build_shards(
     """
     started = time.monotonic()
     videos, out = Path(videos), Path(out)
+    csv = Path(csv) if csv is not None else None
     report_file = Path(report_path) if report_path is not None else out / DEFAULT_REPORT_NAME
     options.validate()
     if empty_caption not in ("skip", "keep"):
@@ -444,7 +332,7 @@ def build_shards(
         raise DataError(f"--prefix must be a plain file name prefix, got {prefix!r}")
     workers = default_workers() if workers is None else workers
 
-    items, bad_lines = collect_inputs(videos, exclude=[out])
+    items, bad_lines = collect_inputs(videos, exclude=[out], csv=csv, progress=progress)
     if not items and not bad_lines:
         raise DataError(f"no input files found in {videos}")
     jobs, skipped = plan_jobs(items, empty_caption)
@@ -456,11 +344,12 @@ def build_shards(
         sink.abort()
         raise
     report = BuildReport(
-        input=str(videos),
+        input=str(csv if csv is not None else videos),
         out=str(out),
         report_path=str(report_file),
         options={**asdict(options), "samples_per_shard": samples_per_shard, "prefix": prefix,
-                 "empty_caption": empty_caption, "workers": workers, "overwrite": overwrite},
+                 "empty_caption": empty_caption, "workers": workers, "overwrite": overwrite,
+                 "videos": str(videos)},
     )
     work = ((item.path, item.source, options) for item, _ in jobs)
     results = ordered_map(_encode_job, work, workers)
@@ -471,7 +360,8 @@ def build_shards(
                 if isinstance(result, Skip):
                     skipped.append((item.order, result))
                 else:
-                    sink.write(key, result.mp4, item.caption or "", result.meta)
+                    meta = {**result.meta, **item.meta} if item.meta else result.meta
+                    sink.write(key, result.mp4, item.caption or "", meta)
                     if not item.caption:
                         report.kept_empty_captions.append(_caption_issue(item))
                     if result.warning:
@@ -495,5 +385,5 @@ def build_shards(
     _write_report(report, report_file)
     if report.written == 0:
         reasons = ", ".join(f"{n} {r}" for r, n in report.reason_counts().items())
-        raise DataError(f"no usable videos in {videos} ({reasons}); details in {report_file}")
+        raise DataError(f"no usable videos in {report.input} ({reasons}); details in {report_file}")
     return report

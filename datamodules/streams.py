@@ -16,6 +16,11 @@ file name); shards are only ever read in memory, never extracted.
 
 Val: a finite stream in which every sample is seen exactly once across ranks and workers: whole
 shards are dealt out when there are enough of them, otherwise samples are dealt round-robin.
+
+Records video2dataset writes for videos it failed to fetch (`samples.download_failure`) are not
+samples: both the reader and the shard sizes leave them out, so positions stay consistent, and
+each shard's count of them is logged once. Other files beside the tars (video2dataset's
+`_stats.json` and `.parquet`, our `shards.json`) are never taken for shards.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ import json
 import logging
 import os
 import tarfile
-from collections import deque
+from collections import Counter, deque
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -35,7 +40,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import shardlists, tariterators
 
 from maskvid.datamodules.errors import DataError
-from maskvid.datamodules.samples import BadSample, SampleDecoder, check_member_key
+from maskvid.datamodules.samples import (
+    TEXT_FIELDS,
+    BadSample,
+    SampleDecoder,
+    check_member_key,
+    download_failure,
+)
 from maskvid.datamodules.shard_writer import INDEX_NAME
 
 log = logging.getLogger("maskvid.data")
@@ -92,21 +103,41 @@ def shard_size(url: str) -> int:
         if path.name in sizes:
             return sizes[path.name]
         try:
-            with tarfile.open(path) as tar:
-                keys = [tariterators.base_plus_ext(m.name)[0] for m in tar if m.isfile()]
+            return _count_samples(path)
         except (tarfile.TarError, OSError):
             return 0
-        return _count_runs(keys)
     return sum(1 for _ in _read_shard(url))
 
 
-def _count_runs(keys: list[Optional[str]]) -> int:
-    count, prev = 0, object()
-    for key in keys:
-        if key is not None and key != prev:
-            count += 1
-        prev = key
+def _count_samples(path: Path) -> int:
+    """Samples in a local tar from its member headers, grouped by key as webdataset groups them,
+    less video2dataset's failed-download records (only their small json members are read)."""
+    runs: list[list] = []  # [key, its extensions, its json member or None] per sample
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = tariterators.base_plus_ext(member.name)
+            if key is None:
+                continue
+            if not runs or runs[-1][0] != key:
+                runs.append([key, set(), None])
+            ext = ext.lower()
+            runs[-1][1].add(ext)
+            if ext == "json":
+                runs[-1][2] = member
+        count = 0
+        for _, exts, json_member in runs:
+            data = None
+            if json_member is not None and exts <= TEXT_FIELDS:
+                handle = tar.extractfile(json_member)
+                data = handle.read() if handle is not None else None
+            count += download_failure(exts, data) is None
     return count
+
+
+# Shards whose failed-download records were already logged by this process (logged once each).
+_noted_failures: set[str] = set()
 
 
 def _read_shard(url: str) -> Iterator[dict[str, Any]]:
@@ -116,7 +147,18 @@ def _read_shard(url: str) -> Iterator[dict[str, Any]]:
         log.warning("shard %s: stopped reading after error: %s", url, exn)
         return False
 
-    yield from tariterators.tarfile_samples([{"url": url}], handler=handler)
+    failures: Counter[str] = Counter()
+    for raw in tariterators.tarfile_samples([{"url": url}], handler=handler):
+        status = download_failure(raw, raw.get("json"))
+        if status is None:
+            yield raw
+        else:
+            failures[status] += 1
+    if failures and url not in _noted_failures:
+        _noted_failures.add(url)
+        statuses = ", ".join(f"{n} {status}" for status, n in failures.most_common())
+        log.info("shard %s: left out %d failed-download record(s) of video2dataset (%s)",
+                 url, sum(failures.values()), statuses)
 
 
 def _worker() -> tuple[int, int]:

@@ -1,25 +1,39 @@
 """Build WebDataset video shards from your captioned videos (mp4, webm, mkv, avi, mov, gif, ...)
 
-Input is either a folder, scanned recursively, where each video has a caption in a sidecar text
-file next to it (clip.mp4 + clip.txt, or clip.mp4.txt), or a JSONL manifest with one
-{"path": "clips/a.mp4", "caption": "a dog runs"} per line, paths relative to the manifest.
-Every file in the folder other than .txt/.json/.jsonl/.md/.csv and hidden files is tried as a
-video. Each one is decoded upright (rotation metadata applied), optionally resampled to --fps,
+Input is one of:
+  - a folder, scanned recursively, where each video has a caption in a sidecar text file next to
+    it (clip.mp4 + clip.txt, or clip.mp4.txt); every file other than .txt/.json/.jsonl/.md/.csv
+    and hidden files is tried as a video;
+  - a JSONL manifest with one {"path": "clips/a.mp4", "caption": "a dog runs"} per line, paths
+    relative to the manifest;
+  - a CSV (--csv) such as WebVid's results_2M_train.csv, with the videos already downloaded into
+    --videos DIR. Caption column: name (or caption). Each row's file is the first that exists of:
+    DIR/PATH (column path), DIR/VIDEOID.mp4 and DIR/PAGE_DIR/VIDEOID.mp4 (columns videoid,
+    page_dir), DIR/<file name of contentUrl>. Nothing is downloaded.
+
+Each video is decoded upright (rotation metadata applied), optionally resampled to --fps,
 downscaled to --max-size and cut to --max-frames, and re-encoded as h264 mp4. Each sample in
 the tar shards holds mp4, txt (the caption) and json (fps, num_frames, width, height, duration,
-source, source_codec, ...).
+source, source_codec, ...; plus videoid and url for CSV rows).
 
 Inputs that cannot be used are skipped, never fatal, and listed with a reason in the report
 (default OUT/report.json): missing file, unreadable or corrupt, no video stream, zero frames,
-missing caption, empty caption, bad manifest line. The command exits 0 when at least one video
-was written, and 2 with a one-line error when nothing was usable, the input does not exist, the
-output is not writable, or OUT already holds shards (pass --overwrite to replace them).
+missing caption, empty caption, bad manifest line (a JSONL line or CSV row that cannot be
+parsed). The summary printed at the end counts them by reason and names the first few. The
+command exits 0 when at least one video was written, and 2 with a one-line error when nothing
+was usable, the input does not exist, a CSV lacks the columns it needs, the output is not
+writable, or OUT already holds shards (pass --overwrite to replace them).
 
 examples:
   maskvid data shards --videos ~/clips --out shards/mine
   maskvid data shards --videos clips/manifest.jsonl --out shards/mine --fps 8 --max-size 256 \\
       --samples-per-shard 500 --workers 8
   maskvid data shards --videos ~/clips --out shards/uncond --empty-caption keep --overwrite
+  maskvid data shards --csv results_2M_train.csv --videos ~/webvid/videos --out shards/webvid \\
+      --fps 8 --max-size 256 --workers 16
+
+Shards that video2dataset wrote (mp4 + txt + json per sample) need no conversion: pass their
+folder or brace pattern to data.train_shards / data.val_shards as they are.
 """
 
 from __future__ import annotations
@@ -33,7 +47,11 @@ from maskvid.launch.arg_types import non_negative_int, positive_float, positive_
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("input and output")
     io.add_argument("--videos", required=True, metavar="DIR|MANIFEST.jsonl",
-                    help="folder of videos with sidecar .txt captions, or a JSONL manifest")
+                    help="folder of videos with sidecar .txt captions, or a JSONL manifest; "
+                    "with --csv, the folder the CSV's videos are in")
+    io.add_argument("--csv", default=None, metavar="CSV",
+                    help="CSV listing the videos (WebVid's columns: videoid, contentUrl, name; "
+                    "or path and caption); rows whose file is missing are skipped and reported")
     io.add_argument("--out", required=True, metavar="DIR", help="folder for the shards")
     io.add_argument("--report", metavar="PATH", default=None,
                     help="where to write the JSON report (default: OUT/report.json)")
@@ -81,9 +99,19 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         report_path=args.report,
         progress=not args.quiet,
+        csv=args.csv,
     )
     kept = len(report.kept_empty_captions)
     extra = f" ({kept} with empty captions)" if kept else ""
     print(f"{report.written} written{extra} to {report.pattern}, "
           f"{len(report.skipped)} skipped, see {report.report_path}")
+    if report.skipped:
+        print(skipped_summary(report.reason_counts(), [s.path for s in report.skipped]))
     return 0
+
+
+def skipped_summary(counts: dict[str, int], names: list[str], shown: int = 5) -> str:
+    """One line: skips per reason, then the first few inputs skipped."""
+    by_reason = ", ".join(f"{n} {reason}" for reason, n in counts.items())
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return f"skipped: {by_reason}; first: {', '.join(names[:shown])}{more}"
