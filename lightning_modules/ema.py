@@ -12,6 +12,8 @@ import copy
 import torch
 from torch import nn
 
+from maskvid.lightning_modules.local_shard import local_shard
+
 
 class EMA(nn.Module):
     """`self.module` tracks `decay`-averaged weights of the network it was made from."""
@@ -37,21 +39,12 @@ class EMA(nn.Module):
         n = float(self.updates)
         # Early on the average would be dominated by the random init; ramp the decay up.
         decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-        # Under FSDP2 and ZeRO-3 both are sharded alike; each rank averages its own shards.
-        # (`_local` before `detach`: a detached ZeRO-3 parameter loses its partition.)
-        ema_params = [_local(p) for p in self.module.parameters()]
-        params = [_local(p).detach() for p in network.parameters()]
+        # Under FSDP2 and ZeRO-3 both are sharded alike, so averaging each rank's own shards
+        # averages the whole.
+        ema_params = [local_shard(p) for p in self.module.parameters()]
+        params = [local_shard(p).detach() for p in network.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         # Buffers (codebook usage counters, ...) are copied: they are state, not weights.
         for e, b in zip(self.module.buffers(), network.buffers()):
             e.copy_(b)
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard: FSDP2 DTensors and DeepSpeed ZeRO-3 partitions shard the EMA copy and
-    the network identically, so averaging shards averages the whole."""
-    to_local = getattr(t, "to_local", None)  # DTensor
-    if to_local is not None:
-        return to_local()
-    partition = getattr(t, "ds_tensor", None)  # ZeRO-3
-    return partition if partition is not None else t

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from maskvid.lightning_modules.local_shard import local_shard
+
 log = logging.getLogger("maskvid.nonfinite")
 
 
@@ -34,15 +36,6 @@ class NonFiniteError(RuntimeError):
 
     # Every rank agrees before raising it, so the CLI reports it once (rank 0).
     raised_on_every_rank = True
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part: an FSDP2 DTensor's shard, a ZeRO-3 parameter's partition."""
-    to_local = getattr(t, "to_local", None)
-    if to_local is not None:
-        return to_local()
-    partition = getattr(t, "ds_tensor", None)
-    return partition if partition is not None else t
 
 
 def _all_finite(tensors) -> torch.Tensor:
@@ -55,7 +48,7 @@ def _all_finite(tensors) -> torch.Tensor:
     per_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         if t is not None and t.is_floating_point():
-            local = _local(t).detach()
+            local = local_shard(t).detach()
             per_device.setdefault(local.device, []).append(torch.sum(local, dtype=torch.float32))
     results = [torch.isfinite(torch.stack(sums)).all().cpu() for sums in per_device.values()]
     return torch.stack(results).all() if results else torch.tensor(True)
@@ -139,7 +132,7 @@ class NonFiniteGuard(Callback):
         if not _agree(trainer, ~finite):
             return
         bad = next((name for name, t in [*pl_module.named_parameters(), *pl_module.named_buffers()]
-                    if t.is_floating_point() and not bool(torch.isfinite(_local(t).detach()).all())), "(another rank's shard)")
+                    if t.is_floating_point() and not bool(torch.isfinite(local_shard(t).detach()).all())), "(another rank's shard)")
         raise NonFiniteError(
             f"refusing to save a checkpoint at step {trainer.global_step}: {bad} holds NaN/Inf; "
             "the last checkpoint written is the last good one"
