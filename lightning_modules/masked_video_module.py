@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from maskvid.lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
 from maskvid.lightning_modules.ema import EMA
-from maskvid.lightning_modules.optim import adamw, clip_grad_norm
+from maskvid.lightning_modules.optim import adamw, clip_grad_norm, weight_decay_groups
 from maskvid.lightning_modules.parallelize import parallelize_with_strategy
 from maskvid.lightning_modules.schedules import warmup_cosine
 from maskvid.lightning_modules.video_metrics import VideoEvalMetrics
@@ -38,7 +38,7 @@ from maskvid.models.stage2_checkpoint import STAGE2_KEY, STAGE2_FORMAT
 from maskvid.models.text_encoder import TextEncoder
 from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
 
-_NO_DECAY = ("pos_t", "pos_h", "pos_w", "null", "latents")
+_NO_DECAY = ("token_emb.weight", "pos_t", "pos_h", "pos_w", "null", "latents")
 # Validation-only settings: kept out of checkpoint hyperparameters, because LightningCLI lets a
 # checkpoint's hyperparameters override the command line, and `maskvid validate --ckpt_path`
 # must be able to switch metrics on or change how many videos they use.
@@ -353,14 +353,8 @@ class MaskedVideoModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay, no_decay = [], []
-        for name, p in self.backbone.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or name.endswith(_NO_DECAY) or "token_emb" in name else decay).append(p)
-        optimizer = adamw(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            self.trainer, lr=hp.lr, betas=hp.betas,
-        )
+        optimizer = adamw(weight_decay_groups(self.backbone, hp.weight_decay, _NO_DECAY), self.trainer, lr=hp.lr,
+                          betas=hp.betas)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         scheduler = LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, int(total), hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

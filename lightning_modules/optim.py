@@ -20,6 +20,17 @@ def _grad_scaler(trainer) -> object | None:
     return getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
 
 
+def weight_decay_groups(network: nn.Module, weight_decay: float, no_decay: tuple[str, ...] = ()) -> list[dict]:
+    """AdamW parameter groups for `network`'s trainable parameters: `weight_decay` on matrices,
+    none on vectors and scalars (norms, biases) nor on parameters whose name ends with one of
+    `no_decay` (embeddings, position tables, codebooks: decay would pull them towards zero)."""
+    decay, keep = [], []
+    for name, p in network.named_parameters():
+        if p.requires_grad:
+            (keep if p.ndim < 2 or name.endswith(no_decay) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
 def adamw(param_groups: list[dict], trainer, **kwargs) -> torch.optim.AdamW:
     """AdamW, fused where it can be: plain float parameters on CPU/CUDA (the fused kernel steps
     faster on CPU) and no fp16 grad scaler (whose unscaling a fused step takes over, which would

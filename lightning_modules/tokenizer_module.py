@@ -23,7 +23,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from maskvid.lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
 from maskvid.lightning_modules.ema import EMA
 from maskvid.lightning_modules.media import log_reconstructions
-from maskvid.lightning_modules.optim import adamw, clip_grad_norm
+from maskvid.lightning_modules.optim import adamw, clip_grad_norm, weight_decay_groups
 from maskvid.lightning_modules.parallelize import parallelize_with_strategy
 from maskvid.lightning_modules.schedules import warmup_cosine
 from maskvid.lightning_modules.video_metrics import VideoEvalMetrics
@@ -175,26 +175,16 @@ class TokenizerModule(LightningModule):
         hp = self.hparams
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         schedule = warmup_cosine(hp.warmup_steps, int(total), hp.min_lr_ratio)
-        opt_g = adamw(self._param_groups(self.tokenizer), self.trainer, lr=hp.lr, betas=hp.betas)
+        groups = lambda net: weight_decay_groups(net, hp.weight_decay, _NO_DECAY)  # noqa: E731
+        opt_g = adamw(groups(self.tokenizer), self.trainer, lr=hp.lr, betas=hp.betas)
         optimizers, schedulers = [opt_g], [LambdaLR(opt_g, schedule)]
         if self.discriminator is not None:
-            opt_d = adamw(self._param_groups(self.discriminator), self.trainer, lr=hp.disc_lr or hp.lr, betas=hp.betas)
+            opt_d = adamw(groups(self.discriminator), self.trainer, lr=hp.disc_lr or hp.lr, betas=hp.betas)
             optimizers.append(opt_d)
             # Stepped only once the GAN is on, so its count starts at gan_start_step.
             start = hp.gan_start_step
             schedulers.append(LambdaLR(opt_d, lambda step: schedule(step + start)))
         return optimizers, schedulers
-
-    def _param_groups(self, net: nn.Module) -> list[dict]:
-        decay, no_decay = [], []
-        for name, p in net.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or name.endswith(_NO_DECAY) else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
 
     # -- training -------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Gradient clipping (lightning_modules/optim.py): torch's clip under every precision plugin,
 including bf16 autocast with a fused optimizer (which Lightning's mixed-precision plugin refuses),
-and a real Lightning step steps on clipped gradients."""
+and a real Lightning step steps on clipped gradients; the weight-decay split both modules share."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from maskvid.lightning_modules.optim import adamw, clip_grad_norm
+from maskvid.lightning_modules.optim import adamw, clip_grad_norm, weight_decay_groups
 
 
 class _Tiny(LightningModule):
@@ -79,3 +79,40 @@ def test_adamw_is_fused_for_plain_cpu_parameters():
     trainer = Trainer(accelerator="cpu", devices=1, logger=False)
     optimizer = adamw([{"params": [torch.nn.Parameter(torch.zeros(3))]}], trainer, lr=1e-3)
     assert optimizer.defaults["fused"]
+
+
+def _no_decay_names(network: torch.nn.Module, no_decay: tuple[str, ...]) -> set[str]:
+    decay, keep = weight_decay_groups(network, 0.05, no_decay)
+    assert decay["weight_decay"] == 0.05 and keep["weight_decay"] == 0.0
+    ids = {id(p) for p in keep["params"]}
+    assert len(decay["params"]) + len(keep["params"]) == sum(1 for p in network.parameters() if p.requires_grad)
+    return {name for name, p in network.named_parameters() if id(p) in ids}
+
+
+def test_both_modules_decay_matrices_only_and_not_embeddings_positions_or_codebooks():
+    """The one no-decay split (lightning_modules/optim.py) with each module's own names."""
+    from maskvid.lightning_modules import masked_video_module, tokenizer_module
+    from maskvid.models.cvivit import CViViT
+    from maskvid.models.maskgit import MaskGITBackbone
+    from maskvid.models.mebt import MeBT
+    from maskvid.models.quantizer import VectorQuantizer
+
+    def vectors(net):
+        return {name for name, p in net.named_parameters() if p.ndim < 2}
+
+    maskgit = MaskGITBackbone(vocab_size=16, grid=(2, 2, 2), dim=16, depth=1, heads=2, text_dim=8, pooled_text=True,
+                              local_mixing=True)
+    expected = {"token_emb.weight", "pos_t", "pos_h", "pos_w", "text.null"}
+    assert _no_decay_names(maskgit, masked_video_module._NO_DECAY) == vectors(maskgit) | expected
+
+    mebt = MeBT(vocab_size=16, grid=(2, 2, 2), dim=16, depth=1, heads=2, num_latents=4, text_dim=8)
+    expected = {"token_emb.weight", "pos_h", "pos_w", "text.null", "latents"}
+    assert _no_decay_names(mebt, masked_video_module._NO_DECAY) == vectors(mebt) | expected
+
+    cvivit = CViViT(image_size=16, patch_size=4, dim=16, spatial_depth=1, temporal_depth=1, heads=2,
+                    quantizer=VectorQuantizer(codebook_size=8, dim=4))
+    expected = {"pos_h", "pos_w", "dec_pos_h", "dec_pos_w", "quantizer.codebook"}
+    assert _no_decay_names(cvivit, tokenizer_module._NO_DECAY) == vectors(cvivit) | expected
+    # A frozen parameter is in no group.
+    cvivit.pos_h.requires_grad_(False)
+    assert "pos_h" not in _no_decay_names(cvivit, tokenizer_module._NO_DECAY)
