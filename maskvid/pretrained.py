@@ -54,7 +54,7 @@ def read_config(path: str | Path, accept: tuple[str, ...]) -> dict[str, Any]:
     if kind not in accept:
         wanted = " or ".join(accept)
         hint = f"; load it with {_LOADERS[kind]}.from_pretrained" if kind in _LOADERS else ""
-        raise PretrainedError(f"{path} holds a {kind or 'non-maskvid'} model, not a {wanted}{hint}")
+        raise PretrainedError(f"{path} holds format {kind!r}, not {wanted}{hint}")
     if config.get("version") != VERSION:
         raise PretrainedError(f"{path}: {kind} version {config.get('version')!r} is not supported "
                               f"(this maskvid reads version {VERSION})")
