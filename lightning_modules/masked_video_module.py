@@ -27,6 +27,7 @@ from maskvid.lightning_modules.ema import EMA
 from maskvid.lightning_modules.optim import adamw, clip_grad_norm, weight_decay_groups
 from maskvid.lightning_modules.parallelize import parallelize_with_strategy
 from maskvid.lightning_modules.schedules import warmup_cosine
+from maskvid.lightning_modules.step_seed import step_seed
 from maskvid.lightning_modules.video_metrics import VideoEvalMetrics
 from maskvid.metrics.caption_accuracy import target_attributes
 from maskvid.metrics.clip_model import CLIPLoadError
@@ -317,9 +318,10 @@ class MaskedVideoModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         frames = self.curriculum_frames(self.global_step)
-        # Not the global RNG: nothing restores it on resume, and ranks must mask differently.
-        seed = hash((self.hparams.mask_seed, self.global_rank, self.global_step)) & (2**62 - 1)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        # Its own generator, seeded as StepSeed seeds the global ones: a resumed run masks as the
+        # uninterrupted one did, and ranks mask differently.
+        generator = torch.Generator(device=self.device).manual_seed(
+            step_seed(self.hparams.mask_seed, self.global_rank, self.global_step))
         out = self.masked_loss(self.backbone, batch, generator=generator, drop_prob=self.hparams.text_drop_prob,
                                max_latent_frames=frames)
         if frames is not None:

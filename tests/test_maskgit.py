@@ -283,3 +283,27 @@ def test_configured_sampler_is_validated_and_travels_in_the_checkpoint(parts):
     sampling = checkpoint[STAGE2_KEY]["sampling"]
     assert sampling["temperature"] == 0.25 and sampling["top_k"] == 5 and sampling["refine_steps"] == 3
     assert SamplingOptions(**sampling) == m.sampling_options()
+
+
+def test_training_masks_are_drawn_from_the_step_seed_of_mask_seed_rank_and_step(parts, monkeypatch):
+    """One seeding scheme (lightning_modules/step_seed.py) for the global RNGs and the masks."""
+    from types import SimpleNamespace
+
+    from maskvid.lightning_modules.step_seed import step_seed
+
+    m = module(parts, mask_seed=7)
+    seeds = []
+
+    def masked_loss(backbone, batch, generator=None, **kwargs):
+        seeds.append(generator.initial_seed())
+        return {"loss": torch.zeros(()), "accuracy": torch.zeros(()), "mask_ratio": torch.zeros(()), "latent_frames": 1}
+
+    monkeypatch.setattr(m, "masked_loss", masked_loss)
+    monkeypatch.setattr(m, "log", lambda *a, **k: None)
+    monkeypatch.setattr(m, "log_dict", lambda *a, **k: None)
+    for rank, step in [(0, 0), (1, 0), (1, 5)]:
+        m._trainer = SimpleNamespace(global_rank=rank, global_step=step)
+        m.training_step({"caption": ["a red square"]}, 0)
+    m._trainer = None
+    assert seeds == [step_seed(7, 0, 0), step_seed(7, 1, 0), step_seed(7, 1, 5)]
+    assert len(set(seeds)) == 3
