@@ -52,7 +52,7 @@ def test_sliding_window_past_the_trained_length(parts):
                           torch.Generator().manual_seed(0), context=2)
     assert tokens.shape == (1, 8, 4, 4) and int(tokens.max()) < 64
     assert max(c[0] for c in calls) == 3  # never beyond the trained length
-    assert model.decode(tokens).shape == (1, 3, 15, 32, 32)
+    assert model.decode(tokens).shape == (1, 15, 32, 32, 3)  # uint8 frames
     with pytest.raises(ValueError, match="context"):
         model.tokens(["x"], grid, SamplingOptions(steps=1), torch.Generator(), context=3)
 
