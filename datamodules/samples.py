@@ -39,7 +39,7 @@ def download_failure(fields: Iterable[str], json_data: Optional[bytes]) -> Optio
         return None
     try:
         info = json.loads(json_data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurd nesting
         return None
     status = info.get("status") if isinstance(info, dict) else None
     return status if isinstance(status, str) and status != "success" else None
@@ -98,7 +98,7 @@ class SampleDecoder:
                 info = json.loads(raw["json"])
                 if not isinstance(info, dict):
                     raise ValueError("not a JSON object")
-            except (ValueError, UnicodeDecodeError) as e:
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
                 raise BadSample("bad json", str(e)[:200]) from e
         caption = ""
         if "txt" in raw:

@@ -165,11 +165,12 @@ def test_a_media_less_record_without_a_failed_status_is_still_a_bad_sample(tmp_p
         tar.write({"__key__": "a", "mp4": good, "txt": b"good"})
         tar.write({"__key__": "b", "txt": b"lost its mp4", "json": b'{"status": "success"}'})
         tar.write({"__key__": "c", "txt": b"lost its mp4 too"})
-    assert shard_size(str(tmp_path / "00000.tar")) == 3
+        tar.write({"__key__": "d", "txt": b"nested", "json": b"[" * 100_000})  # must not crash the reader
+    assert shard_size(str(tmp_path / "00000.tar")) == 4
     with caplog.at_level(logging.WARNING, logger="maskvid.data"):
         batches = list(make_dm(str(tmp_path), batch_size=1).val_dataloader())
-    assert [b["meta"]["key"] for b in batches] == [["a"]] and batches[-1]["meta"]["skipped"] == 2
-    assert "key=b " in caplog.text and "key=c " in caplog.text
+    assert [b["meta"]["key"] for b in batches] == [["a"]] and batches[-1]["meta"]["skipped"] == 3
+    assert all(f"key={key} " in caplog.text for key in "bcd")
 
 
 def test_tokenize_reads_video2dataset_shards(v2d, tmp_path, capsys):
@@ -186,3 +187,26 @@ def test_tokenize_reads_video2dataset_shards(v2d, tmp_path, capsys):
     samples = list(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False))
     assert {s["__key__"]: s["txt"].decode() for s in samples} == EXPECTED
     assert all(json.loads(s["json"])["source_url"].endswith(".tar") for s in samples)
+
+
+@pytest.mark.slow
+def test_maskvid_fit_trains_on_video2dataset_shards(v2d, tmp_path):
+    """The real command, as a user runs it on a video2dataset folder: no conversion step."""
+    import yaml
+
+    from tests.conftest import run_cli
+    from tests.test_tokenizer_module import MODEL
+
+    config = tmp_path / "model.yaml"
+    config.write_text(yaml.safe_dump(MODEL))
+    run = tmp_path / "run"
+    out = run_cli("fit", "--config", "configs/trainer/cpu.yaml", "--config", str(config),
+                  "--data.train_shards", str(v2d), "--data.val_shards", f"{v2d}/{{00000..00001}}.tar",
+                  "--data.num_frames", "9", "--data.resolution", "32", "--data.batch_size", "2",
+                  "--data.num_workers", "0", "--data.batches_per_epoch", "100", "--trainer.max_steps", "3",
+                  "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
+                  "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
+                  timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "`max_steps=3` reached" in out.stderr
+    assert len(list(run.rglob("*.ckpt"))) == 1
