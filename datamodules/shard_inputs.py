@@ -1,9 +1,9 @@
 """What `maskvid data shards` reads: the inputs of a build, each a video path and its caption.
 
 Three forms of input, one item type: a folder scanned recursively with a sidecar caption per video
-(`clip.txt`, or `clip.mp4.txt` when two videos share a stem), a JSONL manifest of
-`{"path": ..., "caption": ...}` lines (see here), and a CSV such as WebVid's (see
-`csv_manifest.py`). An input that cannot even be listed becomes a `Skip` with one of the
+(`clip.txt`, or `clip.mp4.txt` when two videos share a stem) and a JSONL manifest of
+`{"path": ..., "caption": ...}` lines, both read here, and a CSV such as WebVid's, read by
+`csv_manifest.py`. An input that cannot even be listed becomes a `Skip` with one of the
 `SKIP_REASONS`, so the report names it instead of the build failing.
 """
 
