@@ -18,6 +18,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     # Imported here: the tool commands must not pay for Lightning's import (tests/test_cli.py).
     from maskvid.datamodules.errors import DataError
     from maskvid.launch.checkpoints import CheckpointFormatError
+    from maskvid.launch.run_loggers import LoggerConfigError
     from maskvid.launch.strategies import StrategyConfigError
     from maskvid.lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
     from maskvid.lightning_modules.nonfinite import NonFiniteError
@@ -28,7 +29,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
     return (DataError, CheckpointFormatError, StrategyConfigError, ModelOptionError, ConfigMismatchError,
             NonFiniteError, CLIPLoadError, I3DWeightsError, PerceptualWeightsError, TokenizerCheckpointError,
-            FileNotFoundError)
+            FileNotFoundError, LoggerConfigError)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from importlib import import_module
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,6 +41,10 @@ class RunCSVLogger(CSVLogger):
             save_dir: Where `<name>/version_N/` goes; unset: the run's `trainer.default_root_dir`.
         """
         super().__init__(os.getcwd() if save_dir is None else save_dir, **kwargs)
+
+
+class LoggerConfigError(ValueError):
+    """A configured logger that cannot be built here (its package is missing)."""
 
 
 # `trainer.logger`'s default: what `--print_config` shows and `logger+:` in a config appends to.
@@ -77,6 +82,9 @@ def resolve_loggers(logger: Any, default_root_dir: Optional[str]) -> Any:
         if not isinstance(entry, Namespace) or "class_path" not in entry:
             continue
         cls = _class(entry.class_path)
+        if cls is not None and cls.__name__ == "WandbLogger" and find_spec("wandb") is None:
+            raise LoggerConfigError(f"trainer.logger: {entry.class_path} needs the wandb package: "
+                                    "pip install 'maskvid[wandb]' (or leave out configs/logger/wandb.yaml)")
         if cls is None or not issubclass(cls, (TensorBoardLogger, CSVLogger)):
             continue
         args = entry.get("init_args") or Namespace()

@@ -218,3 +218,17 @@ def test_curves_are_the_same_from_csv_and_tensorboard(default_run, tmp_path):
     assert tokenizer_psnr(tb_only)["value"] == pytest.approx(tokenizer_psnr(default_run)["value"], abs=1e-3)
     rows = read_metrics(tb_only)
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows) and len(rows) == sum(map(len, from_tb.values()))
+
+
+def test_wandb_config_without_wandb_is_one_clear_line(tmp_path):
+    from importlib.util import find_spec
+
+    from maskvid.launch.cli_errors import explain
+    from maskvid.launch.run_loggers import LoggerConfigError
+
+    if find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    with pytest.raises(LoggerConfigError) as raised:
+        build_trainer(tmp_path, "--config", str(REPO / "configs/logger/wandb.yaml"))
+    assert explain(raised.value) == ("trainer.logger: lightning.pytorch.loggers.WandbLogger needs the wandb package: "
+                                     "pip install 'maskvid[wandb]' (or leave out configs/logger/wandb.yaml)")
