@@ -121,6 +121,15 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _close_process_group() -> None:
+    """Lightning destroys only NCCL groups at exit; a gloo group's threads still running while the
+    interpreter tears down can abort the process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
@@ -129,7 +138,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         apply_in_process()  # opt-in (MASKVID_CPU_TUNING=1), never with CUDA
 
-        return run_lightning_cli(argv)
+        try:
+            return run_lightning_cli(argv)
+        finally:
+            _close_process_group()
     only = argv[0] if argv and argv[0] in TOOL_COMMANDS else None
     parser = build_parser(only=only)
     args = parser.parse_args(argv)
