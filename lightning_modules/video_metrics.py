@@ -36,10 +36,6 @@ class VideoEvalMetrics(nn.Module):
         self.caption = CaptionAccuracy() if caption_accuracy is not False else None
 
     @property
-    def active(self) -> bool:
-        return any(m is not None for m in (self.fvd, self.clipsim, self.caption))
-
-    @property
     def wants_real(self) -> bool:
         """Whether real clips must be fed (FVD without cached real statistics)."""
         return self.fvd is not None and not self.fvd.uses_cached_real

@@ -34,11 +34,6 @@ class GaussianStats:
         cov = (outer - count * torch.outer(mean, mean)) / (count - 1)
         return cls(mean, (cov + cov.T) / 2, count)
 
-    @classmethod
-    def from_features(cls, features: Tensor) -> "GaussianStats":
-        x = features.double()
-        return cls.from_sums(x.sum(0), x.T @ x, x.shape[0])
-
 
 def _psd_sqrt(matrix: Tensor) -> Tensor:
     values, vectors = torch.linalg.eigh(matrix)

@@ -102,7 +102,7 @@ class FrechetVideoDistance(Metric):
     @property
     def extractor(self) -> I3DFeatures:
         if not self._features:
-            raise ValueError("this FrechetVideoDistance has no feature extractor; use update_features")
+            raise ValueError("this FrechetVideoDistance has no feature extractor; give `update` features [N, num_features]")
         return self._features[0]
 
     @property
@@ -122,12 +122,6 @@ class FrechetVideoDistance(Metric):
         setattr(self, f"{side}_outer", getattr(self, f"{side}_outer") + x.T @ x)
         setattr(self, f"{side}_count", getattr(self, f"{side}_count") + x.shape[0])
 
-    def update_features(self, features: Tensor, real: bool) -> None:
-        """Add precomputed features [B, num_features] (through `update`, so caches stay right)."""
-        if features.ndim != 2:
-            raise ValueError(f"expected features [N, {self.num_features}], got {tuple(features.shape)}")
-        self.update(features, real)
-
     def _stats(self, side: str) -> Optional[GaussianStats]:
         if side == "real" and self.fixed_real is not None:
             return self.fixed_real
@@ -135,14 +129,6 @@ class FrechetVideoDistance(Metric):
         if count < 2:
             return None
         return GaussianStats.from_sums(getattr(self, f"{side}_sum"), getattr(self, f"{side}_outer"), count)
-
-    def real_statistics(self) -> GaussianStats:
-        """The real side's statistics over all ranks (for caching). Collective: call on every rank."""
-        with self.sync_context(should_sync=self._to_sync, should_unsync=True):
-            stats = self._stats("real")
-        if stats is None:
-            raise ValueError("real statistics need at least 2 videos")
-        return stats
 
     def compute(self) -> dict[str, Tensor]:
         real, fake = self._stats("real"), self._stats("fake")

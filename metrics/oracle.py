@@ -38,10 +38,9 @@ COLOUR_SPREAD = 40.0  # median RGB deviation within the object above which it is
 MAX_OBJECT_FRACTION = 0.5  # an "object" covering more of the frame is a background change
 MIN_OBJECT_FRACTION = 0.002  # fewer object pixels than this (and than 4) is an empty frame
 COLOUR_TOLERANCE = 80.0  # RGB distance to the nearest palette colour for it to count
-# Fill-ratio range of each shape (maskvid.datamodules.synthetic.FILL_RATIO). The circle/triangle boundary sits above the
-# midpoint 0.64: a small triangle's apex is thinner than a pixel, so its height is under-measured
-# and its fill over-measured (up to ~0.67 at 32x32); circles and squares measure within ~0.03.
-# Outside every range the blob is no known shape.
+# Fill-ratio range of each shape (maskvid.datamodules.synthetic.FILL_RATIO); outside every range
+# the blob is no known shape. The circle/triangle boundary sits above the midpoint of their fill
+# ratios: a small triangle's apex is thinner than a pixel, so its fill is over-measured.
 SHAPE_FILL_RANGES: dict[str, tuple[float, float]] = {
     "triangle": (0.3, 0.72),
     "circle": (0.72, 0.89),
@@ -66,10 +65,6 @@ class OracleResult:
     fill_ratio: float = float("nan")  # median object area / bounding-box area
     displacement: tuple[float, float] = (0.0, 0.0)  # centroid (dx, dy) as fractions of (W, H)
     object_frames: float = 0.0  # fraction of frames in which an object was found
-
-    @property
-    def found(self) -> bool:
-        return self.colour != NO_OBJECT
 
 
 @dataclass

@@ -188,14 +188,6 @@ class CViViT(nn.Module):
         frame of its tubelet is (frame 0, then frames 1, 1+pt, 1+2pt, ...)."""
         return torch.cat([frame_mask[:, :1], frame_mask[:, 1 :: self.temporal_patch_size]], dim=1)
 
-    def last_layer_weights(self) -> list[nn.Parameter]:
-        """The output heads: where the adaptive adversarial weight compares gradient norms."""
-        return [self.head_first.weight, self.head_tubelet.weight]
-
-    def transformers(self) -> list[Transformer]:
-        """Every transformer stack (for per-block FSDP wrapping and activation checkpointing)."""
-        return [self.enc_spatial, self.enc_temporal, self.dec_temporal, self.dec_spatial]
-
     # -- helpers ------------------------------------------------------------------------------
 
     @staticmethod

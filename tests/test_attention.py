@@ -75,8 +75,8 @@ def test_qkv_gradient_is_assembled_once_in_the_projection_layout():
 def test_cross_attention_kv_gradient_is_assembled_once():
     torch.manual_seed(0)
     b, n, m, dim = 2, 9, 5, 32
-    attn = CrossAttention(dim, 4, context_dim=16)
-    x, context = torch.randn(b, n, dim), torch.randn(b, m, 16)
+    attn = CrossAttention(dim, 4)
+    x, context = torch.randn(b, n, dim), torch.randn(b, m, dim)
     mask = torch.ones(b, m, dtype=torch.bool)
     mask[0, 3:] = False
     out = attn(x, context, mask)
@@ -133,9 +133,9 @@ def test_varlen_attention_equals_dense_attention_with_a_key_mask():
 
 def test_masked_cross_attention_packs_the_padding_away_and_equals_the_dense_masked_one(monkeypatch):
     torch.manual_seed(0)
-    attn = CrossAttention(32, 4, context_dim=16)
+    attn = CrossAttention(32, 4)
     x = torch.randn(3, 5, 32, requires_grad=True)
-    context = torch.randn(3, 6, 16)
+    context = torch.randn(3, 6, 32)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 1, 0, 1, 0, 0]]).bool()
     calls = []
     real = attention.varlen_attention

@@ -41,7 +41,7 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_at_the_heads():
     nll = module.reconstruction_loss(recon, video)
     g_loss = -module.discriminator(recon).mean()
     weight = module._adaptive_weight(nll, g_loss)
-    heads = module.tokenizer.last_layer_weights()
+    heads = [module.tokenizer.head_first.weight, module.tokenizer.head_tubelet.weight]
     norm = lambda loss: torch.cat([g.flatten() for g in torch.autograd.grad(loss, heads, retain_graph=True)]).norm()  # noqa: E731
     expected = norm(nll) / (norm(g_loss) + 1e-4)
     assert weight.item() == pytest.approx(expected.item(), rel=1e-5) and weight.item() > 0
