@@ -1,9 +1,8 @@
 """Every parallelism choice maskvid makes, in one place.
 
-Configs pick a strategy by class_path (configs/trainer/*.yaml); `build_strategy(name)` gives the
-same objects to scripts. LightningModules know nothing of sharding: they list their trainable
-networks (`parallel_networks()`) and their frozen ones stay plain replicated modules, outside
-every optimizer. Their configure_model hook calls the strategy's `parallelize(module)`, which
+Configs pick a strategy by class_path (configs/trainer/*.yaml). LightningModules know nothing of
+sharding: they list their trainable networks (`parallel_networks()`) and their frozen ones stay
+plain replicated modules, outside every optimizer. Their configure_model hook calls the strategy's `parallelize(module)`, which
 applies, network by network, activation checkpointing (the strategy's `activation_checkpointing`:
 all blocks, none or every k-th), then torch.compile per block (the model's `compile` option), then
 sharding (FSDP2); DDP and DeepSpeed wrap the module afterwards, in their setup. Every strategy
@@ -41,7 +40,6 @@ from lightning.pytorch.strategies import (
     DeepSpeedStrategy,
     ModelParallelStrategy,
     SingleDeviceStrategy,
-    Strategy,
 )
 from torch import nn
 
@@ -157,6 +155,8 @@ class _Parallelize:
     `compile` option."""
 
     _activation_checkpointing: bool | int = False
+    # Shards one network in place (FSDP2); data-parallel strategies wrap the module later instead.
+    shard_network: Callable[[nn.Module], None] | None = None
 
     @property
     def activation_checkpointing(self) -> bool | int:
@@ -166,8 +166,6 @@ class _Parallelize:
     def activation_checkpointing(self, value: bool | int) -> None:
         _checkpoint_every(value)  # refuse a bad value when the strategy is built, not at setup
         self._activation_checkpointing = value
-    # Shards one network in place (FSDP2); data-parallel strategies wrap the module later instead.
-    shard_network: Callable[[nn.Module], None] | None = None
 
     def setup_environment(self) -> None:
         _export_local_world_size(self)
@@ -444,21 +442,3 @@ class DeepSpeedZeroStrategy(_Parallelize, DeepSpeedStrategy):
             dist_init_required=False,
         )
         return deepspeed_engine, deepspeed_optimizer
-
-
-def build_strategy(name: str, **kwargs) -> Strategy | str:
-    """A strategy by name: cpu (Lightning's choice), single, ddp, fsdp, deepspeed_zero2,
-    deepspeed_zero3. Scripts use this; configs name the same classes by class_path."""
-    if name in ("cpu", "auto"):
-        return "auto"
-    if name == "single":
-        return MaskvidSingleDeviceStrategy(**kwargs)
-    if name == "ddp":
-        return MaskvidDDPStrategy(**kwargs)
-    if name == "fsdp":
-        return FSDP2Strategy(**kwargs)
-    if name in ("deepspeed_zero2", "deepspeed_zero3"):
-        return DeepSpeedZeroStrategy(stage=int(name[-1]), **kwargs)
-    raise StrategyConfigError(
-        f"unknown strategy {name!r}: choose cpu, single, ddp, fsdp, deepspeed_zero2 or deepspeed_zero3"
-    )

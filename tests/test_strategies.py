@@ -1,4 +1,4 @@
-"""The strategy factory, `--ckpt_path auto`, the preemption callback, torch.compile and its order
+"""The strategies' options, `--ckpt_path auto`, the preemption callback, torch.compile and its order
 with checkpointing and FSDP2, in one process (the multi-process runs are in test_distributed.py
 and test_slurm.py)."""
 
@@ -27,24 +27,19 @@ from maskvid.launch.strategies import (
     MaskvidSingleDeviceStrategy,
     StrategyConfigError,
     _blocks,
-    build_strategy,
 )
 from tests.conftest import REPO, run_cli
 from tests.stage2_fixtures import tiny_training_setup
 
 
-def test_build_strategy_by_name():
-    assert build_strategy("cpu") == "auto"
-    single = build_strategy("single", activation_checkpointing=2)
-    assert isinstance(single, MaskvidSingleDeviceStrategy) and single.activation_checkpointing == 2
-    assert single.root_device == torch.device("cpu")
-    assert isinstance(build_strategy("ddp"), MaskvidDDPStrategy)
-    fsdp = build_strategy("fsdp", activation_checkpointing=True)
-    assert isinstance(fsdp, FSDP2Strategy) and fsdp.activation_checkpointing
-    zero3 = build_strategy("deepspeed_zero3")
-    assert isinstance(zero3, DeepSpeedZeroStrategy) and zero3.config["zero_optimization"]["stage"] == 3
-    with pytest.raises(StrategyConfigError, match="choose cpu, single, ddp, fsdp"):
-        build_strategy("horovod")
+def test_strategies_keep_their_options():
+    single = MaskvidSingleDeviceStrategy(activation_checkpointing=2)
+    assert single.activation_checkpointing == 2 and single.root_device == torch.device("cpu")
+    assert FSDP2Strategy(activation_checkpointing=True).activation_checkpointing
+    zero3 = DeepSpeedZeroStrategy(stage=3)
+    assert zero3.config["zero_optimization"]["stage"] == 3
+    with pytest.raises(StrategyConfigError, match="activation_checkpointing"):
+        MaskvidDDPStrategy(activation_checkpointing=-1)
 
 
 def test_blocks_are_found_innermost_first():
@@ -266,17 +261,6 @@ def test_fsdp2_checkpoints_then_compiles_then_shards(one_rank_group, monkeypatch
     torch.testing.assert_close(loss, reference)
     for p, q in zip(eager.parameters(), module.net.parameters()):
         torch.testing.assert_close(q.grad.full_tensor(), p.grad)
-
-
-def test_lightning_modules_import_nothing_from_launch():
-    """Checkpointing, compile and sharding reach the modules through the trainer's strategy."""
-    import ast
-
-    for path in sorted((REPO / "lightning_modules").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n == "maskvid.launch" or n.startswith("maskvid.launch.") for n in names), (path.name, names)
 
 
 def test_configure_model_asks_the_strategy_and_warns_when_it_cannot_compile():
