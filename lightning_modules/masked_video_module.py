@@ -304,7 +304,7 @@ class MaskedVideoModule(LightningModule):
         inputs = torch.where(masked, torch.full_like(flat, backbone.mask_id), flat)
         drop = torch.rand(b, generator=generator, device=tokens.device) < drop_prob
         # Logits of the masked positions only (row-major, the order of flat[masked]): the head and
-        # the [B, N, V] tensor for observed positions would be wasted (a third of MeBT's memory).
+        # the [B, N, V] tensor for observed positions would be wasted memory and compute.
         logits = backbone(rearrange(inputs, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, drop_text=drop,
                           masked_only=True)
         target = flat[masked]

@@ -42,8 +42,8 @@ def _all_finite(tensors) -> torch.Tensor:
     """One bool tensor: every float tensor's local part is finite (one host sync per device).
 
     Checked through one fp32 sum per tensor: NaN and inf propagate through a sum, and a sum is a
-    single read with no temporaries, where `isfinite(t).all()` wrote a bool copy of every gradient
-    first (the largest overhead of the demo MeBT's bf16 step). A finite gradient whose sum
+    single read with no temporaries, where `isfinite(t).all()` writes a bool copy of every gradient
+    first. A finite gradient whose sum
     overflows fp32 (|sum| > 3e38) also reads as non-finite: such a step is broken anyway."""
     per_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
