@@ -253,3 +253,21 @@ def test_import_maskvid_stays_light():
             "assert maskvid.TextToVideo.__name__ == 'TextToVideo' and 'TextToVideo' in dir(maskvid)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_stage2_takes_an_exported_tokenizer_directory_as_tokenizer_path(ckpts, tmp_path):
+    from maskvid.lightning_modules.masked_video_module import MaskedVideoModule
+    from maskvid.models.config import instantiate
+    from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
+
+    tok_dir, _ = export(ckpts["stage1"], tmp_path / "tok")
+    t5 = ckpts["root"] / "t5"
+    module = MaskedVideoModule(instantiate(BACKBONES["mebt"]), str(tok_dir), text_encoder=str(t5), text_max_length=8)
+    assert_same_weights(module.tokenizer, ckpts["stage1_module"].tokenizer_ema.module)
+    assert_same_weights(load_tokenizer(tok_dir), load_tokenizer(ckpts["stage1"]))
+    (tmp_path / "t2v_as_tok").mkdir()
+    with pytest.raises(TokenizerCheckpointError, match="neither a DCP"):
+        load_tokenizer(tmp_path / "t2v_as_tok")
+    with pytest.raises(TokenizerCheckpointError, match="holds format 'other'"):
+        (tok_dir / "config.json").write_text(json.dumps({"format": "other", "version": 1}))
+        load_tokenizer(tok_dir)
