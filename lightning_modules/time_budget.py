@@ -106,9 +106,9 @@ class FitScheduleToTime(Callback):
                 # Schedules from maskvid.lightning_modules.schedules read their length from this attribute.
                 if hasattr(fn, "total_steps"):
                     fn.total_steps = max_steps
-        pl_module = trainer.lightning_module
-        if pl_module is not None and pl_module.logger is not None and trainer.is_global_zero:
-            pl_module.logger.log_metrics({"train/max_steps": float(max_steps)}, step=trainer.global_step)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:  # every one: the CSV beside TensorBoard too
+                logger.log_metrics({"train/max_steps": float(max_steps)}, step=trainer.global_step)
 
 
 def _timer(trainer: Trainer) -> Optional[Timer]:

@@ -232,3 +232,20 @@ def test_wandb_config_without_wandb_is_one_clear_line(tmp_path):
         build_trainer(tmp_path, "--config", str(REPO / "configs/logger/wandb.yaml"))
     assert explain(raised.value) == ("trainer.logger: lightning.pytorch.loggers.WandbLogger needs the wandb package: "
                                      "pip install 'maskvid[wandb]' (or leave out configs/logger/wandb.yaml)")
+
+
+def test_a_shortened_schedule_is_logged_to_every_logger():
+    from maskvid.lightning_modules.time_budget import FitScheduleToTime
+
+    class Metrics:
+        def __init__(self):
+            self.logged = []
+
+        def log_metrics(self, metrics, step=None):
+            self.logged.append((metrics, step))
+
+    loggers = [Metrics(), Metrics()]  # TensorBoard and the CSV beside it
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=100)),
+                              lr_scheduler_configs=[], is_global_zero=True, loggers=loggers, global_step=12)
+    FitScheduleToTime._apply(trainer, 40)
+    assert [x.logged for x in loggers] == [[({"train/max_steps": 40.0}, 12)]] * 2
