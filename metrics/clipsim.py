@@ -2,8 +2,7 @@
 
 Convention: for each video, the mean over its (real, unpadded) frames of the cosine between the
 frame's CLIP image embedding and its caption's CLIP text embedding; CLIPSIM is the mean of that
-over videos. It is the raw cosine in [-1, 1] (e.g. ~0.30 for good text-to-video models with
-ViT-B/32), not torchmetrics CLIPScore's 100 * max(cos, 0). For one-frame videos,
+over videos. It is the raw cosine in [-1, 1], not torchmetrics CLIPScore's 100 * max(cos, 0). For one-frame videos,
 CLIPScore = 100 * max(CLIPSIM, 0) with the same model (tests/test_metrics.py checks it).
 
 The model and processor come from a callable of the kind CLIPScore takes (`LocalCLIP(path)` for
@@ -21,15 +20,10 @@ from einops import rearrange
 from torch import Tensor
 from torchmetrics import Metric
 
+from maskvid.datamodules.pixels import to_uint8
 from maskvid.metrics.clip_model import LocalCLIP
 
 FRAME_CHUNK = 64  # frames per CLIP forward: bounds memory for long or many videos
-
-
-def _to_uint8_frames(videos: Tensor) -> Tensor:
-    """float [B, C, T, H, W] in [-1, 1] -> uint8 [B, T, C, H, W] (what the CLIP processor rescales)."""
-    pixels = videos.detach().float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-    return rearrange(pixels, "b c t h w -> b t c h w")
 
 
 class CLIPSimilarity(Metric):
@@ -88,7 +82,7 @@ class CLIPSimilarity(Metric):
         if next(model.parameters()).device != device:
             model.to(device)
         with torch.autocast(device.type, enabled=False):
-            frames = _to_uint8_frames(videos)
+            frames = rearrange(to_uint8(videos), "b t h w c -> b t c h w")  # what the CLIP processor rescales
             b, t = frames.shape[:2]
             image = self.embed_frames(rearrange(frames, "b t c h w -> (b t) c h w"), device)
             text = self.embed_text(captions, device)
