@@ -18,12 +18,11 @@ from maskvid.lightning_modules.local_shard import local_shard
 class EMA(nn.Module):
     """`self.module` tracks `decay`-averaged weights of the network it was made from."""
 
-    def __init__(self, network: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
+    def __init__(self, network: nn.Module, decay: float = 0.999) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
-        self.warmup = warmup
         # Only ever evaluated (Lightning puts it in eval mode for validation); left in train mode
         # otherwise so Lightning does not warn about eval-mode modules at the start of fit.
         self.module = copy.deepcopy(network).requires_grad_(False)
@@ -38,7 +37,7 @@ class EMA(nn.Module):
         self.updates += 1
         n = float(self.updates)
         # Early on the average would be dominated by the random init; ramp the decay up.
-        decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        decay = min(self.decay, (1 + n) / (10 + n))
         # Under FSDP2 and ZeRO-3 both are sharded alike, so averaging each rank's own shards
         # averages the whole.
         ema_params = [local_shard(p) for p in self.module.parameters()]

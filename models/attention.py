@@ -229,8 +229,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of blocks with a final norm.
 
-    The blocks live in the `self.blocks` ModuleList so that the strategy factory can wrap (FSDP)
-    or checkpoint each one on its own.
+    The blocks live in a ModuleList, which is where the strategies (launch/strategies.py) look for
+    the blocks they checkpoint, compile and shard one by one.
     """
 
     def __init__(

@@ -239,11 +239,6 @@ class MeBT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)
 
-    @property
-    def blocks(self) -> list[nn.Module]:
-        """Every layer (for per-block FSDP wrapping and activation checkpointing)."""
-        return [*self.encoder, *self.decoder]
-
     def check_grid(self, grid: tuple[int, int, int]) -> None:
         if grid[1] > self.grid[1] or grid[2] > self.grid[2]:
             raise ValueError(f"token grid {tuple(grid)} exceeds the backbone's spatial grid {self.grid[1:]}")
