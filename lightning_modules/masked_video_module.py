@@ -416,7 +416,7 @@ class MaskedVideoModule(LightningModule):
             part = mine[start : start + step]
             prompts = [p for p, _ in part]
             # Ranks and chunks sample with different noise; the same run samples the same again.
-            video = self.generate(prompts, self.grid, seed=self.global_rank * 1_000_003 + chunk)
+            video = self.generate(prompts, self.grid, seed=step_seed(0, self.global_rank, chunk))
             self.val_video.update_generated(video, prompts, [a for _, a in part])
             if self.trainer.is_global_zero and len(shown) < self.num_log_videos:
                 shown.extend(video[: self.num_log_videos - len(shown)].cpu())

@@ -307,3 +307,21 @@ def test_training_masks_are_drawn_from_the_step_seed_of_mask_seed_rank_and_step(
     m._trainer = None
     assert seeds == [step_seed(7, 0, 0), step_seed(7, 1, 0), step_seed(7, 1, 5)]
     assert len(set(seeds)) == 3
+
+
+def test_validation_samples_are_seeded_from_the_step_seed_of_rank_and_chunk(parts, monkeypatch):
+    from types import SimpleNamespace
+
+    from maskvid.lightning_modules.step_seed import step_seed
+
+    m = module(parts, val_prompts=["a red square", "a blue circle", "a green triangle"], num_val_videos=3,
+               val_sample_batch_size=2, num_log_videos=0)
+    m.grid = (2, 4, 4)
+    seeds = []
+    monkeypatch.setattr(m, "generate", lambda prompts, grid, seed=0, options=None: seeds.append(seed) or torch.zeros(1))
+    monkeypatch.setattr(m.val_video, "update_generated", lambda *a, **k: None)
+    monkeypatch.setattr(m.val_video, "compute", lambda prefix: {})
+    m._trainer = SimpleNamespace(sanity_checking=False, world_size=2, global_rank=1, is_global_zero=False)
+    m.on_validation_epoch_end()
+    m._trainer = None
+    assert seeds == [step_seed(0, 1, 0), step_seed(0, 1, 1)]  # rank 1's two chunks
