@@ -25,7 +25,7 @@ from maskvid.datamodules.errors import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokenizer", required=True, type=Path, help="stage-1 checkpoint (TokenizerModule)")
+    parser.add_argument("--tokenizer", required=True, type=Path, help="stage-1 checkpoint (TokenizerModule), or an exported tokenizer directory (maskvid ckpt export)")
     parser.add_argument("--shards", required=True, help="video shards: directory, brace pattern or URLs")
     parser.add_argument("--out", required=True, type=Path, help="output directory for the token shards")
     parser.add_argument("--text-encoder", default="packaged:minilm", help="text encoder (default: packaged:minilm)")
@@ -42,9 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def file_digest(path: Path, limit: int = 1 << 20) -> str:
-    """A short fingerprint of the tokenizer checkpoint (its first MiB), recorded in every sample."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read(limit)).hexdigest()[:16]
+    """A short fingerprint of the tokenizer (the first MiB of its file, or of each file of its
+    directory: an export or a sharded checkpoint), recorded in every sample."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        with open(file, "rb") as f:
+            digest.update(f.read(limit))
+    return digest.hexdigest()[:16]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -271,3 +271,25 @@ def test_stage2_takes_an_exported_tokenizer_directory_as_tokenizer_path(ckpts, t
     with pytest.raises(TokenizerCheckpointError, match="holds format 'other'"):
         (tok_dir / "config.json").write_text(json.dumps({"format": "other", "version": 1}))
         load_tokenizer(tok_dir)
+
+
+@pytest.mark.slow
+def test_data_tokenize_takes_an_exported_tokenizer_directory(ckpts, tmp_path):
+    from maskvid.datamodules.synthetic import build_synthetic
+    from maskvid.datamodules.token_samples import TokenSampleDecoder
+    from maskvid.datamodules.streams import ValStream, expand_shards
+    from maskvid.launch.cmd_data_tokenize import file_digest
+
+    build_synthetic(tmp_path / "data", num_train=4, num_val=0, num_heldout=0, size=32, frames=9,
+                    samples_per_shard=4, workers=1, progress=False)
+    tok_dir, _ = export(ckpts["stage1"], tmp_path / "tok")
+    out = run_cli("data", "tokenize", "--tokenizer", str(tok_dir), "--shards", str(tmp_path / "data/train"),
+                  "--out", str(tmp_path / "tokens"), "--text-encoder", str(ckpts["root"] / "t5"), "--max-length", "8",
+                  "--num-frames", "9", "--resolution", "32", "--batch-size", "4", "--workers", "0", "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    samples = list(ValStream(expand_shards(str(tmp_path / "tokens")), TokenSampleDecoder()))
+    assert len(samples) == 4 and samples[0]["tokens"].shape == (5, 4, 4)
+    # The fingerprint of a directory covers its weights.
+    before = file_digest(tok_dir)
+    (tok_dir / "model.safetensors").write_bytes(b"changed")
+    assert file_digest(tok_dir) != before
