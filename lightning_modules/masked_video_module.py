@@ -26,7 +26,7 @@ from maskvid.lightning_modules.config_errors import ConfigMismatchError, ModelOp
 from maskvid.lightning_modules.ema import EMA
 from maskvid.lightning_modules.optim import adamw, clip_grad_norm, weight_decay_groups
 from maskvid.lightning_modules.parallelize import parallelize_with_strategy
-from maskvid.lightning_modules.schedules import warmup_cosine
+from maskvid.lightning_modules.schedules import fit_warmup_cosine
 from maskvid.lightning_modules.step_seed import step_seed
 from maskvid.lightning_modules.video_metrics import VideoEvalMetrics
 from maskvid.metrics.caption_accuracy import target_attributes
@@ -357,8 +357,7 @@ class MaskedVideoModule(LightningModule):
         hp = self.hparams
         optimizer = adamw(weight_decay_groups(self.backbone, hp.weight_decay, _NO_DECAY), self.trainer, lr=hp.lr,
                           betas=hp.betas)
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        scheduler = LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, int(total), hp.min_lr_ratio))
+        scheduler = LambdaLR(optimizer, fit_warmup_cosine(self.trainer, hp.warmup_steps, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- validation -----------------------------------------------------------------------------

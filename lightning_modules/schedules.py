@@ -24,3 +24,10 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -
 
     multiplier.total_steps = total_steps
     return multiplier
+
+
+def fit_warmup_cosine(trainer, warmup_steps: int, min_ratio: float = 0.1) -> Callable[[int], float]:
+    """`warmup_cosine` over the fit's length: trainer.max_steps, else the steps Lightning estimates
+    from its epochs."""
+    total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+    return warmup_cosine(warmup_steps, int(total), min_ratio)

@@ -25,7 +25,7 @@ from maskvid.lightning_modules.ema import EMA
 from maskvid.lightning_modules.media import log_reconstructions
 from maskvid.lightning_modules.optim import adamw, clip_grad_norm, weight_decay_groups
 from maskvid.lightning_modules.parallelize import parallelize_with_strategy
-from maskvid.lightning_modules.schedules import warmup_cosine
+from maskvid.lightning_modules.schedules import fit_warmup_cosine
 from maskvid.lightning_modules.video_metrics import VideoEvalMetrics
 from maskvid.metrics.codebook import CodebookUsage
 from maskvid.metrics.i3d import I3DWeightsError
@@ -173,8 +173,7 @@ class TokenizerModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        schedule = warmup_cosine(hp.warmup_steps, int(total), hp.min_lr_ratio)
+        schedule = fit_warmup_cosine(self.trainer, hp.warmup_steps, hp.min_lr_ratio)
         groups = lambda net: weight_decay_groups(net, hp.weight_decay, _NO_DECAY)  # noqa: E731
         opt_g = adamw(groups(self.tokenizer), self.trainer, lr=hp.lr, betas=hp.betas)
         optimizers, schedulers = [opt_g], [LambdaLR(opt_g, schedule)]

@@ -106,3 +106,13 @@ def test_a_resumed_fit_keeps_the_shortened_schedule_unless_max_steps_changed(tmp
 def test_bad_arguments_are_refused(kwargs):
     with pytest.raises(ValueError):
         FitScheduleToTime(**kwargs)
+
+
+def test_the_modules_schedule_spans_max_steps_or_lightnings_estimate():
+    from types import SimpleNamespace
+
+    from maskvid.lightning_modules.schedules import fit_warmup_cosine
+
+    assert fit_warmup_cosine(SimpleNamespace(max_steps=100), 10, MIN_RATIO).total_steps == 100
+    by_epochs = fit_warmup_cosine(SimpleNamespace(max_steps=-1, estimated_stepping_batches=40.0), 10, MIN_RATIO)
+    assert by_epochs.total_steps == 40 and by_epochs(40) == pytest.approx(MIN_RATIO) and by_epochs(39) > MIN_RATIO
