@@ -336,9 +336,8 @@ class MaskedVideoModule(LightningModule):
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        # Here rather than in on_train_batch_end: callbacks (ModelCheckpoint) run their batch-end
-        # hooks before the module's, so a checkpoint taken there would lack this step's EMA
-        # update, and a run resumed from it would drift from the uninterrupted average.
+        # Not in on_train_batch_end: ModelCheckpoint's batch-end hook runs before the module's, and
+        # its checkpoint would lack this step's EMA update (a resume would drift from the average).
         if self.backbone_ema is not None:
             self.backbone_ema.update(self.backbone)
 

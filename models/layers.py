@@ -51,9 +51,8 @@ class LocalMixing(nn.Module):
         if keep is not None:
             y = y * keep[..., None].to(y.dtype)
         y = rearrange(y, "b (t h w) d -> b d t h w", t=t, h=h, w=w)
-        # In its weights' dtype, not autocast's, on every device: the depthwise conv is a small,
-        # memory-bound part of the step, and its half-precision CPU backward is several times
-        # slower than its fp32 one.
+        # In its weights' dtype, not autocast's, on every device: a small memory-bound op whose
+        # half-precision CPU backward is much slower than its fp32 one.
         with torch.autocast(y.device.type, enabled=False):
             return rearrange(self.conv(y.to(self.conv.weight.dtype)), "b d t h w -> b (t h w) d")
 

@@ -220,14 +220,12 @@ class MeBT(nn.Module):
         self.token_emb = token_embedding(vocab_size, dim)
         self.mask_emb = nn.Parameter(torch.randn(1, 1, dim) * EMBED_STD)
         self.pos_h, self.pos_w = position_table(self.grid[1], dim), position_table(self.grid[2], dim)
-        # Time: sinusoids (defined for any t, so longer videos can be asked for) through a learned
-        # projection that starts at the scale of the other embeddings: raw sin/cos drowned token
-        # identity and the (h, w) positions, and the model learned shape and direction slowly.
+        # Time: sinusoids (defined for any t, for longer videos) through a learned projection at the
+        # embeddings' scale: raw sin/cos drowned token identity and (h, w), slowing shape and motion.
         self.time_proj = nn.Linear(dim, dim, bias=False)
         nn.init.normal_(self.time_proj.weight, std=EMBED_STD / math.sqrt(dim / 2))
-        # Unit scale, unlike the embeddings: the pooled caption is added to every latent, and at
-        # the embeddings' scale it made all M latents nearly the same vector after the first norm,
-        # so they all asked the context the same question.
+        # Unit scale: at the embeddings' scale, the pooled caption added to every latent made all M
+        # nearly one vector after the first norm, all asking the context the same question.
         self.latents = nn.Parameter(torch.randn(1, num_latents, dim))
         self.text = TextConditioning(text_dim, dim, pooled=pooled_text)
         self.local = LocalMixing(dim) if local_context else None
