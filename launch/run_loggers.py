@@ -91,7 +91,7 @@ def resolve_loggers(logger: Any, default_root_dir: Optional[str]) -> Any:
         entry.init_args = args
         if args.get("save_dir") is None:
             args.save_dir = root
-        if args.get("version") is None:
+        if args.get("version") is None and "://" not in str(args.save_dir):  # remote stores pick their own
             name = args.get("name", "lightning_logs")
             unversioned.setdefault(Path(args.save_dir) / (name or ""), []).append(args)
     for directory, group in unversioned.items():

@@ -141,6 +141,8 @@ def test_cli_default_and_config_overrides(tmp_path):
     tb_only = build_trainer(tmp_path, "--config", str(REPO / "configs/logger/tensorboard.yaml")).loggers
     assert [type(x) for x in tb_only] == [RunTensorBoardLogger]
     assert build_trainer(tmp_path, "--trainer.logger", "false").loggers == []
+    assert [type(x) for x in build_trainer(tmp_path, "--trainer.logger", "true").loggers] == [
+        RunTensorBoardLogger, RunCSVLogger]
     (explicit,) = build_trainer(tmp_path, "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir",
                                 str(tmp_path / "mine")).loggers
     assert type(explicit) is CSVLogger and explicit.save_dir == str(tmp_path / "mine")
