@@ -328,7 +328,10 @@ class DemoPipeline:
                      "tokens/val", *model, *self._trainer_args(steps, minutes, self.recipe.stage2_val_every))
         if not self.stage2_ckpt.is_file():
             raise DataError(f"the stage-2 fit wrote no {self.stage2_ckpt}")
-        return {"checkpoint": str(self.stage2_ckpt), "budget_minutes": round(minutes, 2)}
+        # The trained model as safetensors, for maskvid.TextToVideo.from_pretrained (docs/api.md).
+        self.maskvid("ckpt", "export", str(self.stage2_ckpt), "--out", "export")
+        return {"checkpoint": str(self.stage2_ckpt), "export": str(self.out / "export"),
+                "budget_minutes": round(minutes, 2)}
 
     def prompt_sets(self) -> dict[str, list[str]]:
         """The prompts to generate, per set: the synthetic seen/held-out lists, the val captions of

@@ -66,6 +66,11 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert len(json.loads((tmp_path / "gen/index.json").read_text())) == 1
     assert len(list((tmp_path / "gen").glob("*.mp4"))) == 1
+    # The stage-2 step also exported it (config.json + model.safetensors) for the Python API.
+    from maskvid import TextToVideo
+
+    videos = TextToVideo.from_pretrained(out / "export").generate(["a red circle moving to the left"], seed=0, steps=2)
+    assert str(videos.dtype) == "torch.uint8" and videos.shape[0] == 1 and videos.shape[-1] == 3
 
     # report.html is self-contained: every image is an embedded, decodable data: URI, and the
     # copy it names exists beside it.
