@@ -174,6 +174,9 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     kind = checkpoint_kind(path)
     if kind == "file":
+        if not zipfile.is_zipfile(path):
+            raise CheckpointFormatError(f"cannot read checkpoint {path}: not a torch.save archive "
+                                        "(truncated, or not a checkpoint)")
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as exc:
