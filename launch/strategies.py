@@ -400,8 +400,10 @@ class DeepSpeedZeroStrategy(_Parallelize, DeepSpeedStrategy):
             _Parallelize.parallelize(self, module)
             self._to_parallelize = None
         # DeepSpeed clips inside its engine: hand it the module's own clip (its hook cannot act).
+        # Assigned, not defaulted: configure_model's sharded context has already filled the config
+        # with the trainer's gradient_clip_val (0 when unset), which left the engine unclipped.
         clip = trainer.gradient_clip_val or getattr(self.lightning_module, "hparams", {}).get("grad_clip", 0.0)
-        self.config.setdefault("gradient_clipping", float(clip or 0.0))
+        self.config["gradient_clipping"] = float(clip or 0.0)
         super().setup(trainer)
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
