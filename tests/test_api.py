@@ -57,12 +57,8 @@ def ckpts(tmp_path_factory) -> dict:
             "stage2_module": stage2, "stage1_module": stage1, "tok_ckpt": tok}
 
 
-def _state(module: torch.nn.Module) -> dict:
-    return {k: v for k, v in module.state_dict().items()}
-
-
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = _state(a), _state(b)
+    sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
