@@ -126,7 +126,12 @@ def build_strategy(name: str):
     if name == "fsdp":
         return strategies.FSDP2Strategy(param_dtype="fp32")
     if name in ("zero2", "zero3"):
-        return strategies.DeepSpeedZeroStrategy(stage=int(name[-1]))
+        strategy = strategies.DeepSpeedZeroStrategy(stage=int(name[-1]))
+        # ZeRO-3 keeps parameters below this size gathered between steps. Scaled to these tiny
+        # nets (every parameter would be below the default), so that, as in a real model, the
+        # matrices are partitioned away and only norms, biases and small tables stay whole.
+        strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 1000
+        return strategy
     raise ValueError(name)
 
 
@@ -217,6 +222,7 @@ def holdings(trainer, module) -> dict:
             params[name] = {"local": p.to_local().numel(), "full": p.numel(), "dim0": p.shape[0] if p.ndim else 1}
         elif hasattr(p, "ds_id"):
             params[name] = {"local": p.ds_tensor.numel(), "full": p.ds_numel, "visible": p.data.numel(),
+                            "persistent": bool(getattr(p, "ds_persist", False)),
                             "dim0": p.ds_shape[0] if len(p.ds_shape) else 1}
         else:
             params[name] = {"local": p.numel(), "full": p.numel(), "dim0": p.shape[0] if p.ndim else 1}
