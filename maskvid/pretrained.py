@@ -127,7 +127,8 @@ def write_directory(out: str | Path, config: dict[str, Any], tensors: dict[str, 
     try:
         text = json.dumps({"format": config["format"], "version": VERSION, **config}, indent=2)
         (staging / CONFIG_NAME).write_text(text + "\n")
-        save_file(_plain(tensors), staging / WEIGHTS_NAME, metadata={"format": "pt", "maskvid": config["format"]})
+        # safetensors writes metadata keys in hash order: a single key keeps the file byte-stable.
+        save_file(_plain(tensors), staging / WEIGHTS_NAME, metadata={"format": "pt"})
         old = out.with_name(f".{out.name}.old")
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)
