@@ -90,8 +90,9 @@ class MaskedVideoModule(LightningModule):
         """
         Args:
             backbone: The stage-2 network (e.g. maskvid.models.maskgit.MaskGITBackbone, maskvid.models.mebt.MeBT).
-            tokenizer_path: Stage-1 checkpoint (from `maskvid fit` with TokenizerModule). Its frozen
-                tokenizer is stored in this module's checkpoints, so generation needs no other file.
+            tokenizer_path: Stage-1 checkpoint (file or sharded directory) or a `maskvid ckpt export`
+                directory. Its frozen tokenizer is stored in this module's checkpoints, so
+                generation needs no other file.
             text_encoder: Frozen text encoder: a local directory, a cached hub name (T5 or any
                 AutoModel) or `packaged:minilm`.
             text_max_length: Caption length in tokens (padding/truncation).
