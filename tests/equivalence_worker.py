@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from itertools import chain
 from pathlib import Path
 
 import torch
@@ -75,6 +74,7 @@ class MaskedVideo(_StepBatch, MaskedVideoModule):
 
     def random_mask(self, valid: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         seed = self.hparams.mask_seed
+        # The step's ratio from a stream no sample index reaches (2**20), the positions per sample.
         shared = torch.Generator().manual_seed(step_seed(seed, 2**20, self.global_step))
         ratio = mask_ratio(torch.rand(1, generator=shared))
         rows = []
@@ -108,11 +108,12 @@ def build_module(job: dict):
 
     # restart_every=0: a dead-code restart draws codes from rank 0's encodings, which is not a
     # function of the global batch. The adaptive GAN weight is each rank's own norm ratio (also
-    # not one), so its cap is set where it always binds: the test checks that it did.
+    # not one), so its cap is set where it always binds (the test checks that it did), and
+    # gan_weight scales the adversarial term back up to a weight that shows in the updates.
     tokenizer = CViViT(image_size=32, patch_size=8, dim=32, spatial_depth=1, temporal_depth=1, heads=2,
                        quantizer=VectorQuantizer(64, 8, restart_every=0))
     return Tokenizer(tokenizer, VideoDiscriminator(base_channels=8, max_channels=16), lr=1e-3, warmup_steps=2,
-                     gan_start_step=1, gp_every=2, gan_weight=1.0, adaptive_weight_max=job["adaptive_weight_max"],
+                     gan_start_step=1, gp_every=2, gan_weight=100.0, adaptive_weight_max=job["adaptive_weight_max"],
                      num_log_videos=0)
 
 
@@ -296,7 +297,8 @@ STEPS = 4  # every run ends at this global step
 SAVE_AT = 2  # the 2-process runs checkpoint here; resumed runs continue from it
 STAGE2_PARALLEL = ("ddp", "fsdp", "zero2", "zero3")
 STAGE1_PARALLEL = ("ddp", "fsdp")  # DeepSpeed refuses the GAN tokenizer's two optimizers
-# Far below the norm ratio ||grad nll|| / ||grad gan|| of these tiny nets: the cap always binds.
+# Far below the norm ratio ||grad nll|| / ||grad gan|| of these tiny nets: the cap always binds,
+# and with gan_weight 100 the adversarial term weighs 0.1.
 ADAPTIVE_WEIGHT_CAP = 1e-3
 
 
