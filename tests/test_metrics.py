@@ -190,6 +190,84 @@ def test_i3d_state_dict_reloads_to_identical_features(i3d_file, tmp_path):
     assert torch.allclose(manual, reference, atol=1e-6)
 
 
+# The reference I3D forward, written from deepmind/kinetics-i3d's definition with plain torch ops
+# on the state_dict's tensors (none of metrics/i3d.py's modules): a wrong padding, pool, branch
+# order or stage order there gives other features.
+_REF_BLOCKS = ["Mixed_3b", "Mixed_3c", "Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f", "Mixed_5b", "Mixed_5c"]
+
+
+def _ref_pad_same(x: torch.Tensor, kernel, stride, value: float = 0.0) -> torch.Tensor:
+    """TF SAME: output ceil(size / stride); the odd padding pixel goes after."""
+    pads = []
+    for size, k, s in zip(x.shape[2:], kernel, stride):
+        total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+        pads = [total // 2, total - total // 2] + pads  # F.pad lists the last dimension first
+    return torch.nn.functional.pad(x, pads, value=value)
+
+
+def _ref_unit(state, name, x, kernel=(1, 1, 1), stride=(1, 1, 1), bn=True, relu=True):
+    F = torch.nn.functional
+    x = F.conv3d(_ref_pad_same(x, kernel, stride), state[f"{name}.conv3d.weight"], state.get(f"{name}.conv3d.bias"),
+                 stride=stride)
+    if bn:
+        x = F.batch_norm(x, state[f"{name}.bn.running_mean"], state[f"{name}.bn.running_var"],
+                         state[f"{name}.bn.weight"], state[f"{name}.bn.bias"], training=False, eps=1e-3)
+    return F.relu(x) if relu else x
+
+
+def _ref_max_pool(x, kernel, stride):
+    # TF pads max pools with -inf.
+    return torch.nn.functional.max_pool3d(_ref_pad_same(x, kernel, stride, value=-math.inf), kernel, stride)
+
+
+def reference_i3d(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    x = _ref_unit(state, "Conv3d_1a_7x7", x, (7, 7, 7), (2, 2, 2))
+    x = _ref_max_pool(x, (1, 3, 3), (1, 2, 2))
+    x = _ref_unit(state, "Conv3d_2b_1x1", x)
+    x = _ref_unit(state, "Conv3d_2c_3x3", x, (3, 3, 3))
+    for name in _REF_BLOCKS:
+        if name == "Mixed_3b":
+            x = _ref_max_pool(x, (1, 3, 3), (1, 2, 2))
+        elif name == "Mixed_4b":
+            x = _ref_max_pool(x, (3, 3, 3), (2, 2, 2))
+        elif name == "Mixed_5b":
+            x = _ref_max_pool(x, (2, 2, 2), (2, 2, 2))
+        branch0 = _ref_unit(state, f"{name}.b0", x)
+        branch1 = _ref_unit(state, f"{name}.b1b", _ref_unit(state, f"{name}.b1a", x), (3, 3, 3))
+        branch2 = _ref_unit(state, f"{name}.b2b", _ref_unit(state, f"{name}.b2a", x), (3, 3, 3))
+        branch3 = _ref_unit(state, f"{name}.b3b", _ref_max_pool(x, (3, 3, 3), (1, 1, 1)))
+        x = torch.cat([branch0, branch1, branch2, branch3], dim=1)
+    x = torch.nn.functional.avg_pool3d(x, (2, 7, 7), stride=1)  # valid padding
+    x = _ref_unit(state, "logits", x, bn=False, relu=False)
+    return x.mean(dim=(2, 3, 4))  # averaged logits over the remaining positions
+
+
+def test_i3d_forward_equals_an_independent_reference_forward():
+    torch.manual_seed(7)
+    # Odd sizes, so SAME padding is uneven in every dimension somewhere, and a final grid larger
+    # than the [2, 7, 7] average pool (several positions averaged).
+    video = torch.rand(2, 3, 20, 232, 256) * 2 - 1
+    video[1] = video[1] * 0.5 - 0.3
+    net = InceptionI3d(**TINY_I3D)
+    with torch.no_grad():
+        # Batch norms calibrated on this input (else a deep random network's output hardly
+        # depends on it), then non-trivial affine parameters and eval statistics.
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.momentum = None
+        net.train()(video)
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.weight.uniform_(0.8, 1.2)
+                module.bias.normal_(0.0, 0.1)
+                module.running_var.mul_(torch.empty_like(module.running_var).uniform_(0.8, 1.25))
+        net.eval()
+        expected = reference_i3d(net.state_dict(), video)
+        got = net(video)
+    assert expected.shape == (2, 16) and (expected[0] - expected[1]).abs().max() > 0.05 * expected.abs().max()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
 def test_fit_frames_cuts_long_clips_and_stretches_short_ones():
     video = torch.arange(5.0).view(1, 1, 5, 1, 1).expand(1, 3, 5, 2, 2)
     assert fit_frames(video, 3)[0, 0, :, 0, 0].tolist() == [0, 1, 2]
@@ -263,7 +341,18 @@ def test_fvd_with_cached_real_statistics_equals_fvd_on_the_videos(i3d_file, tmp_
     metric.update(real, real=True)
     metric.update(fake, real=False)
     direct = metric.compute()
-    assert float(direct["fvd"]) > 0 and int(direct["num_fake"]) == 8
+    assert int(direct["num_fake"]) == 8
+
+    # Known answers: a set against itself is at 0, and a brightness shift of the same clips moves
+    # it away monotonically with the shift's size.
+    shifted = []
+    for offset in (0.0, 0.1, 0.2, 0.4):
+        against = FrechetVideoDistance(extract)
+        against.update(real, real=True)
+        against.update((real + offset).clamp(-1, 1), real=False)
+        shifted.append(float(against.compute()["fvd"]))
+    assert abs(shifted[0]) < 1e-6, shifted
+    assert 0.05 < shifted[1] < shifted[2] < shifted[3], shifted
 
     stats = tmp_path / "real.pt"
     save_stats(stats, GaussianStats.from_sums(metric.real_sum, metric.real_outer, int(metric.real_count)), extract.info())
