@@ -420,9 +420,22 @@ class DeepSpeedZeroStrategy(_Parallelize, DeepSpeedStrategy):
                 to_universal(path, target)
             self.barrier("universal-conversion")
             path = target
-        if checkpoint_kind(path) == "deepspeed" and is_universal(path):
+        universal = checkpoint_kind(path) == "deepspeed" and is_universal(path)
+        if universal:
             self.deepspeed_engine._config.load_universal_checkpoint = True
-        return super().load_checkpoint(path, weights_only)
+        checkpoint = super().load_checkpoint(path, weights_only)
+        if universal:
+            # DeepSpeed restores only what its optimizer owns, and ZeRO-3 mixes up the param
+            # groups' step counts and hyperparameters (launch/deepspeed_universal.py).
+            from lightning.pytorch.trainer.states import TrainerFn
+
+            from maskvid.launch.deepspeed_universal import repair_zero3_optimizer, restore_module_state, tag_dir
+
+            tag = tag_dir(path)
+            if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+                repair_zero3_optimizer(self.deepspeed_engine.optimizer, tag)
+            restore_module_state(self.deepspeed_engine.module, tag, strict=self.lightning_module.strict_loading)
+        return checkpoint
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         from maskvid.launch.checkpoint_io import save_directory_atomically

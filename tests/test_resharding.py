@@ -85,14 +85,11 @@ def test_deepspeed_two_to_one_restores_weights_and_moments(runs, stage):
     assert restored["lrs"] == saved["lrs"]
 
 
-_ZERO3_UNIVERSAL = pytest.mark.xfail(strict=True, reason=(
-    "DeepSpeed's ZeRO-3 universal load (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3) gives "
-    "every param group one shared `step` tensor, which each group's AdamW step then advances (2 per step "
-    "here), and copies group 0's hyperparameters onto every group (the no-decay group gets weight decay)"))
-
-
-@pytest.mark.parametrize("stage", ["zero2", pytest.param("zero3", marks=_ZERO3_UNIVERSAL)])
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_two_to_one_continues_as_one_process(runs, stage):
+    """Each param group keeps its own hyperparameters (ZeRO-3's universal load copies group 0's
+    onto all, launch/deepspeed_universal.py) and its own AdamW step count (ZeRO-3's shares one
+    tensor, which advances once per group and step), so the steps are the one-process run's."""
     saved, run = runs[f"s2-{stage}"], runs[f"s2-{stage}-to1"]
     restored = run["states"]["start"]
     assert restored["groups"] == saved["states"][f"at{SAVE_AT}"]["groups"], "param group hyperparameters"
@@ -100,11 +97,10 @@ def test_deepspeed_two_to_one_continues_as_one_process(runs, stage):
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-@pytest.mark.xfail(strict=True, reason=(
-    "a universal checkpoint restores only what the optimizer owns: DeepSpeed's engine skips the module "
-    "state dict for it (engine._load_checkpoint), so the EMA copy (frozen parameters) and buffers such as "
-    "its update count restart from the fresh model, although the universal folder holds them"))
 def test_deepspeed_two_to_one_restores_the_ema(runs, stage):
+    """DeepSpeed's engine skips the module state for a universal checkpoint; what no optimizer
+    owns (the EMA copy, the frozen tokenizer) and the buffers (the EMA's update count) come back
+    from its model-state files (launch/deepspeed_universal.py), bit for bit."""
     saved, restored = runs[f"s2-{stage}"]["states"][f"at{SAVE_AT}"], runs[f"s2-{stage}-to1"]["states"]["start"]
     for part in ("params", "buffers"):
         differ = [k for k in saved[part] if not torch.equal(restored[part][k], saved[part][k])]
