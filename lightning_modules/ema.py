@@ -43,7 +43,36 @@ class EMA(nn.Module):
         ema_params = [local_shard(p) for p in self.module.parameters()]
         params = [local_shard(p).detach() for p in network.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        _refresh_gathered_copies(list(self.module.parameters()))
         # Buffers (codebook usage counters, ...) are copied: they are state, not weights.
         for e, b in zip(self.module.buffers(), network.buffers()):
             e.copy_(b)
 
+
+
+@torch.no_grad()
+def _refresh_gathered_copies(params: list[nn.Parameter]) -> None:
+    """ZeRO-3 keeps its small ("persistent") parameters gathered between steps, and a forward
+    computes with that whole copy, not with the partition the update above wrote: rebuild each
+    whole copy from every rank's partition, so a forward through the EMA sees this step's average.
+    A collective: every rank holds the same parameters gathered, since all ranks run the same
+    steps and forwards."""
+    held = [p for p in params if hasattr(p, "ds_tensor") and p.ds_numel > 0 and p.data.numel() == p.ds_numel]
+    by_group: dict[int, list[nn.Parameter]] = {}
+    for p in held:
+        by_group.setdefault(id(p.ds_process_group), []).append(p)
+    for group_params in by_group.values():
+        import torch.distributed as dist
+
+        group = group_params[0].ds_process_group
+        device = group_params[0].data.device
+        # One all-gather per process group: every rank's partitions of all these parameters.
+        flat = torch.cat([p.ds_tensor.reshape(-1) for p in group_params]).to(device)
+        parts = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, flat, group=group)
+        offset = 0
+        for p in group_params:
+            size = p.ds_tensor.numel()
+            whole = torch.cat([part[offset:offset + size] for part in parts])[:p.ds_numel]
+            p.data.copy_(whole.view_as(p.data))
+            offset += size

@@ -146,18 +146,26 @@ def _is_deepspeed(trainer) -> bool:
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on every rank (collective for sharded ones), as a CPU copy."""
+    """The whole tensor on every rank (collective for sharded ones), as a CPU copy: what a forward
+    computes with."""
     if hasattr(t, "full_tensor"):  # FSDP2 DTensor
         return t.full_tensor().detach().cpu().clone()
-    if hasattr(t, "ds_id"):  # ZeRO-3: the partitions, which its optimizer and checkpoints hold
-        # (not GatheredParameters: a small "persistent" parameter stays gathered after a step,
-        # and its gathered copy misses what was written into the partition since: the EMA's).
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(t.ds_tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t.ds_tensor.detach())
-        return torch.cat(parts)[: t.ds_numel].view(t.ds_shape).cpu().clone()
+    if hasattr(t, "ds_id"):
+        if t.data.numel() == t.ds_numel:  # a whole copy ZeRO-3 keeps gathered (small, "persistent")
+            return t.data.detach().cpu().clone()
+        return partitions_tensor(t)  # what the next forward gathers
     return t.detach().cpu().clone()
+
+
+def partitions_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A ZeRO-3 parameter from every rank's partition (what its optimizer, an EMA update and
+    checkpoints hold and write), as a CPU copy. Collective. Read directly, not through
+    GatheredParameters, which would re-partition (free) a parameter ZeRO-3 keeps gathered."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t.ds_tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.ds_tensor.detach())
+    return torch.cat(parts)[: t.ds_numel].view(t.ds_shape).cpu().clone()
 
 
 def _link_zero2_moments(optimizer) -> None:
@@ -208,11 +216,13 @@ def gather_state(trainer, module) -> dict:
     lrs = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
     groups = [[{k: g[k] for k in HYPERPARAMETERS} for g in opt.param_groups] for opt in trainer.optimizers]
     # ZeRO-3 parameters whose whole copy is present now (small "persistent" ones stay gathered
-    # between steps): what a forward, an EMA validation pass, would compute with.
+    # between steps): what a forward, an EMA validation pass, computes with; and every ZeRO-3
+    # parameter's partitions, which those copies must equal.
     available = {name: p.data.detach().cpu().clone() for name, p in module.named_parameters()
                  if hasattr(p, "ds_id") and p.data.numel() == p.ds_numel}
+    partitions = {name: partitions_tensor(p) for name, p in module.named_parameters() if hasattr(p, "ds_id")}
     return {"params": params, "buffers": buffers, "moments": moments, "masters": masters, "lrs": lrs,
-            "groups": groups, "available": available, "global_step": trainer.global_step}
+            "groups": groups, "available": available, "partitions": partitions, "global_step": trainer.global_step}
 
 
 def holdings(trainer, module) -> dict:
