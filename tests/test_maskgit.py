@@ -129,8 +129,22 @@ def test_video_batches_are_tokenized_on_the_fly(parts):
     assert torch.equal(tokens, m.tokenizer.encode(video))
     assert text.shape == (2, 8, 32) and text_mask.dtype == torch.bool
     assert latent.tolist() == [[True, True, True], [True, True, False]]
-    loss = m.masked_loss(m.backbone, {"video": video, "frame_mask": frame_mask, "caption": ["a b", "c"]})["loss"]
-    assert torch.isfinite(loss) and loss.requires_grad
+    # The loss of the video batch is the loss of the token batch it encodes to (same masking draw),
+    # and the clip's padded latent frame is never masked (its tokens are not predicted).
+    seen = {}
+
+    def spy(inputs, *args, **kwargs):
+        seen["inputs"] = inputs.clone()
+        return m.backbone(inputs, *args, **kwargs)
+
+    spy.mask_id = m.backbone.mask_id
+    loss = m.masked_loss(spy, {"video": video, "frame_mask": frame_mask, "caption": ["a b", "c"]},
+                         generator=torch.Generator().manual_seed(3))["loss"]
+    from_tokens = m.masked_loss(m.backbone, {"tokens": tokens, "text_emb": text, "text_mask": text_mask,
+                                             "latent_mask": latent}, generator=torch.Generator().manual_seed(3))["loss"]
+    assert loss.requires_grad and (seen["inputs"] == m.backbone.mask_id).any()
+    torch.testing.assert_close(loss, from_tokens)
+    assert torch.equal(seen["inputs"][1, 2], tokens[1, 2])
 
 
 @pytest.mark.parametrize("kind", ["maskgit", "mebt"])

@@ -20,9 +20,12 @@ def vgg_file(tmp_path_factory):
 def test_distance_is_zero_for_equal_videos_and_positive_otherwise(vgg_file):
     loss = PerceptualLoss(str(vgg_file), max_frames=2)
     a = torch.rand(1, 3, 5, 32, 32) * 2 - 1
-    b = (a + 0.3 * torch.randn_like(a)).clamp(-1, 1)
+    noise = torch.randn_like(a)
+    b = (a + 0.3 * noise).clamp(-1, 1)
     assert loss(a, a).item() == pytest.approx(0.0, abs=1e-7)
-    assert loss(a, b).item() > 0
+    # It grows with the size of the perturbation, and it is symmetric.
+    near, far = loss(a, (a + 0.1 * noise).clamp(-1, 1)).item(), loss(a, b).item()
+    assert 0 < near < far and loss(b, a).item() == pytest.approx(far, rel=1e-5), (near, far)
     assert not any(p.requires_grad for p in loss.parameters())
     loss.train()
     assert not loss.training  # stays frozen when the parent module goes to train mode

@@ -22,10 +22,25 @@ def test_vq_picks_the_nearest_code_on_the_sphere_and_passes_gradients():
     assert torch.equal(out.indices, expected)
     torch.testing.assert_close(out.quantized.detach(), codebook[expected])
     torch.testing.assert_close(vq.codes(out.indices), codebook[expected])
-    assert out.loss.item() > 0 and 1.0 <= out.perplexity.item() <= 32
+    # Codebook term + beta * commitment term: (1 + beta) times the mean squared distance to the code.
+    zn = F.normalize(z.detach(), dim=-1)
+    torch.testing.assert_close(out.loss, (1 + vq.beta) * (codebook[expected] - zn).square().mean())
+    # exp(entropy) of the codes' histogram.
+    probs = torch.bincount(expected.flatten(), minlength=32).float() / expected.numel()
+    used = probs[probs > 0]
+    torch.testing.assert_close(out.perplexity, torch.exp(-(used * used.log()).sum()))
     (out.quantized.sum() + out.loss).backward()
-    assert z.grad is not None and z.grad.abs().sum() > 0  # straight-through
-    assert vq.codebook.grad is not None and vq.codebook.grad.abs().sum() > 0  # codebook loss
+    # Straight-through: the output's gradient reaches z as if quantizing were the identity (on the
+    # normalised encodings); the commitment term pulls z towards its code and the codebook term
+    # the code towards z.
+    ref_z = z.detach().clone().requires_grad_(True)
+    ref_codebook = vq.codebook.detach().clone().requires_grad_(True)
+    z_unit, code = F.normalize(ref_z, dim=-1), F.normalize(ref_codebook, dim=-1)[expected]
+    (z_unit.sum() + vq.beta * (z_unit - code.detach()).square().mean()
+     + (code - z_unit.detach()).square().mean()).backward()
+    torch.testing.assert_close(z.grad, ref_z.grad)
+    torch.testing.assert_close(vq.codebook.grad, ref_codebook.grad)
+    assert ref_codebook.grad.abs().sum() > 0 and z.grad.abs().sum() > 0
 
 
 def test_dead_codes_restart_from_the_batch():

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch import Callback
 
 from maskvid.datamodules.video_io import decode_all
 from tests.conftest import REPO, run_cli
@@ -55,6 +56,30 @@ def stage2_config(pipeline, samples: str) -> Path:
     path = pipeline["root"] / f"stage2_{samples}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+class RecordTrainedOn(Callback):
+    """Writes trained_on.pt in the run directory: the backbone's parameters as training starts, and
+    per training step the batch's videos and captions and the token ids the step trained on."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.record = {"initial": {k: v.detach().clone() for k, v in pl_module.backbone.named_parameters()},
+                       "videos": [], "tokens": [], "captions": []}
+        batch_tokens = pl_module.batch_tokens
+
+        def recorded(batch):
+            out = batch_tokens(batch)
+            if pl_module.training:
+                self.record["videos"].append(batch["video"].detach().clone())
+                self.record["tokens"].append(out[0].detach().clone())
+                self.record["captions"] += list(batch["caption"])
+            return out
+
+        pl_module.batch_tokens = recorded
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        del pl_module.batch_tokens
+        torch.save(self.record, Path(trainer.default_root_dir) / "trained_on.pt")
 
 
 def test_tokenize_train_generate(pipeline):
@@ -148,6 +173,27 @@ def test_stage2_trains_on_video_shards_with_on_the_fly_tokens(pipeline):
                   "--data.num_workers", "0", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
                   "--trainer.val_check_interval", "2",
                   "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
-                  "--trainer.log_every_n_steps", "1")
+                  "--trainer.log_every_n_steps", "1", "--trainer.callbacks+=tests.test_stage2_e2e.RecordTrainedOn")
     assert out.returncode == 0, out.stderr[-4000:]
-    assert list(run.rglob("*.ckpt"))
+    (ckpt,) = run.rglob("*.ckpt")
+    # It trained on the tokenizer's codes of the clips it read: the token ids the training steps
+    # used are what the tokenizer checkpoint gives for those videos, and the captions are train ones.
+    from maskvid.models.tokenizer_checkpoint import load_tokenizer
+
+    record = torch.load(run / "trained_on.pt", weights_only=True)
+    assert len(record["videos"]) == 2 and record["videos"][0].shape == (2, 3, 9, 32, 32)
+    tokenizer = load_tokenizer(pipeline["tok"])
+    for video, tokens in zip(record["videos"], record["tokens"]):
+        assert tokens.shape == (2, 5, 4, 4) and torch.equal(tokens, tokenizer.encode(video))
+    import tarfile
+
+    train_captions = []
+    for shard in (data / "train").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            train_captions += [tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt")]
+    assert len(train_captions) == 16 and set(record["captions"]) <= set(train_captions), record["captions"]
+    # Both steps changed the backbone: the checkpoint's weights are not the ones training started from.
+    state = torch.load(ckpt, weights_only=True)
+    assert state["global_step"] == 2
+    moved = [k for k, v in record["initial"].items() if not torch.equal(v, state["state_dict"][f"backbone.{k}"])]
+    assert len(moved) > len(record["initial"]) // 2, moved
