@@ -162,14 +162,14 @@ def test_zero2_shards_optimizer_state_not_parameters(runs):
         assert r["holdings"]["optimizer_local_numel"] == r["holdings"]["trainable_numel"]
 
 
-@pytest.mark.parametrize("name", ["s2-zero3", "s2-zero3-to1"])
-def test_zero3_ema_forward_sees_the_current_average(runs, name):
+def test_zero3_ema_forward_sees_the_current_average(runs):
     """ZeRO-3 all-gathers its small ("persistent") parameters at the end of every optimizer step
     and keeps them gathered; the EMA update that follows must write those whole copies too (not
     only the partitions), or a forward through the EMA (validation samples) computes with the
-    previous step's average. After every step, each whole copy equals its partitions, bit for bit."""
-    for step in range(SAVE_AT + 1 if name.endswith("to1") else 1, STEPS + 1):
-        state = runs[name]["states"][f"at{step}"]
+    previous step's average. After every step, each whole copy equals its partitions, bit for bit.
+    (Checked on two processes: on one, this holds even without that refresh.)"""
+    for step in range(1, STEPS + 1):
+        state = runs["s2-zero3"]["states"][f"at{step}"]
         available = {k: v for k, v in state["available"].items() if k.startswith("backbone_ema.")}
         assert available, f"step {step}: the EMA's small parameters stay gathered between steps"
         for key, whole in available.items():
