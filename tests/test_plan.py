@@ -157,7 +157,16 @@ def test_too_big_for_one_gpu_says_so_and_what_would_fit(big):
     advice = " ".join(plan["suggestions"])
     assert "more GPUs" in advice and ("fsdp" in advice or "deepspeed_zero3" in advice)
     assert plan["tokens_per_clip"] == 5 * 8 * 8
-    assert plan["flops_per_step"] > 0 and 0 < plan["mfu"] <= 1 and plan["step_seconds"] > 0
+    # About 6 FLOPs per trainable parameter per token (forward and backward matmuls), plus the
+    # attention's: a forward-only or double count falls outside.
+    dense = 6 * plan["parameters"]["trainable"] * plan["tokens_per_clip"] * plan["batch_per_gpu"]
+    assert 1.0 < plan["flops_per_step"] / dense < 2.0, plan["flops_per_step"] / dense
+    # MFU: the model FLOPs over the step time at the GPU's peak (TF32, the parameters being fp32).
+    from maskvid.launch.plan import GPUS
+
+    peak = GPUS["l40s"].tf32_tflops * 1e12
+    assert plan["mfu"] == pytest.approx(plan["model_flops_per_step"] / (plan["step_seconds"] * peak), rel=1e-9)
+    assert 0 < plan["mfu"] < 1
 
 
 def test_fsdp_divides_parameter_memory_by_the_world_size(big):
