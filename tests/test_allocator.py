@@ -75,11 +75,18 @@ def test_allocator_benchmark_reports_each_allocator(tmp_path):
     result = json.loads(out.read_text())
     system = result["allocators"]["system"]
     assert system["preloaded"] is None and system["first_window_step_s"] > 0 and system["total_s"] > 0
+    # The ratios are those of the reported times (to their rounding).
+    assert system["slowdown_last_over_first"] == pytest.approx(
+        system["last_window_step_s"] / system["first_window_step_s"], rel=2e-2), system
+    # 4 steps in windows of 2: the total is twice the sum of the two windows' medians (means of 2).
+    assert system["total_s"] == pytest.approx(2 * (system["first_window_step_s"] + system["last_window_step_s"]),
+                                              abs=0.06), system
     jemalloc = result["allocators"]["jemalloc"]
     if allocator.find("jemalloc") is None:
         assert "apt-get install libjemalloc2" in jemalloc["skipped"]
     else:
-        assert "libjemalloc" in jemalloc["preloaded"] and jemalloc["speedup_over_system"] > 0
+        assert "libjemalloc" in jemalloc["preloaded"]
+        assert jemalloc["speedup_over_system"] == pytest.approx(system["total_s"] / jemalloc["total_s"], abs=1e-3)
 
 
 def test_tuning_is_opt_in_and_never_with_cuda(monkeypatch):
