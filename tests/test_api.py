@@ -154,6 +154,7 @@ def test_python_and_cli_give_the_same_video(ckpts, tmp_path):
     assert gen.returncode == 0, gen.stderr[-3000:]
     files = [Path(i["path"]) for i in json.loads((tmp_path / "gen/index.json").read_text())]
     videos = TextToVideo.from_pretrained(exported).generate(PROMPTS, seed=5, steps=2, precision="32")
+    assert len(files) == len(videos) == len(PROMPTS)  # zip would pass on nothing
     for file, video in zip(files, videos):
         assert file.read_bytes() == encode_mp4(list(video.numpy()), fps=8.0, reproducible=True)[0]
 

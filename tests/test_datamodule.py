@@ -141,6 +141,7 @@ def test_resume_from_state_dict_continues_exactly(clean_shards, num_workers, bat
     dm = make_dm(clean_shards, **kw)
     dm.load_state_dict({"train_loader": state})  # before the loader exists, as Lightning does
     resumed = take(dm.train_dataloader(), 4)
+    assert len(resumed) == len(full[3:]) == 4  # zip would pass on nothing
     for x, y in zip(resumed, full[3:]):
         assert x["meta"]["key"] == y["meta"]["key"]
         assert torch.equal(x["video"], y["video"])
