@@ -147,16 +147,33 @@ def test_preemption_signal_saves_stops_and_auto_resumes(setup, tmp_path):
 
 
 class _RecordCompiled(Callback):
-    """Writes, at the start of training, which of the backbone's blocks are compiled and
-    checkpointed (compiled.json in the run directory)."""
+    """Writes, at the first training batch, which of the backbone's blocks are compiled and
+    checkpointed, and the masked loss of that batch through the compiled blocks and eagerly
+    (same masking draw), with its gradient norm each time (compiled.json in the run directory)."""
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
+        if batch_idx != 0:
+            return
         blocks = list(pl_module.backbone.blocks)
+
+        def loss_and_grad_norm() -> list[float]:
+            pl_module.zero_grad()
+            loss = pl_module.masked_loss(pl_module.backbone, batch, generator=torch.Generator().manual_seed(0))["loss"]
+            loss.backward()
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in pl_module.backbone.parameters()
+                                                         if p.grad is not None]))
+            pl_module.zero_grad()
+            return [float(loss), float(norm)]
+
+        compiled = loss_and_grad_norm()
+        with torch.compiler.set_stance("force_eager"):
+            eager = loss_and_grad_norm()
         Path(trainer.default_root_dir, "compiled.json").write_text(json.dumps({
             "compiled": [b._compiled_call_impl is not None for b in blocks],
             "checkpointed": [isinstance(b, CheckpointWrapper) for b in blocks],
+            "compiled_loss_grad": compiled, "eager_loss_grad": eager,
         }))
 
 
@@ -171,7 +188,9 @@ def test_compiled_blocks_train(setup, tmp_path):
                "--trainer.callbacks+=tests.test_strategies._RecordCompiled")
     assert out.returncode == 0, out.stderr[-4000:]
     record = json.loads((run / "compiled.json").read_text())
-    assert record == {"compiled": [True, True], "checkpointed": [True, False]}
+    assert (record["compiled"], record["checkpointed"]) == ([True, True], [True, False])
+    # The compiled blocks compute what the eager ones do: the same loss and gradient norm.
+    assert record["compiled_loss_grad"] == pytest.approx(record["eager_loss_grad"], rel=1e-4), record
 
 
 @pytest.fixture
