@@ -182,7 +182,11 @@ def test_stage2_trains_on_two_processes(setup, strategy, backbone, tmp_path):
         gen = run_cli("generate", "--ckpt", str(exported), "--prompt", "a red circle moving left", "--num-frames", "9",
                       "--steps", "2", "--out", str(tmp_path / "gen"), "--quiet")
         assert gen.returncode == 0, gen.stderr[-3000:]
-        assert (tmp_path / "gen" / "index.json").is_file()
+        from maskvid.datamodules.video_io import decode_all
+
+        (item,) = json.loads((tmp_path / "gen" / "index.json").read_text())
+        assert item["prompt"] == "a red circle moving left"
+        assert decode_all(Path(item["path"]).read_bytes()).shape == (9, 32, 32, 3)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
