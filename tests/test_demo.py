@@ -221,11 +221,12 @@ def test_demo_bad_input_is_one_line(tmp_path):
 
 
 def test_step_caps_scale_with_the_budget(tmp_path):
-    from maskvid.launch.demo_pipeline import REFERENCE_MINUTES, REPO, config_max_steps, scaled_steps
+    from maskvid.configs import CONFIG_DIR
+    from maskvid.launch.demo_pipeline import REFERENCE_MINUTES, config_max_steps, scaled_steps
     from maskvid.datamodules.errors import DataError
 
     for name in ("tokenizer_demo", "maskgit_demo", "mebt_demo"):
-        config = REPO / f"configs/experiment/{name}.yaml"
+        config = CONFIG_DIR / f"experiment/{name}.yaml"
         full = config_max_steps(config)
         assert scaled_steps(config, REFERENCE_MINUTES) == full
         assert scaled_steps(config, REFERENCE_MINUTES / 2) == round(full / 2)
