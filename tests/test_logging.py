@@ -22,7 +22,7 @@ from maskvid.launch.run_curves import read_curves
 from maskvid.launch.run_loggers import RunCSVLogger, RunTensorBoardLogger, resolve_loggers
 from maskvid.lightning_modules.media import gif_scale, log_reconstructions, log_samples
 from tests.conftest import REPO, run_cli
-from tests.test_tokenizer_module import MODEL, fit_args, synthetic32  # noqa: F401 - fixture
+from tests.test_tokenizer_module import MODEL, six_step_fit, synthetic32  # noqa: F401 - fixture
 
 
 def gif_images(event_dir: Path, tag: str) -> dict[int, Image.Image]:
@@ -174,14 +174,7 @@ def test_wandb_config_builds_a_wandb_logger(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def default_run(synthetic32, tmp_path_factory) -> Path:  # noqa: F811 - the imported fixture
     """A 6-step tiny tokenizer fit with the default loggers (validation and media at 3 and 6)."""
-    tmp = tmp_path_factory.mktemp("logging_run")
-    config = tmp / "model.yaml"
-    config.write_text(yaml.safe_dump(MODEL))
-    root = tmp / "run"
-    out = run_cli("fit", *fit_args(synthetic32, root, config), "--trainer.max_steps", "6",
-                  "--trainer.val_check_interval", "3")
-    assert out.returncode == 0, out.stderr[-4000:]
-    return root
+    return six_step_fit(synthetic32, tmp_path_factory.mktemp("logging_run"))
 
 
 @pytest.mark.slow

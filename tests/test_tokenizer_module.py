@@ -107,14 +107,20 @@ def fit_args(data: Path, root: Path, config: Path) -> list[str]:
     ]
 
 
-@pytest.mark.slow
-def test_fit_trains_both_optimizers_and_the_checkpoint_rebuilds_the_tokenizer(synthetic32, tmp_path):
-    config = tmp_path / "model.yaml"
+def six_step_fit(data: Path, tmp: Path) -> Path:
+    """A 6-step tiny tokenizer fit (validation and media at steps 3 and 6); returns its root."""
+    config = tmp / "model.yaml"
     config.write_text(yaml.safe_dump(MODEL))
-    root = tmp_path / "run"
-    out = run_cli("fit", *fit_args(synthetic32, root, config), "--trainer.max_steps", "6",
+    root = tmp / "run"
+    out = run_cli("fit", *fit_args(data, root, config), "--trainer.max_steps", "6",
                   "--trainer.val_check_interval", "3")
     assert out.returncode == 0, out.stderr[-4000:]
+    return root
+
+
+@pytest.mark.slow
+def test_fit_trains_both_optimizers_and_the_checkpoint_rebuilds_the_tokenizer(synthetic32, tmp_path):
+    root = six_step_fit(synthetic32, tmp_path)
 
     (ckpt,) = root.rglob("*.ckpt")
     checkpoint = torch.load(ckpt, weights_only=True)  # plain data only
@@ -148,7 +154,7 @@ def test_fit_trains_both_optimizers_and_the_checkpoint_rebuilds_the_tokenizer(sy
     assert torch.equal(raw.head_first.weight, module.tokenizer.head_first.weight)
 
     # `maskvid validate` evaluates the checkpoint.
-    val = run_cli("validate", *fit_args(synthetic32, tmp_path / "val", config), "--ckpt_path", str(ckpt))
+    val = run_cli("validate", *fit_args(synthetic32, tmp_path / "val", tmp_path / "model.yaml"), "--ckpt_path", str(ckpt))
     assert val.returncode == 0, val.stderr[-4000:]
     # On the same val clips with the checkpoint's weights: the PSNR the fit logged at its last step.
     import re
