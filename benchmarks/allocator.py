@@ -35,7 +35,7 @@ def worker(steps: int, batch: int) -> None:
     """Child: time every step and print the list as JSON."""
     from cpu_bf16 import Trainer
 
-    from maskvid.launch.precision import native_bf16
+    from maskvid.precision import native_bf16
 
     bf16 = native_bf16("cpu")
     trainer = Trainer("mebt", batch)

@@ -1,7 +1,7 @@
 """bf16 autocast against fp32 on this machine's CPU, for the demo-size models, in one run.
 
 What `maskvid demo` and `maskvid generate` choose on a CPU with native bf16 (AMX / AVX512-BF16,
-launch/precision.py): the fits run under bf16 autocast, sampling too, with attention and the
+maskvid/precision.py): the fits run under bf16 autocast, sampling too, with attention and the
 depthwise conv kept in fp32 (their bf16 CPU backward kernels are slow). Measured here, one
 precision right after the other, so that this noisy machine's drift cancels in the ratios:
 
@@ -32,7 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, matmul_roof  # noqa: E402  (also puts the repo on sys.path and tunes the allocator)
 
-from maskvid.launch.precision import native_bf16  # noqa: E402
+from maskvid.precision import native_bf16  # noqa: E402
 from maskvid.models.config import instantiate  # noqa: E402
 from maskvid.models.losses import token_cross_entropy  # noqa: E402
 from maskvid.models.sampling import mask_ratio  # noqa: E402

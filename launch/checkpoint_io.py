@@ -12,7 +12,7 @@ same directory, flushed, and renamed into place:
   the old copy steps aside as `.NAME.old` for the instant between the two renames; auto-resume
   (launch/requeue.py) takes that copy if a kill lands exactly there.
 
-Reads verify first (`maskvid.launch.checkpoints.verify_checkpoint`) and fail with one line naming the
+Reads verify first (`maskvid.checkpoint_files.verify_checkpoint`) and fail with one line naming the
 file, and unpickle with `weights_only=True`.
 """
 
@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from maskvid.launch.checkpoints import CheckpointFormatError, verify_checkpoint
+from maskvid.checkpoint_files import CheckpointFormatError, verify_checkpoint
 
 STAGING_SUFFIX = ".partial"
 BACKUP_SUFFIX = ".old"

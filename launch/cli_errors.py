@@ -17,7 +17,7 @@ from typing import Iterator
 def _user_error_types() -> tuple[type[BaseException], ...]:
     # Imported here: the tool commands must not pay for Lightning's import (tests/test_cli.py).
     from maskvid.datamodules.errors import DataError
-    from maskvid.launch.checkpoints import CheckpointFormatError
+    from maskvid.checkpoint_files import CheckpointFormatError
     from maskvid.launch.run_loggers import LoggerConfigError
     from maskvid.launch.strategies import StrategyConfigError
     from maskvid.lightning_modules.config_errors import ConfigMismatchError, ModelOptionError

@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from maskvid.checkpoint_files import CheckpointFormatError, read_checkpoint
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="checkpoint file or sharded checkpoint directory")
@@ -26,8 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from maskvid.launch.checkpoints import export
-
     try:
         out, kind = export(args.checkpoint, args.out)
     except ValueError as e:  # CheckpointFormatError, a stage record that does not match its weights, ...
@@ -36,3 +36,27 @@ def run(args: argparse.Namespace) -> int:
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"wrote {out} ({kind}, {size:.1f} MiB)")
     return 0
+
+
+def export(path: str | Path, out: str | Path) -> tuple[Path, str]:
+    """Any stage-1 or stage-2 checkpoint -> an exported model directory (config.json +
+    model.safetensors: the inference weights, EMA when kept; no optimizer or loop state), and
+    which kind it is ("maskvid.text_to_video" or "maskvid.video_tokenizer")."""
+    from maskvid.models.stage2_checkpoint import STAGE2_KEY
+    from maskvid.models.tokenizer_checkpoint import CHECKPOINT_KEY
+
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointFormatError(f"{path}: no weights found")
+    if STAGE2_KEY in checkpoint:
+        from maskvid.text_to_video import TextToVideo
+
+        model = TextToVideo.from_checkpoint_dict(checkpoint, path)
+    elif CHECKPOINT_KEY in checkpoint:
+        from maskvid.video_tokenizer import VideoTokenizer
+
+        model = VideoTokenizer.from_checkpoint_dict(checkpoint, path)
+    else:
+        raise CheckpointFormatError(f"{path} holds neither a stage-1 tokenizer nor a stage-2 model "
+                                    "(was it written by `maskvid fit`?)")
+    return model.save_pretrained(out), model.FORMAT

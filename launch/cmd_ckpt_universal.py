@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from maskvid.launch.checkpoints import CheckpointFormatError, deepspeed_world_size, to_universal
+    from maskvid.checkpoint_files import CheckpointFormatError, deepspeed_world_size, to_universal
 
     out = args.out or args.checkpoint.with_name(args.checkpoint.name + ".universal")
     try:

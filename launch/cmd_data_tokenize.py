@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from maskvid.datamodules.token_samples import npy_bytes
     from maskvid.datamodules.video_datamodule import VideoDataModule
     from maskvid.models.text_encoder import TextEncoder, TextEncoderError
-    from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
+    from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError
+    from maskvid.video_tokenizer import load_tokenizer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:

@@ -216,7 +216,7 @@ class DemoPipeline:
         else fp32. The tokenizer stays fp32 on a CPU: bf16 saved little of its time there, and its
         tokens came out harder for stage 2 (higher stage-2 val loss; docs/demo.md), which cost more
         than the saving."""
-        from maskvid.launch.precision import trainer_precision
+        from maskvid.precision import trainer_precision
 
         gpu = _cuda_available()
         if stage == "tokenizer" and not gpu:

@@ -34,7 +34,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from maskvid.datamodules.monitor import DataMonitor
 from maskvid.datamodules.video_datamodule import VideoDataModule
 from maskvid.launch.checkpoint_io import AtomicCheckpointIO, refused_pickle
-from maskvid.launch.checkpoints import verify_checkpoint
+from maskvid.checkpoint_files import verify_checkpoint
 from maskvid.launch.cli_errors import explain, report
 from maskvid.launch.config_includes import expand_config_includes
 from maskvid.launch.preemption import TerminationCheckpoint

@@ -11,7 +11,7 @@ The scheme (one, documented in docs/distributed.md):
   itself when started some other way inside a SLURM job).
 - `--ckpt_path auto` resumes from the newest complete checkpoint under the run's
   `default_root_dir` and checkpoint directories (requeue, SIGTERM, last or periodic), or starts
-  fresh when there is none. Candidates are verified newest first (maskvid.launch.checkpoints.verify_checkpoint):
+  fresh when there is none. Candidates are verified newest first (maskvid.checkpoint_files.verify_checkpoint):
   a partial or corrupt one is skipped with a warning naming it, and the previous complete one is
   taken. The requeued job runs the identical command and continues.
 """
@@ -28,7 +28,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from maskvid.launch.checkpoint_io import BACKUP_SUFFIX
-from maskvid.launch.checkpoints import CheckpointFormatError, verify_checkpoint
+from maskvid.checkpoint_files import CheckpointFormatError, verify_checkpoint
 from maskvid.launch.preemption import SignalCheckpoint
 
 log = logging.getLogger("maskvid.requeue")

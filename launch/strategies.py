@@ -281,7 +281,7 @@ class FSDP2Strategy(_Parallelize, ModelParallelStrategy):
             checkpoint, staging, storage_options))
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
-        from maskvid.launch.checkpoints import verify_checkpoint
+        from maskvid.checkpoint_files import verify_checkpoint
 
         verify_checkpoint(self.broadcast(str(checkpoint_path)))
         return super().load_checkpoint(checkpoint_path, weights_only)
@@ -409,7 +409,7 @@ class DeepSpeedZeroStrategy(_Parallelize, DeepSpeedStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         """A checkpoint from another world size is converted to a universal one first (next to
         it, `<name>.universal`, once), then loaded as such."""
-        from maskvid.launch.checkpoints import checkpoint_kind, deepspeed_world_size, is_universal, to_universal, verify_checkpoint
+        from maskvid.checkpoint_files import checkpoint_kind, deepspeed_world_size, is_universal, to_universal, verify_checkpoint
 
         path = verify_checkpoint(self.broadcast(str(checkpoint_path)))
         if checkpoint_kind(path) == "deepspeed" and not is_universal(path) and deepspeed_world_size(path) != self.world_size:

@@ -37,7 +37,8 @@ from maskvid.models.losses import token_cross_entropy
 from maskvid.models.sampling import SamplingOptionError, SamplingOptions, mask_ratio, maskgit_sample
 from maskvid.models.stage2_checkpoint import STAGE2_KEY, STAGE2_FORMAT
 from maskvid.models.text_encoder import TextEncoder
-from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
+from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError
+from maskvid.video_tokenizer import load_tokenizer
 
 _NO_DECAY = ("token_emb.weight", "pos_t", "pos_h", "pos_w", "null", "latents")
 # Validation-only settings: kept out of checkpoint hyperparameters, because LightningCLI lets a

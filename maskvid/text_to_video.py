@@ -139,7 +139,7 @@ class TextToVideo:
         """Sample a [B, t, h, w] token grid. Past the trained length, a window of the trained
         length slides forward, each window primed with the last `context` latent frames.
         precision: "bf16" (autocast), "32", or "auto" (bf16 where the device has it natively)."""
-        from maskvid.launch.precision import resolve
+        from maskvid.precision import resolve
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=resolve(precision, self.device.type)):
             return self._tokens(list(prompts), grid, options, generator, prime, context)
@@ -237,7 +237,7 @@ class TextToVideo:
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> TextToVideo:
         """The model in a stage-2 training checkpoint: a single file or a sharded (FSDP2 DCP,
         DeepSpeed) directory; the EMA backbone when training kept one."""
-        from maskvid.launch.checkpoints import read_checkpoint
+        from maskvid.checkpoint_files import read_checkpoint
 
         return cls.from_checkpoint_dict(read_checkpoint(path), path).to(map_location)
 

@@ -15,6 +15,7 @@ import torch
 from maskvid import pretrained
 from maskvid.datamodules.pixels import to_model, to_uint8
 from maskvid.models.cvivit import CViViT
+from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError
 
 _PREFIX = "tokenizer."
 
@@ -108,7 +109,7 @@ class VideoTokenizer:
                         use_ema: bool = True) -> VideoTokenizer:
         """The tokenizer in a training checkpoint: a single file or a sharded (FSDP2 DCP, DeepSpeed)
         directory, of stage 1 (EMA weights when kept, unless use_ema=False) or of stage 2."""
-        from maskvid.launch.checkpoints import read_checkpoint
+        from maskvid.checkpoint_files import read_checkpoint
 
         return cls.from_checkpoint_dict(read_checkpoint(path), path, use_ema).to(map_location)
 
@@ -138,3 +139,14 @@ class VideoTokenizer:
 def provenance(checkpoint: dict, source: Any, ema: bool) -> dict[str, Any]:
     """What config.json records about the checkpoint a model came from."""
     return {"checkpoint": str(source), "global_step": checkpoint.get("global_step"), "ema": ema}
+
+
+def load_tokenizer(path: str | Path, map_location: str | torch.device = "cpu", use_ema: bool = True) -> CViViT:
+    """The CViViT in `path` (an exported directory, a stage-1 checkpoint file or sharded directory,
+    or a stage-2 checkpoint/export, which carries its tokenizer), in eval mode, gradients off."""
+    try:
+        return VideoTokenizer.load(path, map_location=map_location, use_ema=use_ema).network
+    except TokenizerCheckpointError:
+        raise
+    except ValueError as exc:  # a bad directory or checkpoint file: one error type for the callers
+        raise TokenizerCheckpointError(str(exc)) from None

@@ -1,9 +1,9 @@
-"""The stage-1 record in a training checkpoint, and the one loader of a frozen tokenizer.
+"""The stage-1 record in a training checkpoint.
 
 A checkpoint written by `maskvid fit` with TokenizerModule carries, under CHECKPOINT_KEY, the
 tokenizer's config and which weights to use (the EMA copy when training kept one), so the
 checkpoint alone rebuilds the tokenizer. `maskvid.VideoTokenizer` reads it (and exported
-directories); stage 2 and `maskvid data tokenize` go through `load_tokenizer`.
+directories); stage 2 and `maskvid data tokenize` go through `maskvid.video_tokenizer.load_tokenizer`.
 """
 
 from __future__ import annotations
@@ -33,16 +33,3 @@ def tokenizer_record(checkpoint: Any, source: Any, use_ema: bool = True) -> tupl
     prefix = info["prefix"] if use_ema else "tokenizer."
     state = {k[len(prefix):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(prefix)}
     return info["config"], state
-
-
-def load_tokenizer(path: str | Path, map_location: str | torch.device = "cpu", use_ema: bool = True):
-    """The CViViT in `path` (an exported directory, a stage-1 checkpoint file or sharded directory,
-    or a stage-2 checkpoint/export, which carries its tokenizer), in eval mode, gradients off."""
-    from maskvid.video_tokenizer import VideoTokenizer
-
-    try:
-        return VideoTokenizer.load(path, map_location=map_location, use_ema=use_ema).network
-    except TokenizerCheckpointError:
-        raise
-    except ValueError as exc:  # a bad directory or checkpoint file: one error type for the callers
-        raise TokenizerCheckpointError(str(exc)) from None

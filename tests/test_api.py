@@ -14,7 +14,7 @@ import torch
 
 from maskvid import PretrainedError, TextToVideo, VideoTokenizer
 from maskvid import pretrained
-from maskvid.launch.checkpoints import export
+from maskvid.launch.cmd_ckpt_export import export
 from tests.conftest import REPO, run_cli
 from tests.stage2_fixtures import BACKBONES, tiny_t5_dir, tiny_tokenizer, write_tokenizer_checkpoint
 
@@ -255,7 +255,8 @@ def test_import_maskvid_stays_light():
 def test_stage2_takes_an_exported_tokenizer_directory_as_tokenizer_path(ckpts, tmp_path):
     from maskvid.lightning_modules.masked_video_module import MaskedVideoModule
     from maskvid.models.config import instantiate
-    from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
+    from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError
+    from maskvid.video_tokenizer import load_tokenizer
 
     tok_dir, _ = export(ckpts["stage1"], tmp_path / "tok")
     t5 = ckpts["root"] / "t5"

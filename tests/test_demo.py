@@ -72,7 +72,7 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     from maskvid.launch.demo_pipeline import DEMO_VARIATION
 
     assert summary["data"]["variation"] == DEMO_VARIATION.as_dict()
-    from maskvid.launch.precision import trainer_precision
+    from maskvid.precision import trainer_precision
 
     assert summary["precision"] == {"tokenizer": "32-true", "stage2": trainer_precision("cpu")}
     # Host CPU tuning is opt-in: by default the commands run on the malloc this process has.
@@ -137,7 +137,7 @@ def test_demo_quick_on_two_processes_with_maskgit(tmp_path):
     assert "maskgit_demo.yaml" in log
     # On a CPU stage 2 runs in bf16 autocast only where it is native (AMX/AVX512-BF16), else in
     # fp32; the tokenizer always in fp32.
-    from maskvid.launch.precision import trainer_precision
+    from maskvid.precision import trainer_precision
 
     # cpu.yaml (no CUDA here) then ddp.yaml, then the stage's precision over both.
     layered = "configs/trainer/cpu.yaml --config {repo}/configs/trainer/ddp.yaml --trainer.precision".format(
@@ -240,7 +240,7 @@ def test_fits_run_in_bf16_where_the_device_has_it_natively(monkeypatch, tmp_path
     """The fits layer trainer/gpu.yaml where CUDA is available, else cpu.yaml, after the
     experiment config, and the stage's precision over it."""
     import maskvid.launch.demo_pipeline as demo
-    import maskvid.launch.precision as precision
+    import maskvid.precision as precision
 
     pipeline = demo.DemoPipeline(tmp_path / "run", demo.QUICK, minutes=2.0)
     for gpu, native, trainer, expected in ((False, True, "cpu", "bf16-mixed"), (False, False, "cpu", "32-true"),

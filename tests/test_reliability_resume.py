@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from maskvid.launch.checkpoint_io import AtomicCheckpointIO, backup_path, save_directory_atomically, staging_path
-from maskvid.launch.checkpoints import CheckpointCorruptError, verify_checkpoint
+from maskvid.checkpoint_files import CheckpointCorruptError, verify_checkpoint
 from maskvid.launch.requeue import find_resume_checkpoint
 from tests.conftest import REPO
 from tests.reliability_helpers import STEP_LOG_ENV, _OneProcess, read_step_log

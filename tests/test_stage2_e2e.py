@@ -94,7 +94,7 @@ def test_tokenize_train_generate(pipeline):
 
     # Token shards hold exactly what the tokenizer gives for the same clips.
     from maskvid.datamodules.video_datamodule import VideoDataModule
-    from maskvid.models.tokenizer_checkpoint import load_tokenizer
+    from maskvid.video_tokenizer import load_tokenizer
 
     tokens_dm = VideoDataModule(val_shards=str(root / "tokens/val"), samples="tokens", batch_size=4, num_workers=0)
     video_dm = VideoDataModule(val_shards=str(data / "val"), num_frames=9, resolution=32, batch_size=4, num_workers=0)
@@ -178,7 +178,7 @@ def test_stage2_trains_on_video_shards_with_on_the_fly_tokens(pipeline):
     (ckpt,) = run.rglob("*.ckpt")
     # It trained on the tokenizer's codes of the clips it read: the token ids the training steps
     # used are what the tokenizer checkpoint gives for those videos, and the captions are train ones.
-    from maskvid.models.tokenizer_checkpoint import load_tokenizer
+    from maskvid.video_tokenizer import load_tokenizer
 
     record = torch.load(run / "trained_on.pt", weights_only=True)
     assert len(record["videos"]) == 2 and record["videos"][0].shape == (2, 3, 9, 32, 32)

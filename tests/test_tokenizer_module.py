@@ -12,7 +12,8 @@ from maskvid.lightning_modules.tokenizer_module import TokenizerModule
 from maskvid.models.cvivit import CViViT
 from maskvid.models.discriminator import VideoDiscriminator
 from maskvid.models.quantizer import VectorQuantizer
-from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError, load_tokenizer
+from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError
+from maskvid.video_tokenizer import load_tokenizer
 from tests.conftest import REPO, metrics_rows, run_cli
 
 

@@ -7,8 +7,10 @@
 - `deepspeed_world_size(path)`: the data-parallel size a DeepSpeed checkpoint was written at.
 - `to_universal(path, out)`: DeepSpeed -> universal checkpoint (loadable at any world size).
 - `read_checkpoint(path)`: any of them as one in-memory dict (sharded ones consolidated).
-- `export(path, out)`: any stage-1/stage-2 checkpoint -> an exported model directory
-  (maskvid/pretrained.py: config.json + model.safetensors), no optimizer state; written atomically.
+
+It sits beside the Python API, not in `maskvid.launch`, because loading a frozen tokenizer for stage 2
+(lightning_modules) and the API's `from_checkpoint` both read checkpoints, and neither may import the
+launcher.
 """
 
 from __future__ import annotations
@@ -201,27 +203,3 @@ def read_checkpoint(path: str | Path) -> dict:
         convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "full.ckpt")
         # Lightning's converter writes its own objects beside the weights, in a file made just now.
         return torch.load(Path(tmp) / "full.ckpt", map_location="cpu", weights_only=False)
-
-
-def export(path: str | Path, out: str | Path) -> tuple[Path, str]:
-    """Any stage-1 or stage-2 checkpoint -> an exported model directory (config.json +
-    model.safetensors: the inference weights, EMA when kept; no optimizer or loop state), and
-    which kind it is ("maskvid.text_to_video" or "maskvid.video_tokenizer")."""
-    from maskvid.models.stage2_checkpoint import STAGE2_KEY
-    from maskvid.models.tokenizer_checkpoint import CHECKPOINT_KEY
-
-    checkpoint = read_checkpoint(path)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointFormatError(f"{path}: no weights found")
-    if STAGE2_KEY in checkpoint:
-        from maskvid.text_to_video import TextToVideo
-
-        model = TextToVideo.from_checkpoint_dict(checkpoint, path)
-    elif CHECKPOINT_KEY in checkpoint:
-        from maskvid.video_tokenizer import VideoTokenizer
-
-        model = VideoTokenizer.from_checkpoint_dict(checkpoint, path)
-    else:
-        raise CheckpointFormatError(f"{path} holds neither a stage-1 tokenizer nor a stage-2 model "
-                                    "(was it written by `maskvid fit`?)")
-    return model.save_pretrained(out), model.FORMAT
