@@ -23,6 +23,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from maskvid.models.layers import token_valid
+
 
 def mask_ratio(progress: torch.Tensor | float) -> torch.Tensor | float:
     """Cosine schedule: the fraction of tokens still masked at progress in [0, 1]."""
@@ -110,14 +112,17 @@ def guided_logits(
     text: torch.Tensor | None,
     text_mask: torch.Tensor | None,
     cfg_scale: float,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits with classifier-free guidance, conditional and unconditional in one forward."""
+    """Logits with classifier-free guidance, conditional and unconditional in one forward.
+    valid: the backbone's padding mask (None: every position is real)."""
     if cfg_scale == 1.0 or text is None:
-        return backbone(tokens, text, text_mask).float()
+        return backbone(tokens, text, text_mask, valid=valid).float()
     b = tokens.shape[0]
     drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(tokens.device)
     logits = backbone(
-        torch.cat([tokens, tokens]), torch.cat([text, text]), torch.cat([text_mask, text_mask]), drop_text=drop
+        torch.cat([tokens, tokens]), torch.cat([text, text]), torch.cat([text_mask, text_mask]), drop_text=drop,
+        valid=None if valid is None else torch.cat([valid, valid]),
     ).float()
     cond, uncond = logits[:b], logits[b:]
     return uncond + cfg_scale * (cond - uncond)
@@ -133,12 +138,15 @@ def maskgit_sample(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     prime: torch.Tensor | None = None,
     batch_size: int | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """-> tokens [B, t, h, w], every position filled.
+    """-> tokens [B, t, h, w], every real position filled.
 
     generator: one generator for the batch, or one per video (then each video is a function of
         its own seed, whatever else is in the batch, up to float rounding of batched matmuls).
     prime: optional tokens [B, k, h, w] fixed as the first k latent frames (story mode).
+    valid: optional bool [B, t] or [B, t, h, w], False = padding: never filled, scored or counted
+        by the schedule, unseen by the backbone, and returned as mask_id.
     """
     options.check()
     t, h, w = grid
@@ -153,12 +161,16 @@ def maskgit_sample(
         tokens[:, :k] = prime.to(device)
     tokens = rearrange(tokens, "b t h w -> b (t h w)")
     unknown = tokens == mask_id
+    if valid is not None:
+        valid = valid.to(device)
+        unknown = unknown & token_valid(valid, grid)
     generated = unknown  # what refinement may redraw: everything but the primed frames
     total_unknown = unknown.sum(dim=1)  # [B]
 
     def draw(inputs: torch.Tensor, cfg_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """A token for every position given inputs [B, N] -> (sampled [B, N], log_probs [B, N, V])."""
-        logits = guided_logits(backbone, rearrange(inputs, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, cfg_scale)
+        logits = guided_logits(backbone, rearrange(inputs, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, cfg_scale,
+                               valid)
         log_probs = _token_log_probs(rearrange(logits, "b t h w v -> b (t h w) v"), options)
         # max(...).indices, not argmax: the same first-maximum index, and faster over a vocabulary on
         # a CPU, where argmax's reduction is not vectorised (figures in docs/benchmarks.md).
