@@ -150,10 +150,12 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, N, D] -> [B, N, D]."""
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, D] -> [B, N, D]. key_mask: optional bool [B, N], True = may be attended to
+        (every row must keep at least one key); None keeps SDPA's unmasked (flash) kernels."""
         q, k, v = split_heads(self.qkv(x), 3, self.heads)
-        out = attention(q, k, v, is_causal=self.causal)
+        mask = None if key_mask is None else rearrange(key_mask, "b n -> b 1 1 n")
+        out = attention(q, k, v, attn_mask=mask, is_causal=self.causal)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 

@@ -1,5 +1,6 @@
 """Layers both stage-2 backbones (MaskGITBackbone, MeBT) build from: the text conditioning, the
-local-mixing convolution over the token grid, and the token and position embeddings.
+local-mixing convolution over the token grid, the token and position embeddings, and the padding
+mask's layout.
 
 Module attribute names here are what the backbones' state_dict keys are made of: renaming one
 breaks every saved checkpoint.
@@ -27,6 +28,25 @@ def token_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
 def position_table(length: int, dim: int) -> nn.Parameter:
     """A learned [length, dim] position table (one axis of the token grid)."""
     return nn.Parameter(torch.randn(length, dim) * EMBED_STD)
+
+
+def token_valid(valid: torch.Tensor | None, grid: tuple[int, int, int]) -> torch.Tensor | None:
+    """A padding mask as the backbones take it -> bool [B, t * h * w] in (t h w) order, or None.
+
+    valid: bool [B, t] (per latent frame: a short clip's or an image's padded frames) or
+    [B, t, h, w] (per token); True = a real position, False = padding the model must not see.
+    A clip with no real position at all is treated as all real, so that attention always has a
+    key (such a clip contributes nothing: the loss and the sampler skip padded positions)."""
+    if valid is None:
+        return None
+    t, h, w = grid
+    valid = valid.bool()
+    if valid.dim() == 2 and valid.shape[1] == t:
+        valid = valid[:, :, None, None].expand(-1, t, h, w)
+    if tuple(valid.shape[1:]) != (t, h, w):
+        raise ValueError(f"valid mask of shape {tuple(valid.shape)} does not fit the token grid {grid}")
+    valid = rearrange(valid, "b t h w -> b (t h w)")
+    return valid | ~valid.any(dim=1, keepdim=True)
 
 
 class LocalMixing(nn.Module):

@@ -4,11 +4,15 @@ cross-attention to text in every block.
 Backbones share one interface, so MaskedVideoModule and the sampler work with any of them:
 
     forward(tokens [B, t, h, w] (mask id = vocab_size), text [B, L, Dt], text_mask [B, L],
-            drop_text [B] = None, masked_only=False)
+            drop_text [B] = None, masked_only=False, valid [B, t] or [B, t, h, w] = None)
         -> logits [B, t, h, w, vocab_size], or [num_masked, vocab_size] with masked_only
 
 masked_only goes through forward (not a second method) so that wrappers that hook forward
 (FSDP2's unshard, DDP) see the training call.
+
+valid marks the real positions; the others are padding (a short clip's or an image's repeated
+last frame) that must not be seen: copies of the answer would let the model skip the text. No
+real position's output depends on a padded token; padded positions' own outputs mean nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch import nn
 
 from maskvid.models.attention import CrossAttention, FeedForward, SelfAttention
 from maskvid.models.config import module_config
-from maskvid.models.layers import LocalMixing, TextConditioning, position_table, token_embedding
+from maskvid.models.layers import LocalMixing, TextConditioning, position_table, token_embedding, token_valid
 
 
 class CrossBlock(nn.Module):
@@ -37,11 +41,14 @@ class CrossBlock(nn.Module):
         self.ff = FeedForward(dim, ff_mult)
 
     def forward(
-        self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, grid: tuple[int, int, int] | None = None
+        self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, grid: tuple[int, int, int] | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+        """keep: optional bool [B, N], the positions other positions may read (None: all). The
+        rest are neither attention keys nor inputs of the local mixing."""
+        x = x + self.attn(self.norm1(x), key_mask=keep)
         if self.local is not None:
-            x = x + self.local(x, grid)
+            x = x + self.local(x, grid, keep=keep)
         x = x + self.cross(self.norm2(x), text, text_mask)
         return x + self.ff(self.norm3(x))
 
@@ -100,12 +107,18 @@ class MaskGITBackbone(nn.Module):
         text_mask: torch.Tensor | None = None,
         drop_text: torch.Tensor | None = None,
         masked_only: bool = False,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """masked_only: return logits [num_masked, V] of the masked positions only, in row-major
-        order (`logits[tokens == mask_id]`): what the training loss needs, without the head's
-        matmul and the [B, N, V] tensor for the observed half."""
+        """masked_only: return logits [num_masked, V] of the masked real positions only, in
+        row-major order (`logits[(tokens == mask_id) & valid]`): what the training loss needs,
+        without the head's matmul and the [B, N, V] tensor for the observed half.
+        valid: optional bool [B, t] (latent frames) or [B, t, h, w]; False = padding, never read."""
         b, t, h, w = tokens.shape
         self.check_grid((t, h, w))
+        keep = token_valid(valid, (t, h, w))
+        # A host sync, but it keeps all-real batches on SDPA's unmasked (flash) kernels.
+        if keep is not None and bool(keep.all()):
+            keep = None
         pos = self.pos_t[:t, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]
         x = self.token_emb(tokens) + pos
         x = rearrange(x, "b t h w d -> b (t h w) d")
@@ -114,8 +127,9 @@ class MaskGITBackbone(nn.Module):
         if pooled is not None:
             x = x + pooled
         for block in self.blocks:
-            x = block(x, context, context_mask, (t, h, w))
+            x = block(x, context, context_mask, (t, h, w), keep)
         if masked_only:
-            return self.head(self.norm(x[rearrange(tokens, "b t h w -> b (t h w)") == self.mask_id]))
+            real = True if keep is None else keep
+            return self.head(self.norm(x[rearrange(tokens, "b t h w -> b (t h w)").eq(self.mask_id) & real]))
         logits = self.head(self.norm(x))
         return rearrange(logits, "b (t h w) v -> b t h w v", t=t, h=h)

@@ -8,8 +8,10 @@ cross-attending to the latents only (decoder: queries read the latents, latents 
 
 Same interface as MaskGITBackbone, so MaskedVideoModule, the sampler and `maskvid generate` take
 either:
-    forward(tokens [B, t, h, w] (mask id = vocab_size), text, text_mask, drop_text, masked_only=False)
+    forward(tokens [B, t, h, w] (mask id = vocab_size), text, text_mask, drop_text, masked_only=False,
+            valid [B, t] or [B, t, h, w] = None)
         -> logits [B, t, h, w, V], or [num_masked, V] with masked_only
+Padded positions (valid False) are in neither set: not context, not queried, not local-mixing input.
 Time positions are sinusoids through a learned projection, so a model trained on T latent frames
 can be asked for more.
 """
@@ -26,7 +28,7 @@ from torch import nn
 from maskvid.models.attention import (CrossAttention, FeedForward, SelfAttention, Varlen, pack_rows, sinusoidal_embedding,
                               uniform)
 from maskvid.models.config import module_config
-from maskvid.models.layers import EMBED_STD, LocalMixing, TextConditioning, position_table, token_embedding
+from maskvid.models.layers import EMBED_STD, LocalMixing, TextConditioning, position_table, token_embedding, token_valid
 
 
 class Sets(NamedTuple):
@@ -253,9 +255,12 @@ class MeBT(nn.Module):
         text_mask: torch.Tensor | None = None,
         drop_text: torch.Tensor | None = None,
         masked_only: bool = False,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """masked_only: logits [num_masked, V] of the masked positions in row-major order (what
-        the loss needs): only the queries go through the head, and no [B, N, V] tensor is built."""
+        """masked_only: logits [num_masked, V] of the masked real positions in row-major order (what
+        the loss needs): only the queries go through the head, and no [B, N, V] tensor is built.
+        valid: optional bool [B, t] (latent frames) or [B, t, h, w]; False = padding, which is
+        simply not selected into the context or the queries (its full logits mean nothing)."""
         b, t, h, w = tokens.shape
         self.check_grid((t, h, w))
         flat = rearrange(tokens, "b t h w -> b (t h w)")
@@ -263,13 +268,17 @@ class MeBT(nn.Module):
         pos = self.positions(t, h, w, tokens.device).to(self.latents.dtype)
         masked = flat == self.mask_id
         ids = flat.flatten().clamp(max=self.vocab_size - 1)
-        observed, queried = pack_sets(~masked), pack_sets(masked)
+        seen = ~masked
+        real = token_valid(valid, (t, h, w))
+        if real is not None:
+            masked, seen = masked & real, seen & real
+        observed, queried = pack_sets(seen), pack_sets(masked)
 
         ctx = self.token_emb(ids[observed.index]) + pos[observed.index % n]  # packed [T_obs, D]
         local = None
         if self.local is not None:
             # Masked positions enter as zeros: what a position learns is its observed neighbourhood.
-            local = self.local(self.token_emb(ids).view(b, n, self.dim), (t, h, w), keep=~masked)
+            local = self.local(self.token_emb(ids).view(b, n, self.dim), (t, h, w), keep=seen)
             local = rearrange(local, "b n d -> (b n) d")
             ctx = ctx + local[observed.index]
         text_ctx, text_ctx_mask = self.text(text, text_mask, b, drop_text)
