@@ -10,12 +10,14 @@ generated tokens and predicts them again from all the others, so that tokens com
 step, which were drawn independently of each other, are redrawn knowing their neighbours (ragged
 object edges are the typical symptom). This is the predictor-corrector idea of Lezama et al.
 (2022) with a random corrector.
+`sampler: draft_revise` replaces that corrector with MeBT's draft-and-revise (models/draft_revise.py):
+the MaskGIT steps make a draft, then sweeps re-predict every generated token exactly once each.
+`sample_tokens` runs whichever sampler the options name.
 All randomness comes from one torch.Generator: a seed gives the same video on the same machine.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,14 +25,13 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from maskvid.models import mask_schedules
 from maskvid.models.layers import token_valid
 
 
 def mask_ratio(progress: torch.Tensor | float) -> torch.Tensor | float:
     """Cosine schedule: the fraction of tokens still masked at progress in [0, 1]."""
-    if isinstance(progress, torch.Tensor):
-        return torch.cos(progress * math.pi / 2)
-    return math.cos(progress * math.pi / 2)
+    return mask_schedules.mask_fraction("cosine", progress)
 
 
 def uniform(shape: torch.Size | tuple, generator, device) -> torch.Tensor:
@@ -50,6 +51,7 @@ def gumbel(shape: torch.Size | tuple, generator, device) -> torch.Tensor:
 
 
 CFG_SCHEDULES = ("constant", "linear")
+SAMPLERS = ("maskgit", "draft_revise")
 
 
 class SamplingOptionError(ValueError):
@@ -84,6 +86,24 @@ class SamplingOptions:
     refine_ratio: float = 0.25
     """Fraction of the generated tokens re-masked in each refinement round."""
 
+    sampler: str = "maskgit"
+    """"maskgit": the steps above, then the random refinement rounds; "draft_revise": MeBT's
+    draft-and-revise: the steps above are the draft (refine_steps ignored), then revise_sweeps."""
+    schedule: str = "cosine"
+    """Fraction still masked after each step: "cosine", "linear" or "power:E"
+    (models/mask_schedules.py)."""
+    bootstrap_steps: int = 0
+    """draft_revise: steps before the draft that each commit one token at a random position."""
+    revise_sweeps: int = 2
+    """draft_revise: sweeps after the draft; each re-predicts every generated token once."""
+    revise_partitions: int = 4
+    """draft_revise: each sweep splits the generated tokens into this many random parts and
+    re-predicts one part per forward, given all the others."""
+    revise_temperature: float = 0.7
+    """draft_revise: softmax temperature of the revise sweeps."""
+    revise_top_k: int | None = None
+    """draft_revise: sample revised tokens among the k most likely only."""
+
     def guidance(self, step: int) -> float:
         """Guidance scale at `step` (0-based) of `steps`."""
         if self.cfg_schedule == "linear":
@@ -103,6 +123,28 @@ class SamplingOptions:
             raise SamplingOptionError("refine_steps", f"must be >= 0, got {self.refine_steps}")
         if not 0 < self.refine_ratio <= 1:
             raise SamplingOptionError("refine_ratio", f"must be in (0, 1], got {self.refine_ratio}")
+        if self.sampler not in SAMPLERS:
+            raise SamplingOptionError("sampler", f"must be one of {SAMPLERS}, got {self.sampler!r}")
+        try:
+            mask_schedules.check(self.schedule)
+        except ValueError as exc:
+            raise SamplingOptionError("schedule", f"is invalid: {exc}") from None
+        for name in ("bootstrap_steps", "revise_sweeps"):
+            if getattr(self, name) < 0:
+                raise SamplingOptionError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.revise_partitions < 1:
+            raise SamplingOptionError("revise_partitions", f"must be >= 1, got {self.revise_partitions}")
+        if self.revise_temperature <= 0:
+            raise SamplingOptionError("revise_temperature", f"must be > 0, got {self.revise_temperature}")
+        if self.revise_top_k is not None and self.revise_top_k < 1:
+            raise SamplingOptionError("revise_top_k", f"must be >= 1, got {self.revise_top_k}")
+
+    def forwards(self) -> int:
+        """Backbone forwards per video (each one batched conditional + unconditional pass under
+        guidance): the sampler's compute, for comparing samplers at equal cost."""
+        if self.sampler == "draft_revise":
+            return self.bootstrap_steps + self.steps + self.revise_sweeps * self.revise_partitions
+        return self.steps + self.refine_steps
 
 
 @torch.no_grad()
@@ -128,27 +170,16 @@ def guided_logits(
     return uncond + cfg_scale * (cond - uncond)
 
 
-@torch.no_grad()
-def maskgit_sample(
+def start_grid(
     backbone: nn.Module,
     grid: tuple[int, int, int],
     text: torch.Tensor | None,
-    text_mask: torch.Tensor | None,
-    options: SamplingOptions = SamplingOptions(),
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    prime: torch.Tensor | None = None,
-    batch_size: int | None = None,
-    valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """-> tokens [B, t, h, w], every real position filled.
-
-    generator: one generator for the batch, or one per video (then each video is a function of
-        its own seed, whatever else is in the batch, up to float rounding of batched matmuls).
-    prime: optional tokens [B, k, h, w] fixed as the first k latent frames (story mode).
-    valid: optional bool [B, t] or [B, t, h, w], False = padding: never filled, scored or counted
-        by the schedule, unseen by the backbone, and returned as mask_id.
-    """
-    options.check()
+    prime: torch.Tensor | None,
+    batch_size: int | None,
+    valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """-> (tokens [B, N]: mask_id but the primed frames, unknown [B, N]: the positions to
+    generate, valid on the backbone's device or None)."""
     t, h, w = grid
     b = text.shape[0] if text is not None else (batch_size or 1)
     device = next(backbone.parameters()).device
@@ -164,27 +195,48 @@ def maskgit_sample(
     if valid is not None:
         valid = valid.to(device)
         unknown = unknown & token_valid(valid, grid)
-    generated = unknown  # what refinement may redraw: everything but the primed frames
-    total_unknown = unknown.sum(dim=1)  # [B]
+    return tokens, unknown, valid
 
-    def draw(inputs: torch.Tensor, cfg_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """A token for every position given inputs [B, N] -> (sampled [B, N], log_probs [B, N, V])."""
-        logits = guided_logits(backbone, rearrange(inputs, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, cfg_scale,
-                               valid)
-        log_probs = _token_log_probs(rearrange(logits, "b t h w v -> b (t h w) v"), options)
+
+class TokenDraw:
+    """Draws a token at every position of flat grids [B, N] from the backbone, with guidance."""
+
+    def __init__(self, backbone: nn.Module, grid: tuple[int, int, int], text: torch.Tensor | None,
+                 text_mask: torch.Tensor | None, generator, valid: torch.Tensor | None = None) -> None:
+        self.backbone, self.grid, self.text, self.text_mask = backbone, grid, text, text_mask
+        self.generator, self.valid = generator, valid
+        self.device = next(backbone.parameters()).device
+        self.mask_id = backbone.mask_id
+
+    def grid_tokens(self, flat: torch.Tensor) -> torch.Tensor:
+        t, h, _ = self.grid
+        return rearrange(flat, "b (t h w) -> b t h w", t=t, h=h)
+
+    def __call__(self, inputs: torch.Tensor, cfg_scale: float, temperature: float, top_k: int | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs [B, N] -> (sampled [B, N], log_probs [B, N, V])."""
+        logits = guided_logits(self.backbone, self.grid_tokens(inputs), self.text, self.text_mask, cfg_scale, self.valid)
+        log_probs = token_log_probs(rearrange(logits, "b t h w v -> b (t h w) v"), temperature, top_k)
         # max(...).indices, not argmax: the same first-maximum index, and faster over a vocabulary on
         # a CPU, where argmax's reduction is not vectorised (figures in docs/benchmarks.md).
-        return (log_probs + gumbel(log_probs.shape, generator, device)).max(dim=-1).indices, log_probs
+        return (log_probs + gumbel(log_probs.shape, self.generator, self.device)).max(dim=-1).indices, log_probs
 
+
+def maskgit_steps(draw: TokenDraw, tokens: torch.Tensor, unknown: torch.Tensor, options: SamplingOptions,
+                  generator) -> torch.Tensor:
+    """The MaskGIT loop: fill the `unknown` positions of tokens [B, N] in options.steps steps,
+    keeping after each the fraction of them options.schedule sets still masked."""
+    device, mask_id = tokens.device, draw.mask_id
+    total_unknown = unknown.sum(dim=1)  # [B]
     for step in range(options.steps):
-        sampled, log_probs = draw(tokens, options.guidance(step))
+        sampled, log_probs = draw(tokens, options.guidance(step), options.temperature, options.top_k)
         confidence = log_probs.gather(-1, sampled[..., None]).squeeze(-1)
         progress = (step + 1) / options.steps
         confidence = confidence + options.noise * (1 - progress) * gumbel(confidence.shape, generator, device)
         # Known tokens stay; the least confident new ones go back under the mask.
         sampled = torch.where(unknown, sampled, tokens)
         confidence = torch.where(unknown, confidence, torch.full_like(confidence, float("inf")))
-        remask = torch.floor(total_unknown.float() * mask_ratio(progress)).long()  # [B]
+        remask = torch.floor(total_unknown.float() * mask_schedules.mask_fraction(options.schedule, progress)).long()
         if step == options.steps - 1:
             remask.zero_()
         order = confidence.argsort(dim=-1)  # ascending: least confident first
@@ -192,17 +244,68 @@ def maskgit_sample(
         masked_now = rank < remask[:, None]
         tokens = torch.where(masked_now, torch.full_like(sampled, mask_id), sampled)
         unknown = masked_now
+    return tokens
+
+
+@torch.no_grad()
+def maskgit_sample(
+    backbone: nn.Module,
+    grid: tuple[int, int, int],
+    text: torch.Tensor | None,
+    text_mask: torch.Tensor | None,
+    options: SamplingOptions = SamplingOptions(),
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    prime: torch.Tensor | None = None,
+    batch_size: int | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """-> tokens [B, t, h, w], every real position filled: the MaskGIT loop, then options'
+    random refinement rounds (whatever options.sampler says; `sample_tokens` dispatches on it).
+
+    generator: one generator for the batch, or one per video (then each video is a function of
+        its own seed, whatever else is in the batch, up to float rounding of batched matmuls).
+    prime: optional tokens [B, k, h, w] fixed as the first k latent frames (story mode).
+    valid: optional bool [B, t] or [B, t, h, w], False = padding: never filled, scored or counted
+        by the schedule, unseen by the backbone, and returned as mask_id.
+    """
+    options.check()
+    tokens, unknown, valid = start_grid(backbone, grid, text, prime, batch_size, valid)
+    device = tokens.device
+    draw = TokenDraw(backbone, grid, text, text_mask, generator, valid)
+    generated = unknown  # what refinement may redraw: everything but the primed frames
+    tokens = maskgit_steps(draw, tokens, unknown, options, generator)
     for _ in range(options.refine_steps):
         redo = (uniform(tokens.shape, generator, device) < options.refine_ratio) & generated
-        sampled, _ = draw(torch.where(redo, torch.full_like(tokens, mask_id), tokens), options.guidance(options.steps - 1))
+        sampled, _ = draw(torch.where(redo, torch.full_like(tokens, draw.mask_id), tokens),
+                          options.guidance(options.steps - 1), options.temperature, options.top_k)
         tokens = torch.where(redo, sampled, tokens)
-    return rearrange(tokens, "b (t h w) -> b t h w", t=t, h=h)
+    return draw.grid_tokens(tokens)
 
 
-def _token_log_probs(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
+@torch.no_grad()
+def sample_tokens(
+    backbone: nn.Module,
+    grid: tuple[int, int, int],
+    text: torch.Tensor | None,
+    text_mask: torch.Tensor | None,
+    options: SamplingOptions = SamplingOptions(),
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    prime: torch.Tensor | None = None,
+    batch_size: int | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The sampler options.sampler names, with maskgit_sample's arguments -> tokens [B, t, h, w]."""
+    if options.sampler == "draft_revise":
+        from maskvid.models.draft_revise import draft_revise_sample  # it builds on this module
+
+        return draft_revise_sample(backbone, grid, text, text_mask, options, generator, prime, batch_size, valid)
+    return maskgit_sample(backbone, grid, text, text_mask, options, generator, prime, batch_size, valid)
+
+
+def token_log_probs(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
     """Log-probabilities the tokens are drawn from: temperature, then top-k."""
-    logits = logits / options.temperature
-    if options.top_k is not None:
-        kth = logits.topk(min(options.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return logits.log_softmax(dim=-1)
