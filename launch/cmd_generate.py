@@ -15,6 +15,8 @@ examples:
   maskvid generate --ckpt last.ckpt --prompts data/synthetic/prompts_heldout.txt --out heldout/ \\
       --steps 24 --cfg-scale 4 --seed 1 --batch-size 8
   maskvid generate --ckpt last.ckpt --story story.jsonl --out story/
+  maskvid generate --ckpt last.ckpt --prompt "a red circle moving left" --out dnr/ \\
+      --sampler draft_revise --steps 12 --revise-sweeps 2 --revise-partitions 4 --revise-temperature 0.7
   maskvid generate --ckpt exported_model/ --prompt "a blue square moving up" --out samples/
 """
 
@@ -51,6 +53,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "generated tokens and predict them again from the rest (default: the checkpoint's)")
     parser.add_argument("--refine-ratio", type=float, default=None,
                         help="fraction of the tokens re-masked per refinement round (default: the checkpoint's)")
+    parser.add_argument("--sampler", choices=["maskgit", "draft_revise"], default=None,
+                        help="maskgit: the steps then the random refinement rounds; draft_revise: MeBT's "
+                             "draft-and-revise, the steps make a draft, then --revise-sweeps (default: the checkpoint's)")
+    parser.add_argument("--schedule", default=None,
+                        help="fraction still masked after each step: cosine, linear or power:E (default: the checkpoint's)")
+    parser.add_argument("--bootstrap-steps", type=int, default=None,
+                        help="draft_revise: steps before the draft that each commit one random token (default: the checkpoint's)")
+    parser.add_argument("--revise-sweeps", type=int, default=None,
+                        help="draft_revise: sweeps that each re-predict every generated token once (default: the checkpoint's)")
+    parser.add_argument("--revise-partitions", type=int, default=None,
+                        help="draft_revise: random parts per sweep, one forward each (default: the checkpoint's)")
+    parser.add_argument("--revise-temperature", type=float, default=None,
+                        help="draft_revise: temperature of the revise sweeps (default: the checkpoint's)")
+    parser.add_argument("--revise-top-k", type=int, default=None,
+                        help="draft_revise: revise among the k most likely tokens (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same videos (default: 0)")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts generated together (default: 4)")
     parser.add_argument("--videos-per-prompt", type=int, default=1, help="samples per prompt (default: 1)")

@@ -19,7 +19,7 @@ from torch import nn
 
 from maskvid import pretrained
 from maskvid.models.cvivit import CViViT
-from maskvid.models.sampling import SamplingOptions, maskgit_sample
+from maskvid.models.sampling import SamplingOptions, sample_tokens
 from maskvid.video_tokenizer import VideoTokenizer, provenance
 
 _BACKBONE, _TOKENIZER = "backbone.", "tokenizer."
@@ -150,13 +150,13 @@ class TextToVideo:
         t, h, w = grid
         window = self.trained_frames
         if t <= window:
-            return maskgit_sample(self.backbone, grid, text, text_mask, options, generator, prime=prime)
+            return sample_tokens(self.backbone, grid, text, text_mask, options, generator, prime=prime)
         if not 0 < context < window:
             raise ValueError(f"sliding-window context must be in [1, {window - 1}], got {context}")
-        tokens = maskgit_sample(self.backbone, (window, h, w), text, text_mask, options, generator, prime=prime)
+        tokens = sample_tokens(self.backbone, (window, h, w), text, text_mask, options, generator, prime=prime)
         while tokens.shape[1] < t:
             step = min(window - context, t - tokens.shape[1])
-            new = maskgit_sample(
+            new = sample_tokens(
                 self.backbone, (context + step, h, w), text, text_mask, options, generator, prime=tokens[:, -context:]
             )
             tokens = torch.cat([tokens, new[:, context:]], dim=1)
@@ -187,7 +187,9 @@ class TextToVideo:
             context: latent frames each sliding window keeps from the one before.
             precision: the transformer's: "auto" (bf16 autocast where native), "bf16" or "32".
             **sampling: SamplingOptions overrides: steps, cfg_scale, temperature, top_k, noise,
-                cfg_schedule, refine_steps, refine_ratio.
+                cfg_schedule, refine_steps, refine_ratio, sampler ("maskgit" or "draft_revise"),
+                schedule, bootstrap_steps, revise_sweeps, revise_partitions, revise_temperature,
+                revise_top_k (models/sampling.py SamplingOptions).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
