@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -28,146 +27,23 @@ from maskvid.launch.checkpoint_io import AtomicCheckpointIO, backup_path, save_d
 from maskvid.checkpoint_files import CheckpointCorruptError, verify_checkpoint
 from maskvid.launch.requeue import find_resume_checkpoint
 from tests.conftest import REPO
-from tests.reliability_helpers import STEP_LOG_ENV, _OneProcess, read_step_log
+from tests.reliability_helpers import (
+    _OneProcess,
+    finish,
+    kill_and_resume,
+    launch,
+    per_step,
+    read_step_log,
+    run_to_end,
+)
 from tests.stage2_fixtures import tiny_training_setup
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
-
-STEPS = 12
-TOLERANCE = 1e-6
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return tiny_training_setup(tmp_path_factory.mktemp("reliability"))
-
-
-def fit_command(setup, model: str, run: Path, devices: int = 2, steps: int = STEPS) -> list[str]:
-    """One `maskvid fit` command line, the same for the first run and every resume."""
-    data = setup["data"]
-    return [
-        sys.executable, "-m", "maskvid.launch.cli", "fit",
-        "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/trainer/ddp.yaml"),
-        "--config", str(setup["configs"][model]),
-        "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.max_steps", str(steps),
-        "--trainer.deterministic", "true", "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
-        "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.dirpath", str(run / "checkpoints"), "--trainer.callbacks.filename", "{step}",
-        "--trainer.callbacks.every_n_train_steps", "2", "--trainer.callbacks.save_top_k", "-1",
-        "--trainer.callbacks.save_last", "true",
-        "--trainer.callbacks+=tests.reliability_helpers.StepLog",
-        "--data.train_shards", str(data / "train"), "--data.val_shards", str(data / "val"),
-        "--data.num_frames", "9", "--data.resolution", "32", "--data.batch_size", "2", "--data.num_workers", "0",
-        "--ckpt_path", "auto",
-    ]
-
-
-def launch(command: list[str], log_dir: Path) -> subprocess.Popen:
-    # A session of its own: the kill reaches every rank (Lightning starts rank 1 as a child).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(REPO), **{STEP_LOG_ENV: str(log_dir)})
-    out = open(log_dir.with_suffix(".out"), "w")
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, log_dir: Path, timeout: float = 400) -> str:
-    proc.wait(timeout=timeout)
-    return log_dir.with_suffix(".out").read_text()
-
-
-def run_to_end(command: list[str], log_dir: Path) -> str:
-    proc = launch(command, log_dir)
-    text = finish(proc, log_dir)
-    assert proc.returncode == 0, text[-5000:]
-    return text
-
-
-def signal_at(proc: subprocess.Popen, log_dir: Path, step: int, signum: int, timeout: float = 300) -> None:
-    """Send `signum` to the run's whole process group once both ranks have finished `step`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = [max((r["step"] for r in read_step_log(log_dir, rank)), default=-1) for rank in (0, 1)]
-        if min(done) >= step:
-            os.killpg(proc.pid, signum)
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before step {step}:\n{log_dir.with_suffix('.out').read_text()[-4000:]}")
-        time.sleep(0.02)
-    pytest.fail(f"step {step} not reached in {timeout} s")
-
-
-def per_step(log_dir: Path, rank: int, key: str = "loss") -> dict[int, float]:
-    return {r["step"]: r[key] for r in read_step_log(log_dir, rank) if key in r}
-
-
-def assert_same_state(a: Path, b: Path) -> None:
-    """Two checkpoints hold the same training state: weights (EMA, codebook buffers), optimizer
-    and scheduler states, step, data position and the standing callbacks' state."""
-    ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    assert ca["global_step"] == cb["global_step"]
-    assert ca["state_dict"].keys() == cb["state_dict"].keys()
-    for key, value in ca["state_dict"].items():
-        assert torch.allclose(value.double(), cb["state_dict"][key].double(), atol=TOLERANCE, rtol=0), key
-    assert any(".ema" in k or "_ema." in k for k in ca["state_dict"])
-
-    def close(x, y, where):
-        if isinstance(x, torch.Tensor):
-            assert torch.allclose(x.double(), y.double(), atol=TOLERANCE, rtol=0), where
-        elif isinstance(x, dict):
-            assert x.keys() == y.keys(), where
-            for k in x:
-                close(x[k], y[k], f"{where}.{k}")
-        elif isinstance(x, (list, tuple)):
-            assert len(x) == len(y), where
-            for i, (u, v) in enumerate(zip(x, y)):
-                close(u, v, f"{where}[{i}]")
-        elif isinstance(x, float):
-            assert x == pytest.approx(y, abs=TOLERANCE), where
-        else:
-            assert x == y, where
-
-    close(ca["optimizer_states"], cb["optimizer_states"], "optimizer_states")
-    close(ca["lr_schedulers"], cb["lr_schedulers"], "lr_schedulers")
-    loader = lambda c: c["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # noqa: E731
-    close(loader(ca), loader(cb), "data position")
-    for name in ("NonFiniteGuard", "StepSeed"):
-        assert ca["callbacks"][name] == cb["callbacks"][name], name
-
-
-def kill_and_resume(setup, model: str, tmp_path: Path, keys: tuple[str, ...]) -> None:
-    reference = tmp_path / "reference"
-    run_to_end(fit_command(setup, model, reference), tmp_path / "log-reference")
-
-    run = tmp_path / "run"
-    command = fit_command(setup, model, run)
-    kill_step = random.randint(3, 8)
-    proc = launch(command, tmp_path / "log-killed")
-    signal_at(proc, tmp_path / "log-killed", kill_step, signal.SIGKILL)
-    finish(proc, tmp_path / "log-killed")
-    assert proc.returncode == -signal.SIGKILL, f"kill at step {kill_step}"
-    # What the kill left: every checkpoint under its final name is complete.
-    left = {path.name: torch.load(verify_checkpoint(path), weights_only=True)["global_step"]
-            for path in (run / "checkpoints").glob("*.ckpt")}
-    saved_at = max(left.values())
-    assert 2 <= saved_at <= kill_step + 1, (left, kill_step)
-
-    text = run_to_end(command, tmp_path / "log-resumed")  # the very same command
-    chosen = [line.split(" -> ", 1)[1] for line in text.splitlines() if "--ckpt_path auto ->" in line]
-    assert chosen and left.get(Path(chosen[0]).name) == saved_at, (chosen, left, text[-3000:])
-    for rank in (0, 1):
-        for key in keys:
-            expected = per_step(tmp_path / "log-reference", rank, key)
-            before = per_step(tmp_path / "log-killed", rank, key)
-            after = per_step(tmp_path / "log-resumed", rank, key)
-            assert sorted(expected) == list(range(STEPS)) or key != "loss"
-            resumed_from = min(after)
-            assert resumed_from == saved_at and max(after) == STEPS - 1, (kill_step, saved_at, sorted(after))
-            for step, value in {**before, **after}.items():
-                assert value == pytest.approx(expected[step], abs=TOLERANCE), (
-                    f"rank {rank} {key} at step {step}: killed at {kill_step}, resumed from {resumed_from}")
-    assert_same_state(run / "checkpoints" / "last.ckpt", reference / "checkpoints" / "last.ckpt")
 
 
 def test_stage2_ddp_resumes_exactly_after_kill_9(setup, tmp_path):
