@@ -307,8 +307,10 @@ class MaskedVideoModule(LightningModule):
         drop = torch.rand(b, generator=generator, device=tokens.device) < drop_prob
         # Logits of the masked positions only (row-major, the order of flat[masked]): the head and
         # the [B, N, V] tensor for observed positions would be wasted memory and compute.
+        # The padding (repeated last frames of short clips and images) is hidden from the backbone:
+        # visible copies of the answer would let it skip the caption.
         logits = backbone(rearrange(inputs, "b (t h w) -> b t h w", t=t, h=h), text, text_mask, drop_text=drop,
-                          masked_only=True)
+                          masked_only=True, valid=latent_valid)
         target = flat[masked]
         # F.cross_entropy's value and gradient, with a backward that reuses its buffer (models/losses.py).
         loss = token_cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)

@@ -62,7 +62,7 @@ def test_loss_counts_only_masked_positions(parts):
     class Spy(torch.nn.Module):
         mask_id, vocab_size = 64, 64
 
-        def forward(self, inputs, text, text_mask, drop_text=None, masked_only=False):
+        def forward(self, inputs, text, text_mask, drop_text=None, masked_only=False, valid=None):
             captured["inputs"] = inputs.clone()
             # Perfect at unmasked positions, uniform at masked ones: only masked ones may count.
             logits = torch.zeros(*inputs.shape, 64)
@@ -208,7 +208,7 @@ def test_linear_cfg_schedule_ramps_from_one_to_the_scale(monkeypatch):
     # The sampler asks for exactly those scales, step by step.
     seen = []
     real = sampling.guided_logits
-    monkeypatch.setattr(sampling, "guided_logits", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(sampling, "guided_logits", lambda *a: seen.append(a[4]) or real(*a))  # a[4]: cfg_scale
     text, mask = torch.randn(1, 6, 32), torch.ones(1, 6, dtype=torch.bool)
     out = maskgit_sample(backbone().eval(), (3, 4, 4), text, mask, options, torch.Generator().manual_seed(0))
     assert seen == [1.5, 2.0, 2.5, 3.0] and not (out == 64).any()
@@ -249,7 +249,7 @@ class _ModeOfObserved(torch.nn.Module):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the sampler a device
 
-    def forward(self, tokens, text=None, text_mask=None, drop_text=None, masked_only=False):
+    def forward(self, tokens, text=None, text_mask=None, drop_text=None, masked_only=False, valid=None):
         b, t, h, w = tokens.shape
         flat = tokens.reshape(b, -1)
         logits = torch.zeros(b, flat.shape[1], self.mask_id)
