@@ -23,6 +23,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from maskvid.lightning_modules.config_errors import ConfigMismatchError, ModelOptionError
+from maskvid.lightning_modules import length_curriculum as curriculum
 from maskvid.lightning_modules.ema import EMA
 from maskvid.lightning_modules.optim import adamw, clip_grad_norm, weight_decay_groups
 from maskvid.lightning_modules.parallelize import parallelize_with_strategy
@@ -34,7 +35,8 @@ from maskvid.metrics.clip_model import CLIPLoadError
 from maskvid.metrics.i3d import I3DWeightsError
 from maskvid.models.config import instantiate
 from maskvid.models.losses import token_cross_entropy
-from maskvid.models.sampling import SamplingOptionError, SamplingOptions, mask_ratio, maskgit_sample
+from maskvid.models import mask_schedules
+from maskvid.models.sampling import SamplingOptionError, SamplingOptions, sample_tokens
 from maskvid.models.stage2_checkpoint import STAGE2_KEY, STAGE2_FORMAT
 from maskvid.models.text_encoder import TextEncoder
 from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError
@@ -66,7 +68,11 @@ class MaskedVideoModule(LightningModule):
         grad_clip: float = 1.0,
         text_drop_prob: float = 0.1,
         length_curriculum: list[tuple[int, int]] | None = None,
+        curriculum_window: Literal["prefix", "random"] = "prefix",
+        curriculum_spread: float = 0.0,
         label_smoothing: float = 0.0,
+        mask_schedule: str = "cosine",
+        min_mask_rate: float = 0.0,
         ema_decay: float | None = 0.999,
         sample_steps: int = 18,
         cfg_scale: float = 3.0,
@@ -76,6 +82,13 @@ class MaskedVideoModule(LightningModule):
         top_k: int | None = None,
         refine_steps: int = 0,
         refine_ratio: float = 0.25,
+        sampler: Literal["maskgit", "draft_revise"] = "maskgit",
+        sample_schedule: str = "cosine",
+        bootstrap_steps: int = 0,
+        revise_sweeps: int = 2,
+        revise_partitions: int = 4,
+        revise_temperature: float = 0.7,
+        revise_top_k: int | None = None,
         val_prompts: list[str] | None = None,
         num_val_videos: int = 4,
         num_log_videos: int = 4,
@@ -109,7 +122,15 @@ class MaskedVideoModule(LightningModule):
             length_curriculum: [[step, latent_frames], ...]: from each step on, train on the first
                 `latent_frames` latent frames of every clip (MeBT's recipe for long videos: short
                 clips first). Steps ascending; null trains on whole clips.
+            curriculum_window: "prefix": the first latent frames of each clip; "random": a window
+                at a random start, its length drawn around the curriculum's (MeBT's official
+                recipe; lightning_modules/length_curriculum.py).
+            curriculum_spread: "random" windows: width in latent frames of the Gaussian prior over
+                lengths around the curriculum's; 0 takes its length exactly.
             label_smoothing: Cross-entropy label smoothing.
+            mask_schedule: Training masking rate as a function of u ~ U[0, 1): "cosine",
+                "linear" (MeBT's official) or "power:E" (models/mask_schedules.py).
+            min_mask_rate: Floor on each clip's masking rate.
             ema_decay: Decay of the EMA copy used for validation, sampling and export; null disables.
             sample_steps: MaskGIT steps for validation samples (and the default for generate).
             cfg_scale: Classifier-free guidance scale for validation samples (and generate).
@@ -122,6 +143,15 @@ class MaskedVideoModule(LightningModule):
             refine_steps: Refinement rounds after the sampling steps: each re-masks refine_ratio
                 of the generated tokens at random and predicts them again from the rest.
             refine_ratio: Fraction of the tokens re-masked per refinement round.
+            sampler: "maskgit" (the steps, then the refinement rounds) or "draft_revise" (MeBT's:
+                the steps make a draft, then revise sweeps; models/draft_revise.py).
+            sample_schedule: Fraction kept masked after each sampling step: "cosine", "linear" or
+                "power:E".
+            bootstrap_steps: draft_revise: steps before the draft that commit one random token each.
+            revise_sweeps: draft_revise: sweeps that each re-predict every generated token once.
+            revise_partitions: draft_revise: random parts per sweep (one forward each).
+            revise_temperature: draft_revise: temperature of the revise sweeps.
+            revise_top_k: draft_revise: revise among the k most likely tokens (null: all).
             val_prompts: Prompts for the validation samples, dealt out over the ranks and repeated to
                 fill num_val_videos per rank (default: the val captions each rank sees).
             num_val_videos: Videos generated per rank at each validation; the metrics use those of
@@ -146,16 +176,14 @@ class MaskedVideoModule(LightningModule):
         super().__init__()
         if isinstance(backbone, dict):  # from a checkpoint's hparams
             backbone = instantiate(backbone)
-        if length_curriculum is not None:
-            steps = [int(step) for step, _ in length_curriculum]
-            if steps != sorted(steps) or any(int(t) < 1 for _, t in length_curriculum):
-                raise ValueError(f"length_curriculum must be [[step, latent_frames], ...] with ascending steps: {length_curriculum}")
+        curriculum.check(length_curriculum, curriculum_window, curriculum_spread)
+        mask_schedules.check(mask_schedule, min_mask_rate)
         self.save_hyperparameters(ignore=["backbone", *_EVAL_OPTIONS])
         self.hparams["backbone"] = backbone.config
         try:
             self.sampling_options().check()
         except SamplingOptionError as exc:  # e.g. temperature 0: fail at startup, not at the first validation
-            raise ModelOptionError({"steps": "sample_steps", "noise": "sample_noise"}.get(exc.field, exc.field), exc) from None
+            raise ModelOptionError({"steps": "sample_steps", "noise": "sample_noise", "schedule": "sample_schedule"}.get(exc.field, exc.field), exc) from None
         self.backbone = backbone
         self.backbone_ema = EMA(backbone, ema_decay) if ema_decay is not None else None
         try:
@@ -267,25 +295,33 @@ class MaskedVideoModule(LightningModule):
         return tokens, text.to(self.device), text_mask.to(self.device), latent_valid.bool()
 
     def random_mask(self, valid: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Per clip, mask a cosine-schedule fraction (at least one) of the valid positions.
+        """Per clip, mask the mask_schedule's fraction (at least one) of the valid positions.
 
         valid: bool [B, N] -> bool [B, N], True = masked.
         """
         b, n = valid.shape
         u = torch.rand(b, generator=generator, device=valid.device)
         count = valid.sum(dim=1)
-        num_masked = torch.ceil(mask_ratio(u) * count).clamp(min=1).long()
+        ratio = mask_schedules.mask_fraction(self.hparams.mask_schedule, u, self.hparams.min_mask_rate)
+        num_masked = torch.ceil(ratio * count).clamp(min=1).long()
         scores = torch.rand(b, n, generator=generator, device=valid.device).masked_fill(~valid, 2.0)
         rank = scores.argsort(dim=1).argsort(dim=1)
         return (rank < num_masked[:, None]) & valid
 
     def curriculum_frames(self, step: int) -> int | None:
         """Latent frames trained on at `step` under the length curriculum (None: whole clips)."""
-        frames = None
-        for start, latent_frames in self.hparams.length_curriculum or []:
-            if step >= start:
-                frames = int(latent_frames)
-        return frames
+        return curriculum.scheduled_length(self.hparams.length_curriculum, step)
+
+    def curriculum_cut(self, step: int, latent_valid: torch.Tensor) -> tuple[int, int] | None:
+        """(start, length) of the latent frames trained on at `step` (None: whole clips)."""
+        hp = self.hparams
+        cut = curriculum.window(hp.length_curriculum, step, latent_valid.shape[1], hp.curriculum_window,
+                                hp.curriculum_spread, hp.mask_seed, self.global_rank)
+        if cut is None:
+            return None
+        # Keep a real frame in every clip: a window past a short clip's end would be all padding.
+        shortest = int(latent_valid.sum(dim=1).min())
+        return min(cut[0], max(0, shortest - cut[1])), cut[1]
 
     def masked_loss(
         self,
@@ -294,8 +330,15 @@ class MaskedVideoModule(LightningModule):
         generator: torch.Generator | None = None,
         drop_prob: float = 0.0,
         max_latent_frames: int | None = None,
+        curriculum_step: int | None = None,
     ) -> dict[str, torch.Tensor]:
+        """max_latent_frames: train on that prefix; curriculum_step: on the length curriculum's cut at
+        that step."""
         tokens, text, text_mask, latent_valid = self.batch_tokens(batch)
+        cut = self.curriculum_cut(curriculum_step, latent_valid) if curriculum_step is not None else None
+        if cut is not None:
+            start, length = cut
+            tokens, latent_valid = tokens[:, start : start + length], latent_valid[:, start : start + length]
         if max_latent_frames is not None:
             # From the start: a C-ViViT clip's first latent frame is the image-like one.
             tokens, latent_valid = tokens[:, :max_latent_frames], latent_valid[:, :max_latent_frames]
@@ -321,14 +364,13 @@ class MaskedVideoModule(LightningModule):
     # -- training -------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        frames = self.curriculum_frames(self.global_step)
         # Its own generator, seeded as StepSeed seeds the global ones: a resumed run masks as the
         # uninterrupted one did, and ranks mask differently.
         generator = torch.Generator(device=self.device).manual_seed(
             step_seed(self.hparams.mask_seed, self.global_rank, self.global_step))
         out = self.masked_loss(self.backbone, batch, generator=generator, drop_prob=self.hparams.text_drop_prob,
-                               max_latent_frames=frames)
-        if frames is not None:
+                               curriculum_step=self.global_step)
+        if self.hparams.length_curriculum or self.hparams.curriculum_spread > 0:
             self.log("train/latent_frames", float(out["latent_frames"]))
         size = len(batch["caption"]) if "caption" in batch else None
         self.log_dict(
@@ -442,7 +484,7 @@ class MaskedVideoModule(LightningModule):
         text, text_mask = self.text_encoder(prompts)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         backbone = self.sampling_backbone
-        tokens = maskgit_sample(backbone, grid, text.to(self.device), text_mask.to(self.device), options, generator)
+        tokens = sample_tokens(backbone, grid, text.to(self.device), text_mask.to(self.device), options, generator)
         return self.tokenizer.decode(tokens).clamp(-1, 1)
 
     def sampling_options(self) -> SamplingOptions:
@@ -451,6 +493,9 @@ class MaskedVideoModule(LightningModule):
         return SamplingOptions(
             steps=hp.sample_steps, cfg_scale=hp.cfg_scale, temperature=hp.temperature, noise=hp.sample_noise,
             cfg_schedule=hp.cfg_schedule, top_k=hp.top_k, refine_steps=hp.refine_steps, refine_ratio=hp.refine_ratio,
+            sampler=hp.sampler, schedule=hp.sample_schedule, bootstrap_steps=hp.bootstrap_steps,
+            revise_sweeps=hp.revise_sweeps, revise_partitions=hp.revise_partitions,
+            revise_temperature=hp.revise_temperature, revise_top_k=hp.revise_top_k,
         )
 
     # -- checkpoints ----------------------------------------------------------------------------
