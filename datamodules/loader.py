@@ -169,6 +169,7 @@ class ResumableLoader(VideoLoader):
             "batch_size": ds.batch_size,
             "num_workers": self.num_workers,
             "world_size": ds.world_size,
+            "image_ratio": getattr(ds, "image_ratio", 0.0),
             "skipped": self.skipped,
         }
 

@@ -57,8 +57,11 @@ class BadSample(Exception):
 def collate_meta(metas: list[dict[str, Any]]) -> dict[str, Any]:
     """The `meta` of a batch from its samples' (video and token batches alike): per-sample key,
     url, info and stream position, and the worker's id and running count of bad samples as of
-    the batch's last sample."""
+    the batch's last sample; from a joint image-video stream also `stream` ("image" or "video":
+    which of the two each sample came from)."""
+    mixed = {"stream": [m["stream"] for m in metas]} if "stream" in metas[0] else {}
     return {
+        **mixed,
         "key": [m["key"] for m in metas],
         "url": [m["url"] for m in metas],
         "info": [m["info"] for m in metas],

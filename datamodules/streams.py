@@ -185,11 +185,15 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int = 256,
         rank: int = 0,
         world_size: int = 1,
+        stream: int = 0,
     ) -> None:
+        """stream: tells apart streams that share a seed (a mixture's video and image streams):
+        a nonzero id joins every RNG seed, so their shard picks and shuffles are independent."""
         super().__init__()
         self.urls = urls
         self.decoder = decoder
         self.seed = seed
+        self.stream = stream
         self.batch_size = batch_size
         self.mix_shards = max(1, mix_shards)
         self.shuffle_buffer = max(1, shuffle_buffer)
@@ -198,10 +202,14 @@ class TrainStream(IterableDataset):
         self.start_batch = 0  # batches this rank already consumed; set by the loader on resume
         self.skipped = 0
 
+    def _stream_id(self) -> list[int]:
+        # Stream 0 adds nothing: a plain stream draws exactly what it drew before streams had ids.
+        return [self.stream] if self.stream else []
+
     # ---- raw positions -------------------------------------------------------------------
     def _group_shards(self, worker: int, group: int) -> tuple[list[str], np.random.Generator]:
         """Group g's shards (distinct when there are enough) and the RNG that shuffles them."""
-        rng = np.random.default_rng([self.seed, self.rank, worker, group, 0x6E0])
+        rng = np.random.default_rng([self.seed, self.rank, worker, group, 0x6E0, *self._stream_id()])
         n = len(self.urls)
         picks = rng.choice(n, size=self.mix_shards, replace=n < self.mix_shards)
         return [self.urls[i] for i in picks], rng
@@ -256,7 +264,7 @@ class TrainStream(IterableDataset):
         raw_iter = self.raw_samples(worker, position)
         ahead: deque[list] = deque()  # [raw sample, known bad?]
         while True:
-            rng = np.random.default_rng([self.seed, self.rank, worker, position, 0xC11])
+            rng = np.random.default_rng([self.seed, self.rank, worker, position, 0xC11, *self._stream_id()])
             i = 0
             while True:
                 if i == len(ahead):
@@ -286,13 +294,20 @@ class TrainStream(IterableDataset):
             position += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        physical, num_workers = _worker()
-        # A fresh DataLoader iterator starts at physical worker 0, but batch `start_batch` belongs
-        # to logical worker start_batch % W; rotating the ids keeps the uninterrupted order.
-        worker = (physical + self.start_batch) % num_workers
-        consumed = max(0, -(-(self.start_batch - worker) // num_workers))
+        worker, position = logical_start(self.start_batch, self.batch_size)
         self.skipped = 0
-        return self.samples(worker, consumed * self.batch_size)
+        return self.samples(worker, position)
+
+
+def logical_start(start_batch: int, batch_size: int) -> tuple[int, int]:
+    """(logical worker, sample position) this DataLoader worker starts at, `start_batch` batches
+    into the rank's stream. A fresh DataLoader iterator starts at physical worker 0, but batch
+    `start_batch` belongs to logical worker start_batch % W; rotating the ids keeps the
+    uninterrupted order."""
+    physical, num_workers = _worker()
+    worker = (physical + start_batch) % num_workers
+    consumed = max(0, -(-(start_batch - worker) // num_workers))
+    return worker, consumed * batch_size
 
 
 def _pop_random(buffer: list, rng: np.random.Generator) -> Any:

@@ -11,6 +11,7 @@ import torch
 
 from maskvid.datamodules.clips import ClipSpec
 from maskvid.datamodules.loader import ResumableLoader, VideoLoader
+from maskvid.datamodules.mixing import IMAGE_STREAM, MixedStream
 from maskvid.datamodules.pixels import to_model
 from maskvid.datamodules.samples import SampleDecoder
 from maskvid.datamodules.token_samples import TokenSampleDecoder
@@ -53,6 +54,8 @@ class VideoDataModule(pl.LightningDataModule):
         max_source_pixels: int = 3840 * 2160,
         pin_memory: bool = False,
         samples: Literal["video", "tokens"] = "video",
+        image_shards: Optional[Union[str, list[str]]] = None,
+        image_ratio: float = 0.0,
     ) -> None:
         """
         Args:
@@ -87,6 +90,13 @@ class VideoDataModule(pl.LightningDataModule):
                 shards from `maskvid data tokenize` (video tokens + cached text embeddings), the
                 fast path for stage 2. num_frames then selects 1 + (num_frames-1)/pt latent frames
                 via the tokenizer's grid, checked by the model.
+            image_shards: Train shards of captioned images (jpg/png/webp samples, e.g. from
+                `maskvid data shards --images DIR`), mixed into the train stream at image_ratio:
+                Phenaki's joint image-video training. Images arrive as 1-frame clips (frame_mask
+                marks frame 0 only). With samples "tokens", token shards of images.
+            image_ratio: Share of train samples drawn from image_shards, in [0, 1]. Exact per
+                block of positions and a pure function of (seed, rank, worker, position), so
+                resume stays exact (datamodules/mixing.py).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -106,6 +116,13 @@ class VideoDataModule(pl.LightningDataModule):
             raise ValueError(f"samples must be 'video' or 'tokens', got {samples!r}")
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0 (got {batch_size}, {num_workers})")
+        if not 0.0 <= image_ratio <= 1.0:
+            raise ValueError(f"image_ratio must be within [0, 1], got {image_ratio}")
+        if image_ratio > 0 and not image_shards:
+            raise ValueError(f"image_ratio is {image_ratio} but image_shards is not set (data.image_shards)")
+        if image_shards and image_ratio == 0:
+            raise ValueError("image_shards is set but image_ratio is 0: set data.image_ratio to the share of "
+                             "images wanted in the train stream (e.g. 0.2)")
         self._train_loader: Optional[ResumableLoader] = None
         self._pending_state: Optional[dict[str, Any]] = None
 
@@ -117,19 +134,17 @@ class VideoDataModule(pl.LightningDataModule):
         return dist_rank_world()
 
     def train_dataloader(self) -> ResumableLoader:
-        if not self.hparams.train_shards:
+        if not self.hparams.train_shards and self.hparams.image_ratio < 1:
             raise ValueError("VideoDataModule: train_shards is not set (data.train_shards)")
         rank, world = self._rank_world()
-        dataset = TrainStream(
-            expand_shards(self.hparams.train_shards),
-            self.decoder,
-            seed=self.hparams.seed,
-            batch_size=self.hparams.batch_size,
-            mix_shards=self.hparams.mix_shards,
-            shuffle_buffer=self.hparams.shuffle_buffer,
-            rank=rank,
-            world_size=world,
-        )
+        hp = self.hparams
+        options = dict(seed=hp.seed, batch_size=hp.batch_size, mix_shards=hp.mix_shards,
+                       shuffle_buffer=hp.shuffle_buffer, rank=rank, world_size=world)
+        videos = TrainStream(expand_shards(hp.train_shards), self.decoder, **options) if hp.image_ratio < 1 else None
+        dataset: TrainStream | MixedStream = videos
+        if hp.image_ratio > 0:
+            images = TrainStream(expand_shards(hp.image_shards), self.decoder, stream=IMAGE_STREAM, **options)
+            dataset = MixedStream(videos, images, hp.image_ratio)
         loader = ResumableLoader(
             dataset,
             batches_per_epoch=self.hparams.batches_per_epoch,
@@ -208,7 +223,9 @@ class VideoDataModule(pl.LightningDataModule):
             "batch_size": self.hparams.batch_size,
             "num_workers": self.hparams.num_workers,
             "world_size": self._rank_world()[1],
+            "image_ratio": self.hparams.image_ratio,
         }
+        state = {"image_ratio": 0.0, **state}  # checkpoints from before image mixing
         changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
         if changed:
             warnings.warn(
