@@ -150,3 +150,47 @@ def test_options_are_checked_and_count_forwards():
                        (dict(schedule="power:-1"), "schedule"), (dict(schedule="exp"), "schedule")):
         with pytest.raises(ValueError, match=field):
             SamplingOptions(**bad).check()
+
+
+def test_generate_flags_name_every_sampling_option():
+    import argparse
+    from dataclasses import fields
+
+    from maskvid.launch.cmd_generate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--ckpt", "x", "--prompt", "p", "--out", "o", "--sampler", "draft_revise",
+                              "--schedule", "power:2", "--bootstrap-steps", "1", "--revise-sweeps", "3",
+                              "--revise-partitions", "5", "--revise-temperature", "0.5", "--revise-top-k", "7"])
+    # cmd_generate.run hands each SamplingOptions field its same-named flag.
+    assert {f.name for f in fields(SamplingOptions)} <= set(vars(args))
+    given = {f.name: getattr(args, f.name) for f in fields(SamplingOptions) if getattr(args, f.name) is not None}
+    assert given == dict(sampler="draft_revise", schedule="power:2", bootstrap_steps=1, revise_sweeps=3,
+                         revise_partitions=5, revise_temperature=0.5, revise_top_k=7)
+
+
+def test_the_api_and_the_module_sample_with_draft_and_revise(tmp_path):
+    from maskvid.lightning_modules.masked_video_module import MaskedVideoModule
+    from maskvid.models.text_encoder import TextEncoder
+    from maskvid.text_to_video import TextToVideo
+    from tests.stage2_fixtures import tiny_t5_dir, tiny_tokenizer, write_tokenizer_checkpoint
+
+    t5 = str(tiny_t5_dir(tmp_path / "t5"))
+    torch.manual_seed(0)
+    net = MaskGITBackbone(vocab_size=64, grid=(3, 4, 4), dim=32, depth=1, heads=2, text_dim=32).eval()
+    calls = record_inputs(net)
+    model = TextToVideo(net, tiny_tokenizer().eval(), TextEncoder(t5, 8), grid=(3, 4, 4))
+    options = model.options(sampler="draft_revise", steps=2, cfg_scale=1.0, revise_sweeps=2, revise_partitions=3)
+    tokens = model.tokens(["a red circle"], (3, 4, 4), options, torch.Generator().manual_seed(0))
+    assert tokens.shape == (1, 3, 4, 4) and len(calls) == options.forwards() == 8
+    # The stage-2 module's options configure it too, and travel in its checkpoint.
+    m = MaskedVideoModule(net, str(write_tokenizer_checkpoint(tmp_path / "tok.ckpt", tiny_tokenizer())),
+                          text_encoder=t5, text_max_length=8, sampler="draft_revise", sample_schedule="linear",
+                          revise_sweeps=3, bootstrap_steps=1)
+    opts = m.sampling_options()
+    assert (opts.sampler, opts.schedule, opts.revise_sweeps, opts.bootstrap_steps) == ("draft_revise", "linear", 3, 1)
+    from maskvid.lightning_modules.config_errors import ModelOptionError
+
+    with pytest.raises(ModelOptionError, match="sample_schedule"):
+        MaskedVideoModule(net, str(tmp_path / "tok.ckpt"), text_encoder=t5, text_max_length=8, sample_schedule="exp")
