@@ -1,7 +1,8 @@
-"""What `maskvid data shards` reads: the inputs of a build, each a video path and its caption.
+"""What `maskvid data shards` reads: the inputs of a build, each a video (or, with --images, an
+image) path and its caption.
 
-Three forms of input, one item type: a folder scanned recursively with a sidecar caption per video
-(`clip.txt`, or `clip.mp4.txt` when two videos share a stem) and a JSONL manifest of
+Three forms of input, one item type: a folder scanned recursively with a sidecar caption per file
+(`clip.txt`, or `clip.mp4.txt` when two videos share a stem; `cat.jpg` + `cat.txt` for images) and a JSONL manifest of
 `{"path": ..., "caption": ...}` lines, both read here, and a CSV such as WebVid's, read by
 `csv_manifest.py`. An input that cannot even be listed becomes a `Skip` with one of the
 `SKIP_REASONS`, so the report names it instead of the build failing.
@@ -26,8 +27,9 @@ ZERO_FRAMES = "zero frames"
 EMPTY_CAPTION = "empty caption"
 MISSING_CAPTION = "missing caption"
 BAD_MANIFEST_LINE = "bad manifest line"
+NOT_AN_IMAGE = "not an image"  # with --images: a file whose suffix names no image format
 SKIP_REASONS = (
-    MISSING_FILE, CORRUPT, NO_VIDEO, ZERO_FRAMES, EMPTY_CAPTION, MISSING_CAPTION, BAD_MANIFEST_LINE
+    MISSING_FILE, CORRUPT, NO_VIDEO, ZERO_FRAMES, EMPTY_CAPTION, MISSING_CAPTION, BAD_MANIFEST_LINE, NOT_AN_IMAGE
 )
 # Not a skip: the video is written, but the report flags it (see SHORT_DECODE_RATIO).
 SHORT_DECODE = "short decode"

@@ -1,4 +1,5 @@
-"""Build WebDataset video shards from a user's captioned videos (`maskvid data shards`).
+"""Build WebDataset video shards from a user's captioned videos (`maskvid data shards`), or image
+shards from captioned images (`--images`, for joint image-video training: `shard_images.py`).
 
 Inputs come from a folder, scanned recursively, with a sidecar caption per video (`clip.txt`, or
 `clip.mp4.txt` when two videos share a stem), from a JSONL manifest of
@@ -40,6 +41,7 @@ from maskvid.datamodules.shard_inputs import (  # noqa: F401 - re-exported for c
     MISSING_CAPTION,
     MISSING_FILE,
     NO_VIDEO,
+    NOT_AN_IMAGE,
     SHORT_DECODE,
     SKIP_REASONS,
     ZERO_FRAMES,
@@ -49,6 +51,7 @@ from maskvid.datamodules.shard_inputs import (  # noqa: F401 - re-exported for c
     sample_keys,
     scan_folder,
 )
+from maskvid.datamodules.shard_images import encode_image
 from maskvid.datamodules.shard_writer import ShardSink
 from maskvid.datamodules.video_io import VideoDecodeError, encode_mp4, iter_frames, probe
 
@@ -100,11 +103,13 @@ class EncodeOptions:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A sample ready for the shard: the h264 mp4 bytes and its json metadata."""
+    """A sample ready for the shard: its media (h264 mp4, or an image) and json metadata."""
 
-    mp4: bytes
+    media: bytes
     meta: dict[str, Any]
     warning: str = ""
+    ext: str = "mp4"
+    """The media's member extension in the sample: mp4, or jpg/png/webp for an image."""
 
 
 @dataclass
@@ -152,19 +157,22 @@ class BuildReport:
 
 
 def collect_inputs(
-    videos: Path, exclude: Iterable[Path] = (), csv: Optional[Path] = None, progress: bool = False
+    videos: Path, exclude: Iterable[Path] = (), csv: Optional[Path] = None, progress: bool = False,
+    option: str = "--videos",
 ) -> tuple[list[InputItem], list[tuple[int, Skip]]]:
     """Inputs from a folder, a `.jsonl` manifest or a CSV whose rows name files in the folder
-    `videos`, plus (line, skip) for manifest lines and CSV rows that name no usable file."""
+    `videos`, plus (line, skip) for manifest lines and CSV rows that name no usable file.
+    option: the command-line option the input came from, for the errors."""
     if not videos.exists():
-        raise DataError(f"--videos {videos} does not exist")
+        raise DataError(f"{option} {videos} does not exist")
     if csv is not None:
         return read_csv(csv, videos, progress=progress)
     if videos.is_dir():
         return scan_folder(videos, exclude), []
     if videos.suffix.lower() in MANIFEST_SUFFIXES:
         return read_manifest(videos)
-    raise DataError(f"--videos {videos} must be a folder of videos or a .jsonl manifest")
+    kind = "images" if option == "--images" else "videos"
+    raise DataError(f"{option} {videos} must be a folder of {kind} or a .jsonl manifest")
 
 
 
@@ -221,8 +229,18 @@ def encode_one(path: Path, source: str, options: EncodeOptions) -> Encoded | Ski
     return Encoded(mp4, meta, warning)
 
 
-def _encode_job(job: tuple[Path, str, EncodeOptions]) -> Encoded | Skip:
-    return encode_one(*job)
+def encode_one_image(path: Path, source: str, options: EncodeOptions) -> Encoded | Skip:
+    """An image input (`--images`): stored as is, or upright and within options.max_size."""
+    result = encode_image(path, source, options.max_size)
+    if isinstance(result, Skip):
+        return result
+    ext, data, meta = result
+    return Encoded(data, meta, ext=ext)
+
+
+def _encode_job(job: tuple[Path, str, EncodeOptions, bool]) -> Encoded | Skip:
+    path, source, options, image = job
+    return encode_one_image(path, source, options) if image else encode_one(path, source, options)
 
 
 def _ignore_sigint() -> None:
@@ -308,11 +326,14 @@ def build_shards(
     report_path: str | os.PathLike | None = None,
     progress: bool = True,
     csv: str | os.PathLike | None = None,
+    images: bool = False,
 ) -> BuildReport:
     """Write `<out>/<prefix>-NNNNNN.tar` shards and a JSON report; return the report.
 
     videos: a folder of videos with sidecar captions or a `.jsonl` manifest; with `csv`, the
         folder the CSV's rows name files in (see csv_manifest.py).
+    images: the inputs are images (a folder of images with sidecar captions, or a manifest):
+        each sample holds jpg/png/webp, txt and json; other files are skipped as "not an image".
 
     empty_caption: "skip" leaves out videos with a missing or empty caption; "keep" writes them
         with caption "" (for unconditional training) and lists them under `kept_empty_captions`.
@@ -331,8 +352,11 @@ def build_shards(
     if not prefix or "/" in prefix or os.sep in prefix:
         raise DataError(f"--prefix must be a plain file name prefix, got {prefix!r}")
     workers = default_workers() if workers is None else workers
+    if images and csv is not None:
+        raise DataError("--csv lists videos; build image shards from a folder or a .jsonl manifest with --images")
 
-    items, bad_lines = collect_inputs(videos, exclude=[out], csv=csv, progress=progress)
+    items, bad_lines = collect_inputs(videos, exclude=[out], csv=csv, progress=progress,
+                                      option="--images" if images else "--videos")
     if not items and not bad_lines:
         raise DataError(f"no input files found in {videos}")
     jobs, skipped = plan_jobs(items, empty_caption)
@@ -349,19 +373,19 @@ def build_shards(
         report_path=str(report_file),
         options={**asdict(options), "samples_per_shard": samples_per_shard, "prefix": prefix,
                  "empty_caption": empty_caption, "workers": workers, "overwrite": overwrite,
-                 "videos": str(videos)},
+                 "videos": str(videos), "images": images},
     )
-    work = ((item.path, item.source, options) for item, _ in jobs)
+    work = ((item.path, item.source, options, images) for item, _ in jobs)
     results = ordered_map(_encode_job, work, workers)
     try:
-        with tqdm(total=len(jobs), unit="video", file=sys.stderr, disable=not progress,
+        with tqdm(total=len(jobs), unit="image" if images else "video", file=sys.stderr, disable=not progress,
                   dynamic_ncols=True) as bar:
             for result, (item, key) in zip(results, jobs):
                 if isinstance(result, Skip):
                     skipped.append((item.order, result))
                 else:
                     meta = {**result.meta, **item.meta} if item.meta else result.meta
-                    sink.write(key, result.mp4, item.caption or "", meta)
+                    sink.write_sample(key, {result.ext: result.media, "txt": item.caption or "", "json": meta})
                     if not item.caption:
                         report.kept_empty_captions.append(_caption_issue(item))
                     if result.warning:
@@ -385,5 +409,6 @@ def build_shards(
     _write_report(report, report_file)
     if report.written == 0:
         reasons = ", ".join(f"{n} {r}" for r, n in report.reason_counts().items())
-        raise DataError(f"no usable videos in {report.input} ({reasons}); details in {report_file}")
+        kind = "images" if images else "videos"
+        raise DataError(f"no usable {kind} in {report.input} ({reasons}); details in {report_file}")
     return report

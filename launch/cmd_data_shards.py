@@ -1,4 +1,5 @@
-"""Build WebDataset video shards from your captioned videos (mp4, webm, mkv, avi, mov, gif, ...)
+"""Build WebDataset video shards from your captioned videos (mp4, webm, mkv, avi, mov, gif, ...),
+or image shards from captioned images (--images) for joint image-video training
 
 Input is one of:
   - a folder, scanned recursively, where each video has a caption in a sidecar text file next to
@@ -10,6 +11,12 @@ Input is one of:
     --videos DIR. Caption column: name (or caption). Each row's file is the first that exists of:
     DIR/PATH (column path), DIR/VIDEOID.mp4 and DIR/PAGE_DIR/VIDEOID.mp4 (columns videoid,
     page_dir), DIR/<file name of contentUrl>. Nothing is downloaded.
+  - with --images instead of --videos: a folder of images (jpg, png, webp, bmp, tiff) with
+    sidecar captions (cat.jpg + cat.txt), or a JSONL manifest of images. Each sample holds the
+    image (jpg/png/webp: stored as is unless it must be turned upright or downscaled to
+    --max-size), txt and json (kind "image", width, height, source, ...); other files are
+    skipped as "not an image". Train on them beside video shards with data.image_shards and
+    data.image_ratio.
 
 Each video is decoded upright (rotation metadata applied), optionally resampled to --fps,
 downscaled to --max-size and cut to --max-frames, and re-encoded as h264 mp4. Each sample in
@@ -31,6 +38,7 @@ examples:
   maskvid data shards --videos ~/clips --out shards/uncond --empty-caption keep --overwrite
   maskvid data shards --csv results_2M_train.csv --videos ~/webvid/videos --out shards/webvid \\
       --fps 8 --max-size 256 --workers 16
+  maskvid data shards --images ~/photos --out shards/images --max-size 256
 
 Shards that video2dataset wrote (mp4 + txt + json per sample) need no conversion: pass their
 folder or brace pattern to data.train_shards / data.val_shards as they are.
@@ -46,9 +54,14 @@ from maskvid.launch.arg_types import non_negative_int, positive_float, positive_
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("input and output")
-    io.add_argument("--videos", required=True, metavar="DIR|MANIFEST.jsonl",
-                    help="folder of videos with sidecar .txt captions, or a JSONL manifest; "
-                    "with --csv, the folder the CSV's videos are in")
+    source = io.add_mutually_exclusive_group(required=True)
+    source.add_argument("--videos", metavar="DIR|MANIFEST.jsonl",
+                        help="folder of videos with sidecar .txt captions, or a JSONL manifest; "
+                        "with --csv, the folder the CSV's videos are in")
+    source.add_argument("--images", metavar="DIR|MANIFEST.jsonl",
+                        help="folder of images (jpg, png, webp, bmp, tiff) with sidecar .txt "
+                        "captions, or a JSONL manifest of images: image shards for "
+                        "data.image_shards (joint image-video training)")
     io.add_argument("--csv", default=None, metavar="CSV",
                     help="CSV listing the videos (WebVid's columns: videoid, contentUrl, name; "
                     "or path and caption); rows whose file is missing are skipped and reported")
@@ -89,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     options = EncodeOptions(fps=args.fps, max_size=args.max_size, max_frames=args.max_frames,
                             crf=args.crf, preset=args.preset)
     report = build_shards(
-        args.videos,
+        args.images or args.videos,
         args.out,
         options=options,
         samples_per_shard=args.samples_per_shard,
@@ -100,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         report_path=args.report,
         progress=not args.quiet,
         csv=args.csv,
+        images=args.images is not None,
     )
     kept = len(report.kept_empty_captions)
     extra = f" ({kept} with empty captions)" if kept else ""
