@@ -1,4 +1,4 @@
-"""Precompute the real videos' FVD statistics once (I3D feature mean and covariance) into a file.
+"""Precompute the real videos' FVD/KVD features once (I3D feature mean, covariance and rows) into a file.
 
 Real-video features cost as much as generated ones and never change, so compute them once and
 reuse the file: `maskvid eval fvd --real STATS.pt`, or `fvd_real_stats: STATS.pt` in a stage-2
@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from maskvid.launch.cmd_eval_fvd import add_feature_arguments, open_features, statistics
+from maskvid.launch.cmd_eval_fvd import add_feature_arguments, feature_info, features_of, gaussian, open_features
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,9 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from maskvid.metrics.fvd import save_stats
 
     extract, device = open_features(args)
-    stats = statistics(args.data, args, extract, device, "real")
+    rows, _ = features_of(args.data, args, extract, device, "real")
+    stats = gaussian(rows)
     source = {"data": str(args.data), "clip_resolution": args.resolution, "max_videos": args.max_videos}
-    save_stats(args.out, stats, extract.info(), source=repr(source))
+    save_stats(args.out, stats, feature_info(args, extract), source=repr(source), rows=rows)
     print(f"wrote FVD statistics of {stats.count} videos ({extract.num_features}-d I3D features, "
           f"{args.num_frames} frames) to {args.out}")
     return 0

@@ -30,17 +30,27 @@ class FVDStatsError(ValueError):
     """A cached statistics file that is missing, unreadable or made with other features."""
 
 
-def save_stats(path: str | Path, stats: GaussianStats, features: dict[str, Any], source: str = "") -> Path:
-    """Write real-video statistics; `features` is `I3DFeatures.info()` of the network used."""
+def save_stats(path: str | Path, stats: GaussianStats, features: dict[str, Any], source: str = "",
+               rows: Optional[Tensor] = None) -> Path:
+    """Write real-video statistics; `features` is `I3DFeatures.info()` of the network used (plus how
+    clips were cut); `rows`, the feature vectors themselves, lets KVD use the file too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": STATS_FORMAT, "count": stats.count, "mean": stats.mean.cpu(), "cov": stats.cov.cpu(),
-                "features": features, "source": source}, path)
+    payload = {"format": STATS_FORMAT, "count": stats.count, "mean": stats.mean.cpu(), "cov": stats.cov.cpu(),
+               "features": features, "source": source}
+    if rows is not None:
+        payload["rows"] = rows.double().cpu()
+    torch.save(payload, path)
     return path
 
 
 def load_stats(path: str | Path, features: Optional[dict[str, Any]] = None) -> GaussianStats:
     """Read cached statistics, checking they come from the same feature network and clip length."""
+    return load_cached(path, features)[0]
+
+
+def load_cached(path: str | Path, features: Optional[dict[str, Any]] = None) -> tuple[GaussianStats, Optional[Tensor]]:
+    """(statistics, feature rows or None for files written without them), checked as `load_stats`."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FVDStatsError(f"FVD statistics file not found: {path} (make one with `maskvid eval real-stats`)")
@@ -52,11 +62,13 @@ def load_stats(path: str | Path, features: Optional[dict[str, Any]] = None) -> G
         raise FVDStatsError(f"{path} is not an FVD statistics file (from `maskvid eval real-stats`)")
     if features is not None:
         saved = payload.get("features", {})
-        for key in ("fingerprint", "num_features", "num_frames", "resolution"):
+        for key in ("fingerprint", "num_features", "num_frames", "resolution", "window_stride", "max_frames"):
             if saved.get(key) != features.get(key):
                 raise FVDStatsError(f"{path} was computed with other features ({key} {saved.get(key)!r}, "
-                                    f"this I3D gives {features.get(key)!r}): recompute it with this network")
-    return GaussianStats(payload["mean"].double(), payload["cov"].double(), int(payload["count"]))
+                                    f"these features have {features.get(key)!r}): recompute it with this network and clip cutting")
+    rows = payload.get("rows")
+    return (GaussianStats(payload["mean"].double(), payload["cov"].double(), int(payload["count"])),
+            rows.double() if rows is not None else None)
 
 
 class FrechetVideoDistance(Metric):

@@ -141,23 +141,3 @@ def set_features(videos: VideoSet, extract, batch_size: int = 8, device: str | t
         batch.append(video)
     if batch:
         yield run(batch)
-
-
-def set_statistics(videos: VideoSet, extract, batch_size: int = 8, device: str | torch.device = "cpu",
-                   progress=None):
-    """Gaussian statistics (float64) of the set's I3D features, the way FrechetVideoDistance forms them."""
-    from maskvid.metrics.frechet import GaussianStats
-
-    dim = extract.num_features
-    total = torch.zeros(dim, dtype=torch.float64)
-    outer = torch.zeros(dim, dim, dtype=torch.float64)
-    count = 0
-    for features in set_features(videos, extract, batch_size, device, progress):
-        x = features.double().cpu()
-        total += x.sum(0)
-        outer += x.T @ x
-        count += x.shape[0]
-    if count < 2:
-        raise DataError(f"{videos.spec}: FVD needs at least 2 videos, found {count} readable "
-                        f"({videos.skipped} skipped)")
-    return GaussianStats.from_sums(total, outer, count)

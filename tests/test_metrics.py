@@ -25,6 +25,7 @@ from maskvid.metrics.clipsim import CLIPSimilarity
 from maskvid.metrics.frechet import GaussianStats, frechet_distance
 from maskvid.metrics.fvd import FrechetVideoDistance, FVDStatsError, save_stats
 from maskvid.metrics.i3d import I3DWeightsError, InceptionI3d, fit_frames, load_i3d, save_i3d
+from maskvid.metrics.kvd import KernelVideoDistance
 from maskvid.metrics.oracle import caption_accuracy
 from tests.conftest import REPO
 
@@ -623,11 +624,13 @@ def test_tokenizer_validation_logs_rfvd_and_checkpoints_no_i3d(i3d_file, synthet
 
     real_frames, recon_frames, codes = [], [], []
     rfvd = FrechetVideoDistance(load_i3d(i3d_file))
+    rkvd = KernelVideoDistance(load_i3d(i3d_file))
     with torch.no_grad():
         for batch in data.val_dataloader():
             recon, q = module.eval_tokenizer(batch["video"])
-            rfvd.update(batch["video"], real=True)
-            rfvd.update(recon.clamp(-1, 1), real=False)
+            for metric in (rfvd, rkvd):
+                metric.update(batch["video"], real=True)
+                metric.update(recon.clamp(-1, 1), real=False)
             keep = batch["frame_mask"].bool()
             real_frames.append(batch["video"].add(1).div(2).transpose(1, 2)[keep])
             recon_frames.append(recon.clamp(-1, 1).add(1).div(2).transpose(1, 2)[keep])
@@ -635,6 +638,7 @@ def test_tokenizer_validation_logs_rfvd_and_checkpoints_no_i3d(i3d_file, synthet
     real_frames, recon_frames, codes = torch.cat(real_frames), torch.cat(recon_frames), torch.cat(codes)
     assert len(real_frames) == 4 * 9
     assert logged["val/rfvd_4"] == pytest.approx(float(rfvd.compute()["fvd"]), rel=1e-4)
+    assert logged["val/rkvd_4"] == pytest.approx(float(rkvd.compute()["kvd"]), rel=1e-4)
     psnr = (10 * torch.log10(1 / (recon_frames - real_frames).square().mean(dim=(1, 2, 3)))).mean()
     assert logged["val/psnr"] == pytest.approx(float(psnr), rel=1e-4)
     ssim = structural_similarity_index_measure(recon_frames, real_frames, data_range=1.0)
@@ -697,18 +701,22 @@ def test_stage2_validate_logs_fvd_clipsim_caption_accuracy_and_samples(i3d_file,
     data = VideoDataModule(val_shards=str(synthetic / "val"), num_frames=9, resolution=32, batch_size=2,
                            num_workers=0)
     fvd, clipsim, accuracy = FrechetVideoDistance(load_i3d(i3d_file)), CLIPSimilarity(str(fitted_clip)), CaptionAccuracy()
+    kvd = KernelVideoDistance(load_i3d(i3d_file))
     prompts = []
     for batch in data.val_dataloader():
         fvd.update(batch["video"], real=True)
+        kvd.update(batch["video"], real=True)
         prompts += [(c, target_attributes(c, info)) for c, info in zip(batch["caption"], batch["meta"]["info"])]
     assert len(prompts) == 4
     for chunk, start in enumerate(range(0, 4, 2)):
         part = prompts[start : start + 2]
         video = module.generate([p for p, _ in part], module.token_grid(9, 32), seed=step_seed(0, 0, chunk))
         fvd.update(video, real=False)
+        kvd.update(video, real=False)
         clipsim.update(video, [p for p, _ in part])
         accuracy.update(video, [a for _, a in part])
     assert logged["val/fvd_4"] == pytest.approx(float(fvd.compute()["fvd"]), rel=1e-4)
+    assert logged["val/kvd_4"] == pytest.approx(float(kvd.compute()["kvd"]), rel=1e-4)
     assert logged["val/clipsim"] == pytest.approx(float(clipsim.compute()), rel=1e-4, abs=1e-6)
     expected = accuracy.compute()
     for key in ("colour", "shape", "direction", "joint"):

@@ -1,5 +1,5 @@
 """The metrics across ranks: 2 processes over gloo, each with half of the videos, give the same FVD,
-CLIPSIM, caption accuracy and codebook usage as 1 process with all of them."""
+KVD, CLIPSIM, caption accuracy and codebook usage as 1 process with all of them."""
 
 from __future__ import annotations
 
@@ -33,17 +33,23 @@ def compute_all(rank: int, world: int, i3d: str, clip: str) -> dict[str, float]:
     from maskvid.metrics.codebook import CodebookUsage
     from maskvid.metrics.fvd import FrechetVideoDistance
     from maskvid.metrics.i3d import load_i3d
+    from maskvid.metrics.kvd import KernelVideoDistance
 
     g = torch.Generator().manual_seed(0)
     real = torch.rand(20, 3, 16, 32, 32, generator=g) * 2 - 1
     fake = (torch.rand(20, 3, 16, 32, 32, generator=g) * 2 - 0.7).clamp(-1, 1)
     fvd = FrechetVideoDistance(load_i3d(i3d, resolution=32))
+    # Subsets of 12 of the 20: the gathered rows must come back in the same order on every rank count.
+    kvd = KernelVideoDistance(load_i3d(i3d, resolution=32), subsets=5, subset_size=12)
     # 20 videos for 16-d features: a full-rank covariance. Uneven batches on purpose: what is summed must not depend on how it was batched.
     mine = list(range(rank, 20, world))
     for chunk in (mine[:1], mine[1:]):
         fvd.update(real[chunk], real=True)
         fvd.update(fake[chunk], real=False)
+        kvd.update(real[chunk], real=True)
+        kvd.update(fake[chunk], real=False)
     out_fvd = fvd.compute()
+    out_kvd = kvd.compute()
 
     clipsim = CLIPSimilarity(clip)
     videos = torch.rand(8, 3, 4, 32, 32, generator=g) * 2 - 1
@@ -64,6 +70,7 @@ def compute_all(rank: int, world: int, i3d: str, clip: str) -> dict[str, float]:
     out_codes = codebook.compute()
     return {
         "fvd": float(out_fvd["fvd"]), "num_real": int(out_fvd["num_real"]), "num_fake": int(out_fvd["num_fake"]),
+        "kvd": float(out_kvd["kvd"]), "kvd_num_real": int(out_kvd["num_real"]),
         "clipsim": float(clipsim.compute()),
         **{f"caption_{k}": float(v) for k, v in out_caption.items()},
         "usage": float(out_codes["usage"]), "perplexity": float(out_codes["perplexity"]),
@@ -105,4 +112,5 @@ def test_two_processes_with_half_the_videos_each_equal_one_process(tmp_path):
     assert (single["num_real"], single["num_fake"]) == (20, 20)
     for key, value in single.items():
         assert ranks[0][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert single["kvd_num_real"] == 20 and single["kvd"] != ranks[0]["fvd"]
     assert single["fvd"] > 0 and single["caption_count"] == 3 and single["caption_unscored"] == 1
