@@ -148,3 +148,10 @@ def test_mixed_loader_resumes_exactly(clean_shards, image_shards, num_workers):
     # A resume with another ratio is flagged: same position, other samples.
     with pytest.warns(UserWarning, match="image_ratio changed"):
         dm(clean_shards, image_shards, image_ratio=0.5).load_state_dict({"train_loader": state})
+
+
+def test_image_ratio_one_needs_no_video_shards(image_shards):
+    batches = take(VideoDataModule(image_shards=image_shards, image_ratio=1.0, num_frames=3, resolution=16,
+                                   batch_size=4, num_workers=0).train_dataloader(), 3)
+    assert all(s == "image" for b in batches for s in b["meta"]["stream"])
+    assert all(b["frame_mask"].tolist() == [[True, False, False]] * 4 for b in batches)
