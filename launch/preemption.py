@@ -45,6 +45,13 @@ class SignalCheckpoint(Callback):
         # Only a flag: saving here would start collectives at a different point on each rank.
         self.requested = True
 
+    def setup(self, trainer: Trainer, pl_module, stage: str) -> None:
+        # Before Lightning records the handlers it puts back at its teardown: a signal that
+        # reaches a rank late, while it shuts down after the save, then only sets the flag
+        # instead of killing it (the default action) with a nonzero exit status.
+        if stage == "fit":
+            signal.signal(self.signum, self._handler)
+
     def on_train_start(self, trainer: Trainer, pl_module) -> None:
         # After Lightning registered its own handlers (in Trainer._run), so this one wins.
         signal.signal(self.signum, self._handler)
@@ -55,6 +62,7 @@ class SignalCheckpoint(Callback):
             flag = trainer.strategy.reduce(flag, reduce_op="sum")
         if int(flag) == 0:
             return
+        self.requested = True  # on every rank, whichever of them got the signal
         path = Path(trainer.default_root_dir) / f"{self.prefix}{trainer.global_step}.ckpt"
         path = Path(trainer.strategy.broadcast(str(path)))
         trainer.save_checkpoint(path)
@@ -64,6 +72,13 @@ class SignalCheckpoint(Callback):
             print(f"maskvid: {self.what}: saved {path}", flush=True)
         self.after_save(trainer, path)
         trainer.should_stop = True
+
+    def teardown(self, trainer: Trainer, pl_module, stage: str) -> None:
+        if self.requested:
+            # Saved and stopping: a repeated or late signal must not turn the clean exit into a
+            # kill. Ignored rather than flagged, because Python puts back the default action of
+            # its own handlers when the interpreter finalizes, before the process is gone.
+            signal.signal(self.signum, signal.SIG_IGN)
 
     def after_save(self, trainer: Trainer, path: Path) -> None:
         """What to do once the checkpoint is written (every rank), before the run stops."""

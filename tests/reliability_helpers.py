@@ -251,7 +251,10 @@ def fit_command(setup, model: str, run: Path, strategy: str = "ddp", devices: in
 
 def _env(log_dir: Path, extra: Optional[dict] = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(REPO), **{STEP_LOG_ENV: str(log_dir)}, **(extra or {}))
+    # One compute thread per rank whoever launches it (Lightning's launcher picks cores // ranks,
+    # torchrun and launch/slurm/srun_fit.sh 1): another thread count sums in another order, and
+    # a resumed run is compared bit for bit with a run started some other way.
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **{STEP_LOG_ENV: str(log_dir)}, **(extra or {}))
     return env
 
 

@@ -157,7 +157,8 @@ def _stop_on_signal(procs, log: Path, run: Path, prefix: str, first: int, signum
     step = saved_step(saved)
     assert saved.name == f"{prefix}{step}.ckpt"
     assert [last_step(log, r) for r in (0, 1)] == [step - 1, step - 1]
-    assert texts[0].count(": saved ") == 1 and f"saved {saved}" in texts[0], texts[0][-3000:]
+    said = [line for t in texts for line in t.splitlines() if line.startswith("maskvid: ") and ": saved " in line]
+    assert len(said) == 1 and said[0].endswith(f"saved {saved}"), said
     return saved, step
 
 
