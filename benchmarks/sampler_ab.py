@@ -81,7 +81,7 @@ def train(args, out: Path) -> tuple[Path, dict[str, Path], dict]:
                          f"tokens/{split}", "--workers", "1", "--overwrite", "--quiet")
         timings["tokenize_s"] = time.perf_counter() - start
     if args.stage2:
-        return tokenizer, {"checkpoint": Path(args.stage2)}, timings
+        return tokenizer, {"given": Path(args.stage2)}, timings
     models = {}
     config = CONFIG_DIR / f"experiment/{args.backbone}_demo.yaml"
     for schedule in args.train_schedules:
