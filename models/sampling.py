@@ -2,8 +2,8 @@
 
 Start with every position masked (or some primed: story mode). At each of `steps` steps predict
 every masked token at once, keep the most confident predictions and re-mask the rest, so that the
-masked fraction follows the schedule (cosine by default: cos(pi/2 * progress)). Confidence gets Gumbel noise whose scale anneals to
-zero over the steps (exploration early, commitment late). Guidance runs the conditional and
+masked fraction follows the schedule (by default cos(pi/2 * progress)). Confidence gets Gumbel
+noise whose scale anneals to zero over the steps (exploration early, commitment late). Guidance runs the conditional and
 unconditional passes in one batched forward: logits = u + s * (c - u).
 Optional refinement rounds follow (`refine_steps`): each re-masks a random fraction of the
 generated tokens and predicts them again from all the others, so that tokens committed in the same
