@@ -3,7 +3,8 @@
 Every quantizer maps continuous codes [..., dim] to indices [...] in [0, codebook_size) and back,
 and reports what a user needs to watch a codebook: its loss, the batch perplexity and how many
 codes are in use. `VectorQuantizer` is Phenaki's (l2-normalised codebook, commitment loss, dead-code
-restart); `FSQ` (finite scalar quantization) is the codebook-free alternative.
+restart); `FSQ` (finite scalar quantization) and `LFQ` (lookup-free, MAGVIT-v2) are the codebook-free
+alternatives.
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ def perplexity_of(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
     counts = code_counts(indices, codebook_size)
     probs = counts / counts.sum().clamp(min=1)
     return torch.exp(-(probs * torch.log(probs.clamp(min=1e-10))).sum())
+
+
+@torch.no_grad()
+def count_window(quantizer: Quantizer, indices: torch.Tensor) -> None:
+    """Add a step's codes to `window_counts`, starting a new window once `usage_window` steps are in
+    (without a branch on the count, which would break a compiled graph)."""
+    fresh = quantizer.window_steps >= quantizer.usage_window
+    counts = code_counts(indices, quantizer.codebook_size)
+    quantizer.window_counts.copy_(torch.where(fresh, counts, quantizer.window_counts + counts))
+    quantizer.window_steps.copy_(torch.where(fresh, 1, quantizer.window_steps + 1))
 
 
 class VectorQuantizer(Quantizer):
@@ -238,15 +249,69 @@ class FSQ(Quantizer):
         indices = (digits * self.basis).sum(-1)
         quantized = rounded / half.clamp(min=1)
         if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                # A new window starts once the last one is full: without a branch on the count.
-                fresh = self.window_steps >= self.usage_window
-                counts = code_counts(indices, self.codebook_size)
-                self.window_counts.copy_(torch.where(fresh, counts, self.window_counts + counts))
-                self.window_steps.copy_(torch.where(fresh, 1, self.window_steps + 1))
+            count_window(self, indices)
         return QuantizerOutput(
             quantized=quantized,
             indices=indices,
             loss=z.new_zeros((), dtype=torch.float32),
+            perplexity=perplexity_of(indices, self.codebook_size),
+        )
+
+
+class LFQ(Quantizer):
+    """Lookup-free quantization (MAGVIT-v2, Yu et al., 2023), computed by vector-quantize-pytorch.
+
+    Each of `dim` channels is quantized to its sign (±1) and the index is the binary number of the
+    signs: a 2**dim vocabulary with no codebook to look up, collapse or restart. Its entropy penalty
+    keeps each token's assignment confident and the batch's code histogram spread (the histogram is
+    averaged over ranks before its entropy is taken, so N ranks train as one).
+    """
+
+    def __init__(self, dim: int = 10, entropy_weight: float = 0.1, diversity_gamma: float = 1.0,
+                 commitment_weight: float = 0.25, usage_window: int = 100) -> None:
+        """
+        Args:
+            dim: Bits per token; the vocabulary is 2**dim.
+            entropy_weight: Weight of the entropy penalty (per-token entropy minus diversity_gamma
+                times the batch code entropy).
+            diversity_gamma: How strongly the batch entropy term pushes codes to be used evenly.
+            commitment_weight: Weight of the commitment loss pulling the encoder output to its code.
+            usage_window: Training steps over which `window_usage` (logged codebook usage) counts.
+        """
+        super().__init__()
+        # Imported here: only LFQ tokenizers pay for the library's import.
+        from vector_quantize_pytorch import LFQ as LookupFree
+
+        self.config = module_config(self, locals())
+        if not 1 <= dim <= 20:
+            raise ValueError(f"LFQ dim must be in [1, 20] (a 2**dim vocabulary), got {dim}")
+        self.dim = dim
+        self.codebook_size = 2**dim
+        self.lfq = LookupFree(dim=dim, codebook_size=2**dim, entropy_loss_weight=entropy_weight,
+                              diversity_gamma=diversity_gamma, commitment_loss_weight=commitment_weight,
+                              channel_first=False)
+        self.usage_window = usage_window
+        self.register_buffer("window_counts", torch.zeros(self.codebook_size), persistent=True)
+        self.register_buffer("window_steps", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def window_usage(self) -> float:
+        return float((self.window_counts > 0).float().mean())
+
+    def codes(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.lfq.indices_to_codes(indices.long()).float()
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        shape = z.shape[:-1]
+        flat = z.float().reshape(1, -1, self.dim)  # the library's (batch, sequence, dim) layout
+        quantized, indices, aux_loss = self.lfq(flat)
+        indices = indices.reshape(shape)
+        if self.training and torch.is_grad_enabled():
+            count_window(self, indices)
+        return QuantizerOutput(
+            quantized=quantized.reshape(z.shape),
+            indices=indices,
+            loss=aux_loss.float().reshape(()),
             perplexity=perplexity_of(indices, self.codebook_size),
         )

@@ -101,3 +101,69 @@ def test_codebook_usage_metric():
     assert out["perplexity"].item() == pytest.approx(math.exp(-(probs * probs.log()).sum().item()))
     with pytest.raises(ValueError, match="out of range"):
         metric.update(torch.tensor([8]))
+
+
+def test_lfq_index_is_the_binary_number_of_the_signs_and_codes_invert_it():
+    from maskvid.models.quantizer import LFQ
+
+    q = LFQ(dim=5).train()
+    z = torch.randn(3, 4, 6, 5, requires_grad=True)
+    out = q(z)
+    bits = (z.detach() > 0).long()
+    # The first channel is the most significant bit.
+    assert torch.equal(out.indices, (bits * 2 ** torch.arange(4, -1, -1)).sum(-1))
+    assert torch.equal(out.quantized.detach(), torch.where(z.detach() > 0, 1.0, -1.0))
+    assert torch.equal(q.codes(out.indices), out.quantized.detach())
+    every = q.codes(torch.arange(32))
+    assert every.unique(dim=0).shape == (32, 5) and set(every.unique().tolist()) == {-1.0, 1.0}
+    # Straight-through: the gradient reaches the encoder output as it left the decoder.
+    upstream = torch.randn_like(z)
+    (out.quantized * upstream).sum().backward()
+    assert torch.allclose(z.grad, upstream)
+    assert out.perplexity > 1 and 0 < q.window_usage() <= 1
+
+
+def test_lfq_entropy_penalty_prefers_confident_and_varied_codes():
+    from maskvid.models.quantizer import LFQ
+
+    q = LFQ(dim=4, commitment_weight=0.0).train()
+    g = torch.Generator().manual_seed(0)
+    varied = torch.randn(512, 4, generator=g).sign()  # every code, each token exactly on one
+    collapsed = torch.ones(512, 4)  # one code for every token
+    unsure = torch.randn(512, 4, generator=g).sign() * 0.001  # right spread, but near every boundary
+    losses = {name: float(q(z).loss) for name, z in (("varied", varied), ("collapsed", collapsed), ("unsure", unsure))}
+    assert losses["varied"] < losses["collapsed"] and losses["varied"] < losses["unsure"], losses
+    # Outside training there is nothing to penalise.
+    assert float(q.eval()(varied).loss) == 0.0
+    with pytest.raises(ValueError, match="dim"):
+        LFQ(dim=0)
+
+
+def test_a_cvivit_with_lfq_learns_to_reconstruct():
+    from maskvid.models.config import instantiate
+    from maskvid.models.quantizer import LFQ
+    import yaml
+
+    from tests.conftest import REPO
+
+    config = yaml.safe_load((REPO / "configs/model/cvivit_tiny_lfq.yaml").read_text())
+    torch.manual_seed(0)
+    network = config["model"]["init_args"]["tokenizer"]
+    network["init_args"].update(dim=32, spatial_depth=1, temporal_depth=1, heads=2)  # the recipe's quantizer, a smaller net
+    tokenizer = instantiate(network)
+    assert isinstance(tokenizer.quantizer, LFQ) and tokenizer.vocab_size == 256
+    video = torch.zeros(2, 3, 5, 32, 32)
+    video[0, 0, :, 8:20, 8:20] = 1.0  # a red square and a blue one, on black
+    video[1, 2, :, 14:30, 4:20] = 1.0
+    video = video * 2 - 1
+    optimizer = torch.optim.Adam(tokenizer.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        recon, q = tokenizer(video)
+        loss = F.mse_loss(recon, video) + q.loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(F.mse_loss(recon, video).item())
+    assert tokenizer.to_code.weight.grad.abs().sum() > 0  # straight through to the encoder
+    assert losses[-1] < 0.3 * losses[0], losses[::10]
