@@ -279,10 +279,10 @@ class LFQ(Quantizer):
             usage_window: Training steps over which `window_usage` (logged codebook usage) counts.
         """
         super().__init__()
+        self.config = module_config(self, locals())
         # Imported here: only LFQ tokenizers pay for the library's import.
         from vector_quantize_pytorch import LFQ as LookupFree
 
-        self.config = module_config(self, locals())
         if not 1 <= dim <= 20:
             raise ValueError(f"LFQ dim must be in [1, 20] (a 2**dim vocabulary), got {dim}")
         self.dim = dim

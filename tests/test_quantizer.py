@@ -139,7 +139,7 @@ def test_lfq_entropy_penalty_prefers_confident_and_varied_codes():
         LFQ(dim=0)
 
 
-def test_a_cvivit_with_lfq_learns_to_reconstruct():
+def test_a_cvivit_with_lfq_learns_to_reconstruct_and_exports(tmp_path):
     from maskvid.models.config import instantiate
     from maskvid.models.quantizer import LFQ
     import yaml
@@ -167,3 +167,12 @@ def test_a_cvivit_with_lfq_learns_to_reconstruct():
         losses.append(F.mse_loss(recon, video).item())
     assert tokenizer.to_code.weight.grad.abs().sum() > 0  # straight through to the encoder
     assert losses[-1] < 0.3 * losses[0], losses[::10]
+
+    # The exported directory (plain JSON config + safetensors) rebuilds the same tokenizer.
+    from maskvid.video_tokenizer import VideoTokenizer
+
+    saved = VideoTokenizer(tokenizer).save_pretrained(tmp_path / "lfq")
+    again = VideoTokenizer.from_pretrained(saved)
+    assert isinstance(again.network.quantizer, LFQ)
+    clip = torch.randint(0, 256, (2, 5, 32, 32, 3), dtype=torch.uint8)
+    assert torch.equal(VideoTokenizer(tokenizer).encode(clip), again.encode(clip))
