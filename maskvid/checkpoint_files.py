@@ -126,7 +126,25 @@ def verify_checkpoint(path: str | Path) -> Path:
             raise CheckpointCorruptError(path, f"no state files under {tag.name}/")
         for file in files:
             _verify_zip(file, path)
+        _verify_zero_shards(path, tag)
     return path
+
+
+def _verify_zero_shards(path: Path, tag: Path) -> None:
+    """Every data-parallel rank's optimizer shard is there: rank 0 writes `latest` while the
+    others may still be writing theirs, and a shard that is missing has no CRC to fail."""
+    if (tag / "zero").is_dir():  # universal: no per-rank shards
+        return
+    per_rank = (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()  # ZeRO-3
+    model_states = tag / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if per_rank else "mp_rank_00_model_states.pt")
+    if not model_states.is_file():
+        raise CheckpointCorruptError(path, f"{model_states.name} missing under {tag.name}/")
+    world = torch.load(model_states, map_location="cpu", weights_only=True, mmap=True).get("dp_world_size", 1)
+    kinds = ("optim_states", "model_states") if per_rank else ("optim_states",)
+    for rank in range(world):
+        for kind in kinds:
+            if not any(tag.glob(f"*zero_pp_rank_{rank}_mp_rank_*{kind}.pt")):
+                raise CheckpointCorruptError(path, f"rank {rank} of {world}: {kind} shard missing under {tag.name}/")
 
 
 def _deepspeed_tag_dir(path: Path) -> Path:
