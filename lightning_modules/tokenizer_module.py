@@ -26,12 +26,14 @@ from maskvid.lightning_modules.media import log_reconstructions
 from maskvid.lightning_modules.optim import adamw, clip_grad_norm, weight_decay_groups
 from maskvid.lightning_modules.parallelize import parallelize_with_strategy
 from maskvid.lightning_modules.schedules import fit_warmup_cosine
+from maskvid.lightning_modules.step_seed import step_seed
 from maskvid.lightning_modules.video_metrics import VideoEvalMetrics
 from maskvid.metrics.codebook import CodebookUsage
-from maskvid.metrics.i3d import I3DWeightsError
+from maskvid.metrics.i3d import I3DWeightsError, load_i3d
 from maskvid.models.config import instantiate
 from maskvid.models.cvivit import CViViT
 from maskvid.models.discriminator import VideoDiscriminator
+from maskvid.models.perceptual import VideoFeatureLoss
 from maskvid.models.tokenizer_checkpoint import CHECKPOINT_KEY, FORMAT_VERSION
 
 _NO_DECAY = ("codebook", "pos_h", "pos_w")
@@ -60,6 +62,8 @@ class TokenizerModule(LightningModule):
         gp_every: int = 4,
         perceptual_weight: float = 0.0,
         perceptual_path: str | None = None,
+        perceptual_frames: int | None = None,
+        video_perceptual_weight: float = 0.0,
         ema_decay: float | None = 0.999,
         num_log_videos: int = 4,
         log_fps: float = 8.0,
@@ -90,6 +94,11 @@ class TokenizerModule(LightningModule):
             perceptual_weight: Weight of the LPIPS-style perceptual loss; 0 disables it.
             perceptual_path: VGG16 weights file for the perceptual loss (required when its
                 weight is > 0; nothing is downloaded).
+            perceptual_frames: Real frames per clip the perceptual loss scores each step, drawn at
+                random; null scores every real frame. Padded frames are never scored.
+            video_perceptual_weight: Weight of the video perceptual loss: squared distance of the
+                real and reconstructed clips' I3D features (Phenaki), with the I3D from i3d_path
+                (a state_dict: the TorchScript detector has no gradient); 0 disables it.
             ema_decay: Decay of the EMA copy used for validation and export; null disables.
             num_log_videos: Clips shown in the reconstruction grid and mp4 each validation.
             log_fps: Frame rate of the reconstruction mp4.
@@ -119,6 +128,8 @@ class TokenizerModule(LightningModule):
                 "perceptual_path", "perceptual_weight > 0 needs perceptual_path: a local VGG16 weights file "
                 "(maskvid downloads nothing). Set model.init_args.perceptual_path or perceptual_weight: 0."
             )
+        if perceptual_frames is not None and perceptual_frames < 1:
+            raise ModelOptionError("perceptual_frames", f"must be >= 1 or null (every frame), got {perceptual_frames}")
         # Kept out of the module tree: frozen, not checkpointed, not sharded, not optimized.
         self._perceptual: list[nn.Module] = []
         if perceptual_weight > 0:
@@ -128,6 +139,9 @@ class TokenizerModule(LightningModule):
                 self._perceptual.append(PerceptualLoss(perceptual_path))
             except PerceptualWeightsError as exc:
                 raise ModelOptionError("perceptual_path", exc) from None
+        self._video_perceptual: list[nn.Module] = []
+        if video_perceptual_weight > 0:
+            self._video_perceptual.append(video_feature_loss(i3d_path))
         # PSNR per frame, then averaged (the video-tokenizer convention), rather than torchmetrics'
         # default of one PSNR over the pooled squared error of every frame.
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
@@ -159,7 +173,7 @@ class TokenizerModule(LightningModule):
         self.check_data(getattr(self.trainer, "datamodule", None))
 
     def on_fit_start(self) -> None:
-        for net in self._perceptual:
+        for net in self._perceptual + self._video_perceptual:
             net.to(self.device)
 
     def parallel_networks(self) -> list[nn.Module]:
@@ -203,9 +217,15 @@ class TokenizerModule(LightningModule):
         nll = rec
         logs = {"train/recon_loss": rec.detach(), "train/quantizer_loss": q.loss.detach()}
         if self._perceptual:
-            perceptual = self._perceptual[0](recon, video)
+            generator = torch.Generator(device=video.device).manual_seed(
+                step_seed(0, self.global_rank, self.global_step))
+            perceptual = self._perceptual[0](recon, video, mask, hp.perceptual_frames, generator)
             nll = nll + hp.perceptual_weight * perceptual
             logs["train/perceptual_loss"] = perceptual.detach()
+        if self._video_perceptual:
+            video_perceptual = self._video_perceptual[0](video, recon, mask)
+            nll = nll + hp.video_perceptual_weight * video_perceptual
+            logs["train/video_perceptual_loss"] = video_perceptual.detach()
         loss = nll + hp.quantizer_weight * q.loss
         if gan_on:
             self.discriminator.requires_grad_(False)
@@ -364,3 +384,18 @@ def _step_uncounted(optimizer) -> None:
         optimizer.step()
     finally:
         optimizer._on_before_step, optimizer._on_after_step = before, after
+
+
+def video_feature_loss(i3d_path: str | None) -> nn.Module:
+    """The video perceptual loss on the I3D in `i3d_path`; ModelOptionError when it cannot be one."""
+    if not i3d_path:
+        raise ModelOptionError("i3d_path", "video_perceptual_weight > 0 needs i3d_path: a local I3D state_dict "
+                               "(maskvid downloads nothing). Set model.init_args.i3d_path or video_perceptual_weight: 0.")
+    try:
+        features = load_i3d(i3d_path)
+    except I3DWeightsError as exc:
+        raise ModelOptionError("i3d_path", exc) from None
+    if features.torchscript:
+        raise ModelOptionError("i3d_path", f"{i3d_path} is a TorchScript I3D, which takes uint8 pixels and gives no "
+                               "gradient; the video perceptual loss needs an I3D state_dict (docs/metrics.md)")
+    return VideoFeatureLoss(features.network, resolution=features.resolution)
