@@ -101,8 +101,8 @@ def test_kill_during_a_sharded_checkpoint_write_keeps_the_previous_one(setup, re
     log = tmp_path / "log-killed"
     proc = launch(command, log, env={SLOW_SAVE_ENV: "last.ckpt@6:1"})
     files = lambda: sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())  # noqa: E731
-    wait_until(lambda: (log / "slow-save-rank1").exists() and files(), [proc], log, "rank 1 stalled in the step-6 save")
-    time.sleep(1.0)  # rank 0 finishes its own shard and waits for rank 1
+    wait_until(lambda: (log / "slow-save-rank1").exists(), [proc], log, "rank 1 stalled in the step-6 save")
+    time.sleep(2.0)  # rank 0 writes its own shard meanwhile, then waits for rank 1
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
