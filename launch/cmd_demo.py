@@ -25,12 +25,19 @@ preloaded tcmalloc, else jemalloc, where installed (MASKVID_ALLOCATOR=auto|tcmal
 and glibc's malloc keeps freed memory (launch/cpu_tuning.py); with glibc's defaults a long CPU fit
 slows down step by step. It is never applied where CUDA is available. Rerun with the same --out to
 resume: finished steps are skipped (OUT/steps/*.json) and an interrupted fit continues from its
-last checkpoint.
+last checkpoint. A rerun with another --backbone reuses the data, tokenizer and tokens, and
+redoes stage 2, generation, scoring and the report.
+
+--recipe learn is the learning check of tests/test_learning.py: 9-frame clips of one object
+size, speed and background, tiny fits of fixed step counts (configs/demo/, no time budget, so a
+rerun gives the same figures), and 32 prompts asking for every colour and direction equally
+often; summary.json holds the oracle's accuracy and the chance level of each attribute.
 
 examples:
   maskvid demo --out runs/demo                     # the default budget, --minutes 40
   maskvid demo --out runs/demo --cpu-tuning        # faster on a CPU where tcmalloc/jemalloc is installed
   maskvid demo --out runs/demo_quick --quick       # smoke run: a few steps per stage
+  maskvid demo --out runs/learn --recipe learn     # fixed-step learning check, then --backbone maskgit
   maskvid demo --out runs/demo_phenaki --backbone maskgit
   maskvid demo --out runs/demo_fast --minutes 20   # quicker, weaker models
   maskvid demo --out runs/mine --train-shards shards/mine --val-shards shards/mine_val --prompts prompts.txt
@@ -57,7 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"training budget of both fits together (default: {REFERENCE_MINUTES:g}, the budget the demo configs' "
                              "step caps are sized for; 2 with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run under 5 minutes: tiny data, a few steps per stage, 3 prompts per set")
+                        help="smoke run under 5 minutes: tiny data, a few steps per stage, 3 prompts per set "
+                             "(the same as --recipe quick)")
+    parser.add_argument("--recipe", choices=["full", "quick", "learn"], default=None,
+                        help="full (default), quick, or learn: the fixed-step learning check (configs/demo/; "
+                             "no time budget, so --minutes does not apply)")
     parser.add_argument("--backbone", choices=["mebt", "maskgit"], default="mebt",
                         help="stage-2 model: mebt (default) or maskgit (Phenaki)")
     parser.add_argument("--devices", type=positive_int, default=1,
@@ -88,11 +99,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from maskvid.launch.demo_pipeline import FULL, QUICK, DemoPipeline
+    from maskvid.launch.demo_pipeline import QUICK, RECIPES, DemoPipeline
 
     if (args.train_shards is None) != (args.val_shards is None):
         raise DataError("--train-shards and --val-shards go together (both your shards, or neither for synthetic data)")
-    recipe = QUICK if args.quick else FULL
+    if args.quick and args.recipe not in (None, "quick"):
+        raise DataError(f"--quick is --recipe quick; it does not go with --recipe {args.recipe}")
+    recipe = RECIPES["quick" if args.quick else args.recipe or "full"]
+    if not recipe.time_budget and args.minutes is not None:
+        raise DataError(f"--recipe {args.recipe} fixes its steps, not its minutes: --minutes does not apply")
     if args.videos_per_prompt is not None:
         recipe = replace(recipe, videos_per_prompt=args.videos_per_prompt)
     if args.max_prompts is not None:
@@ -102,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         if args.train_shards is not None:
             raise DataError("--sizes/--speeds/--backgrounds shape the synthetic data; they do nothing with --train-shards")
         recipe = replace(recipe, variation=replace(recipe.variation, **chosen))
-    minutes = args.minutes if args.minutes is not None else (2.0 if args.quick else REFERENCE_MINUTES)
+    minutes = args.minutes if args.minutes is not None else (2.0 if recipe is QUICK else REFERENCE_MINUTES)
     demo = DemoPipeline(args.out, recipe, minutes, backbone=args.backbone, devices=args.devices,
                         train_shards=args.train_shards, val_shards=args.val_shards, prompts=args.prompts,
                         i3d_path=args.i3d_path, clip_path=args.clip_path, seed=args.seed,

@@ -27,7 +27,8 @@ def rounded(accuracy: dict[str, float]) -> dict[str, float]:
 
 
 def check_data(train_shards: str, val_shards: str, out: Path, workers: int = 2, seed: int = 0,
-               synthetic: bool = True, batch_size: int = 8, train_batches: int = 2) -> dict[str, Any]:
+               synthetic: bool = True, batch_size: int = 8, train_batches: int = 2, num_frames: int = 17
+               ) -> dict[str, Any]:
     """Stream train and val exactly as `maskvid fit` does; previews, shapes, ranges, and (when the
     clips carry synthetic attributes) the oracle's reading of every val clip: decoding, cropping
     and normalisation must keep the content the captions describe."""
@@ -36,7 +37,7 @@ def check_data(train_shards: str, val_shards: str, out: Path, workers: int = 2, 
     from maskvid.datamodules.video_datamodule import VideoDataModule
     from maskvid.metrics.oracle import caption_accuracy
 
-    dm = VideoDataModule(train_shards=train_shards, val_shards=val_shards, num_frames=17, resolution=64,
+    dm = VideoDataModule(train_shards=train_shards, val_shards=val_shards, num_frames=num_frames, resolution=64,
                          batch_size=batch_size, num_workers=workers, seed=seed)
     start = time.perf_counter()
     first_train = None
@@ -94,6 +95,19 @@ def oracle_accuracy(index_path: Path) -> dict[str, Any]:
     videos = [decode_all(video_path(item, index_path).read_bytes()) for item, _ in scored]
     result = caption_accuracy(videos, [attrs for _, attrs in scored])
     return {**rounded(result), "unparsed_prompts": len(index) - len(scored)}
+
+
+def prompt_chance(prompts: list[str]) -> dict[str, Any]:
+    """Per attribute, the best caption accuracy a model that ignores that word can expect on these
+    prompts: the share of the most frequent value among the prompts the oracle can score
+    (synthetic.attribute_chance). Null when none parses."""
+    from maskvid.datamodules.synthetic import attribute_chance, parse_caption
+
+    parsed = [a for a in map(parse_caption, prompts) if a is not None]
+    if not parsed:
+        return {"value": None, "reason": "no prompt names synthetic colour/shape/direction"}
+    combos = [(a["colour"], a["shape"], a["direction"]) for a in parsed]
+    return {**rounded(attribute_chance(combos)), "n_prompts": len(combos)}
 
 
 def reconstruction_accuracy(tokenizer_ckpt: Path, token_shards: str, limit: int = 128,

@@ -65,7 +65,8 @@ DEMO_VARIATION = Variation(sizes=("large",), backgrounds=("black",))
 
 @dataclass(frozen=True)
 class Recipe:
-    """Sizes of one demo run. Step counts are caps: --minutes usually stops training first."""
+    """Sizes of one demo run. Step counts are caps: --minutes usually stops training first,
+    unless `time_budget` is off (then the steps alone fix the run, as a reproducible test needs)."""
 
     num_train: int = 1024
     num_val: int = 128
@@ -85,6 +86,13 @@ class Recipe:
     recon_clips: int = 8  # real/reconstructed pairs shown in the report
     workers: int = 2
     variation: Variation = DEMO_VARIATION  # the synthetic data's free attributes
+    frames: int = 17  # rendered frames per clip, and the clip length both fits train on
+    # Experiment configs under configs/ ({backbone} is filled in); they write to runs/tokenizer_demo
+    # and runs/{backbone}_demo, where the later steps look for the checkpoints.
+    tokenizer_config: str = "experiment/tokenizer_demo.yaml"
+    stage2_config: str = "experiment/{backbone}_demo.yaml"
+    time_budget: bool = True  # False: no --trainer.max_time, and the configs' max_steps unscaled
+    prompt_sets: tuple[str, ...] = ("seen", "heldout")  # synthetic prompts: seen, heldout, balanced
 
 
 FULL = Recipe()
@@ -92,6 +100,19 @@ FULL = Recipe()
 QUICK = Recipe(num_train=32, num_val=8, num_heldout=8, samples_per_shard=8, tokenizer_steps=4,
                stage2_steps=4, val_every=2, stage2_val_every=4, limit_val_batches=1, log_every=1, num_val_videos=1,
                generate_steps=4, generate_refine_steps=0, max_prompts=3, videos_per_prompt=1, recon_clips=4, workers=1)
+# The learning check (tests/test_learning.py): tiny fits whose generated videos the oracle reads
+# far above chance for colour and direction. Steps, not minutes, fix it, so a rerun gives the
+# same figures. Everything that makes learning quick is here or in configs/demo/: 9 frames (3
+# latent frames), one size, speed and background, a small stage 2, and 32 prompts that ask for
+# every colour and direction equally often.
+LEARN = Recipe(num_train=512, num_val=64, num_heldout=0, samples_per_shard=128, recon_clips=4, workers=1,
+               variation=Variation(sizes=("large",), speeds=("fast",), backgrounds=("black",)), frames=9,
+               tokenizer_config="demo/learn_tokenizer.yaml", stage2_config="demo/learn_{backbone}.yaml",
+               time_budget=False, prompt_sets=("balanced",))
+RECIPES = {"full": FULL, "quick": QUICK, "learn": LEARN}
+# Steps whose output depends on the stage-2 backbone: a rerun with another --backbone redoes them
+# and reuses the data, tokenizer and tokens.
+BACKBONE_STEPS = ("stage2", "generate", "score", "report")
 
 
 def hms(minutes: float) -> str:
@@ -108,6 +129,7 @@ class StepRecord:
     seconds: float
     commands: list[str] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
+    backbone: Optional[str] = None  # the stage-2 backbone, for the steps that depend on it
 
 
 class DemoPipeline:
@@ -172,6 +194,10 @@ class DemoPipeline:
             # A rerun skips the finished data step: other --sizes/--speeds/--backgrounds would be ignored.
             raise DataError(f"{self.out / 'data'} was rendered with {rendered}, not {self.recipe.variation.as_dict()}; "
                             "use another --out for other --sizes/--speeds/--backgrounds")
+        frames = self.rendered_frames()
+        if self.synthetic and frames is not None and frames != self.recipe.frames:
+            raise DataError(f"{self.out / 'data'} holds {frames}-frame clips, this recipe trains on {self.recipe.frames}; "
+                            "use another --out for another --recipe")
         for flag, path in (("--i3d-path", self.i3d_path), ("--clip-path", self.clip_path)):
             if path and not Path(path).exists():
                 raise DataError(f"{flag} {path}: no such file or directory")
@@ -182,6 +208,13 @@ class DemoPipeline:
         if not (self.steps_dir / "data.json").is_file() or not attributes.is_file():
             return None
         return json.loads(attributes.read_text()).get("variation", Variation().as_dict())
+
+    def rendered_frames(self) -> int | None:
+        """Frames per clip of the synthetic data already rendered in OUT (None before the data step)."""
+        attributes = self.out / "data/attributes.json"
+        if not (self.steps_dir / "data.json").is_file() or not attributes.is_file():
+            return None
+        return int(json.loads(attributes.read_text()).get("frames", FULL.frames))
 
     # -- running commands --------------------------------------------------------------------------
 
@@ -238,7 +271,9 @@ class DemoPipeline:
         # The precision `precision` picks for the stage (bf16 on CPUs with native bf16 too), over
         # the trainer files' own.
         args += ["--trainer.precision", self.precision(stage)]
-        args += ["--trainer.devices", str(self.devices), "--trainer.max_time", hms(minutes)]
+        args += ["--trainer.devices", str(self.devices)]
+        if r.time_budget:
+            args += ["--trainer.max_time", hms(minutes)]
         if steps is not None:
             args += ["--trainer.max_steps", str(steps)]
         if val_every is not None:
@@ -272,7 +307,7 @@ class DemoPipeline:
         r = self.recipe
         v = r.variation
         self.maskvid("data", "synthetic", "--out", "data", "--seed", str(self.seed), "--num-train", str(r.num_train),
-                     "--num-val", str(r.num_val), "--num-heldout", str(r.num_heldout),
+                     "--num-val", str(r.num_val), "--num-heldout", str(r.num_heldout), "--frames", str(r.frames),
                      "--samples-per-shard", str(r.samples_per_shard), "--workers", str(r.workers),
                      "--sizes", *v.sizes, "--speeds", *v.speeds, "--backgrounds", *v.backgrounds, "--overwrite",
                      "--quiet")
@@ -282,12 +317,23 @@ class DemoPipeline:
         from maskvid.launch.demo_checks import check_data
 
         return check_data(self.train_shards, self.val_shards, self.out, workers=self.recipe.workers,
-                          seed=self.seed, synthetic=self.synthetic)
+                          seed=self.seed, synthetic=self.synthetic, num_frames=self.recipe.frames)
+
+    def fit_steps(self, config: Path, steps: Optional[int]) -> Optional[int]:
+        """A fit's --trainer.max_steps: the recipe's, else the config's scaled to --minutes, else
+        (no time budget) None, the config's own."""
+        if steps is not None or not self.recipe.time_budget:
+            return steps
+        return scaled_steps(config, self.minutes)
+
+    def stage2_config(self) -> Path:
+        return CONFIG_DIR / self.recipe.stage2_config.format(backbone=self.backbone)
 
     def step_tokenizer(self) -> dict[str, Any]:
-        config = CONFIG_DIR / "experiment/tokenizer_demo.yaml"
-        steps = self.recipe.tokenizer_steps or scaled_steps(config, self.minutes)
-        self.maskvid("fit", "--config", str(config),
+        config = CONFIG_DIR / self.recipe.tokenizer_config
+        steps = self.fit_steps(config, self.recipe.tokenizer_steps)
+        frames = [] if self.recipe.frames == FULL.frames else ["--data.num_frames", str(self.recipe.frames)]
+        self.maskvid("fit", "--config", str(config), *frames,
                      "--data.train_shards", self.train_shards, "--data.val_shards", self.val_shards,
                      *self._trainer_args(steps, BUDGET_SPLIT["tokenizer"] * self.minutes, self.recipe.val_every,
                                          "tokenizer"))
@@ -298,7 +344,8 @@ class DemoPipeline:
     def step_tokenize(self) -> dict[str, Any]:
         for split, shards in (("train", self.train_shards), ("val", self.val_shards)):
             self.maskvid("data", "tokenize", "--tokenizer", str(self.tokenizer_ckpt), "--shards", shards,
-                         "--out", f"tokens/{split}", "--workers", str(self.recipe.workers), "--overwrite", "--quiet")
+                         "--out", f"tokens/{split}", "--num-frames", str(self.recipe.frames),
+                         "--workers", str(self.recipe.workers), "--overwrite", "--quiet")
         from maskvid.launch.demo_checks import reconstruction_accuracy
 
         return {"tokens": str(self.tokens),
@@ -321,8 +368,8 @@ class DemoPipeline:
                       str(self.real_stats)]
         if self.clip_path:
             model += ["--model.init_args.clip_path", self.clip_path]
-        config = CONFIG_DIR / f"experiment/{self.stage2_name}.yaml"
-        steps = self.recipe.stage2_steps or scaled_steps(config, self.minutes)
+        config = self.stage2_config()
+        steps = self.fit_steps(config, self.recipe.stage2_steps)
         self.maskvid("fit", "--config", str(config),
                      "--data.samples", "tokens", "--data.train_shards", "tokens/train", "--data.val_shards",
                      "tokens/val", *model, *self._trainer_args(steps, minutes, self.recipe.stage2_val_every))
@@ -331,17 +378,24 @@ class DemoPipeline:
         # The trained model as safetensors, for maskvid.TextToVideo.from_pretrained (docs/api.md).
         self.maskvid("ckpt", "export", str(self.stage2_ckpt), "--out", "export")
         return {"checkpoint": str(self.stage2_ckpt), "export": str(self.out / "export"),
-                "budget_minutes": round(minutes, 2)}
+                "budget_minutes": round(minutes, 2) if self.recipe.time_budget else None}
 
     def prompt_sets(self) -> dict[str, list[str]]:
-        """The prompts to generate, per set: the synthetic seen/held-out lists, the val captions of
-        the user's shards, or --prompts FILE; each cut to --max-prompts."""
+        """The prompts to generate, per set: the synthetic ones the recipe names (the seen and
+        held-out lists, or the balanced set), the val captions of the user's shards, or --prompts
+        FILE; each cut to --max-prompts."""
+        from maskvid.datamodules.synthetic import balanced_combos, caption_for
         from maskvid.launch.cmd_generate import read_prompts
 
         if self.prompts_file is not None:
             sets = {"prompts": read_prompts(self.prompts_file)}
         elif self.synthetic:
-            sets = {s: read_prompts(self.out / f"data/prompts_{s}.txt") for s in ("seen", "heldout")}
+            sets = {}
+            for s in self.recipe.prompt_sets:
+                if s == "balanced":
+                    sets[s] = [caption_for(dict(zip(("colour", "shape", "direction"), c))) for c in balanced_combos()]
+                else:
+                    sets[s] = read_prompts(self.out / f"data/prompts_{s}.txt")
         else:
             sets = {"val_captions": read_prompts(self.out / "prompts/val_captions.txt")}
         limit = self.recipe.max_prompts
@@ -365,12 +419,13 @@ class DemoPipeline:
         return result
 
     def step_score(self) -> dict[str, Any]:
-        from maskvid.launch.demo_checks import oracle_accuracy
+        from maskvid.launch.demo_checks import oracle_accuracy, prompt_chance
 
-        result: dict[str, Any] = {"caption_accuracy": {}, "fvd": {}, "clipsim": {}}
-        for name in self.prompt_sets():
+        result: dict[str, Any] = {"caption_accuracy": {}, "caption_chance": {}, "fvd": {}, "clipsim": {}}
+        for name, prompts in self.prompt_sets().items():
             folder = self.out / f"generated/{name}"
             result["caption_accuracy"][name] = oracle_accuracy(folder / "index.json")
+            result["caption_chance"][name] = prompt_chance(prompts)
             if self.i3d_path:
                 self.maskvid("eval", "fvd", "--real", str(self.real_stats), "--fake", str(folder), "--i3d",
                              self.i3d_path, "--json", f"eval/fvd_{name}.json", "--quiet")
@@ -390,7 +445,7 @@ class DemoPipeline:
 
         summary = self.write_summary()
         page = write_report(self.out, summary, self.tokenizer_ckpt, self.val_shards, self.recipe.recon_clips,
-                            self.recipe.workers)
+                            self.recipe.workers, num_frames=self.recipe.frames)
         return {"report": str(page), "tokenizer_psnr_recon_clips": summary["metrics"].get("tokenizer_psnr_recon_clips")}
 
     # -- bookkeeping -----------------------------------------------------------------------------------
@@ -402,7 +457,7 @@ class DemoPipeline:
         steps = self.steps()
         for i, (name, title, fn) in enumerate(steps, 1):
             marker = self.steps_dir / f"{name}.json"
-            if marker.is_file():
+            if self.done(name):
                 self.echo(f"[{i}/{len(steps)}] {name}: done earlier, skipped ({title})")
             else:
                 self.echo(f"[{i}/{len(steps)}] {name}: {title}")
@@ -412,7 +467,8 @@ class DemoPipeline:
                 self._commands = []
                 start = time.perf_counter()
                 result = fn()
-                record = StepRecord(name, round(time.perf_counter() - start, 1), self._commands, result)
+                record = StepRecord(name, round(time.perf_counter() - start, 1), self._commands, result,
+                                    self.backbone if name in BACKBONE_STEPS else None)
                 # Written last and atomically: a step killed halfway has no marker and runs again.
                 tmp = marker.with_suffix(".tmp")
                 tmp.write_text(json.dumps(asdict(record), indent=1))
@@ -422,13 +478,18 @@ class DemoPipeline:
                 progress(1)
         return self.write_summary()
 
+    def done(self, name: str) -> bool:
+        """Whether step `name` finished for this run: its marker exists and, for a step that
+        depends on the backbone, was made with this one."""
+        marker = self.steps_dir / f"{name}.json"
+        if not marker.is_file():
+            return False
+        made_with = json.loads(marker.read_text()).get("backbone")
+        return made_with is None or made_with == self.backbone
+
     def records(self) -> dict[str, dict[str, Any]]:
-        found = {}
-        for name, _, _ in self.steps():
-            marker = self.steps_dir / f"{name}.json"
-            if marker.is_file():
-                found[name] = json.loads(marker.read_text())
-        return found
+        return {name: json.loads((self.steps_dir / f"{name}.json").read_text())
+                for name, _, _ in self.steps() if self.done(name)}
 
     def write_summary(self) -> dict[str, Any]:
         from maskvid.launch.demo_checks import tokenizer_psnr
@@ -441,7 +502,7 @@ class DemoPipeline:
             "backbone": self.backbone,
             "data": {"synthetic": self.synthetic, "train_shards": self.train_shards, "val_shards": self.val_shards,
                      "variation": self.rendered_variation() if self.synthetic else None},
-            "budget_minutes": self.minutes,
+            "budget_minutes": self.minutes if self.recipe.time_budget else None,  # None: the steps fix the run
             "budget_split": BUDGET_SPLIT,
             "precision": {"tokenizer": self.precision("tokenizer"), "stage2": self.precision()},
             "trainer_config": "configs/" + str(self.trainer_config().relative_to(CONFIG_DIR)),
@@ -461,6 +522,8 @@ class DemoPipeline:
                 "reconstruction_oracle_accuracy": records.get("tokenize", {}).get("result", {}).get(
                     "reconstruction_oracle_accuracy"),
                 "caption_accuracy": score.get("caption_accuracy"),
+                # Per prompt set, what a model that ignores the words scores at best (demo_checks.prompt_chance).
+                "caption_chance": score.get("caption_chance"),
                 "fvd": score.get("fvd"),
                 "clipsim": score.get("clipsim"),
             },

@@ -52,7 +52,7 @@ def generated_gifs(out: Path, folder: Path, name: str, limit: int = 24) -> list[
     return gifs
 
 
-def reconstructions(out: Path, tokenizer_ckpt: Path, val_shards: str, count: int, workers: int
+def reconstructions(out: Path, tokenizer_ckpt: Path, val_shards: str, count: int, workers: int, num_frames: int = 17
                     ) -> tuple[list[tuple[Path, str]], Optional[dict[str, Any]]]:
     """Real | reconstructed GIFs of the first `count` val clips, and their mean PSNR (frames in [0, 1])."""
     import torch
@@ -62,7 +62,7 @@ def reconstructions(out: Path, tokenizer_ckpt: Path, val_shards: str, count: int
     from maskvid.video_tokenizer import VideoTokenizer
 
     tokenizer = VideoTokenizer.from_checkpoint(tokenizer_ckpt).network
-    dm = VideoDataModule(val_shards=val_shards, num_frames=17, resolution=tokenizer.image_size, batch_size=count,
+    dm = VideoDataModule(val_shards=val_shards, num_frames=num_frames, resolution=tokenizer.image_size, batch_size=count,
                          num_workers=workers)
     batch = next(iter(dm.val_dataloader()))
     with torch.no_grad():
@@ -158,11 +158,12 @@ pre{background:#f4f4f4;padding:8px;font-size:11px;white-space:pre-wrap;word-brea
 
 
 def write_report(out: Path, summary: dict[str, Any], tokenizer_ckpt: Path, val_shards: str, recon_clips: int,
-                 workers: int) -> Path:
+                 workers: int, num_frames: int = 17) -> Path:
     """Render OUT/report.html from the run's outputs; adds tokenizer_psnr_recon_clips to summary['metrics']."""
     (out / "report").mkdir(exist_ok=True)
+    budget = "fixed steps" if summary["budget_minutes"] is None else f"budget {summary['budget_minutes']} min"
     parts = [f"<h1>maskvid demo</h1><p class='note'>backbone {html.escape(summary['backbone'])}, "
-             f"budget {summary['budget_minutes']} min, data {html.escape(summary['data']['train_shards'])}</p>"]
+             f"{budget}, data {html.escape(summary['data']['train_shards'])}</p>"]
 
     parts.append("<h2>Generated videos</h2>")
     order = {"seen": 0, "heldout": 1}
@@ -172,7 +173,7 @@ def write_report(out: Path, summary: dict[str, Any], tokenizer_ckpt: Path, val_s
         parts.append(f"<h3>{html.escape(name)} prompts — caption accuracy (joint) {_value(acc)}</h3>")
         parts.append(_grid(generated_gifs(out, index.parent, name), out))
 
-    pairs, psnr = reconstructions(out, tokenizer_ckpt, val_shards, recon_clips, workers)
+    pairs, psnr = reconstructions(out, tokenizer_ckpt, val_shards, recon_clips, workers, num_frames)
     summary["metrics"]["tokenizer_psnr_recon_clips"] = psnr
     parts.append(f"<h2>Tokenizer: real | reconstructed</h2><p class='note'>PSNR on these clips {_value(psnr)} dB</p>")
     parts.append(_grid(pairs, out).replace("<figure>", '<figure class="wide">'))
