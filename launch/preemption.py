@@ -11,7 +11,9 @@ under FSDP2/DeepSpeed) and the run stops as if it had finished; `--ckpt_path aut
   reclaim, `docker stop`, systemd): save and exit with status 0 within the grace period.
 
 DataLoader workers ignore both signals (datamodules/loader.py), so a signal sent to the whole
-process group does not kill the workers before the main process has saved.
+process group does not kill the workers before the main process has saved. A signal that reaches a
+rank late (after the others agreed to stop, during the save or the shutdown), or again, leaves its
+exit status 0 (tests/test_faults_sharded.py).
 """
 
 from __future__ import annotations
