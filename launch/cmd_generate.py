@@ -8,7 +8,8 @@ Past the length the model was trained on, a window of that length slides forward
 Prompts come from --prompt (repeatable), or --prompts FILE: plain text with one prompt per line,
 or JSONL with a "prompt" field. --story FILE.jsonl chains scenes into one long video (Phenaki's
 story mode): each line is {"prompt": ..., "num_frames": ...}; every scene after the first is
-primed with the tokens of the last --story-context latent frames of the one before.
+primed with the tokens of the last --story-context latent frames of the one before. An
+unconditional model (trained with text_encoder: null) takes --num-videos N instead of prompts.
 
 examples:
   maskvid generate --ckpt runs/stage2/last.ckpt --prompt "a red circle moving left" --out samples/
@@ -18,6 +19,7 @@ examples:
   maskvid generate --ckpt last.ckpt --prompt "a red circle moving left" --out dnr/ \\
       --sampler draft_revise --steps 12 --revise-sweeps 2 --revise-partitions 4 --revise-temperature 0.7
   maskvid generate --ckpt exported_model/ --prompt "a blue square moving up" --out samples/
+  maskvid generate --ckpt runs/mebt_uncond_16f/checkpoints/last.ckpt --num-videos 64 --out uncond/
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     source.add_argument("--prompts", type=Path, help="prompt file: one per line, or JSONL with a 'prompt' field")
     source.add_argument("--story", type=Path, help='JSONL of scenes {"prompt": ..., "num_frames": ...}, chained')
+    source.add_argument("--num-videos", type=int, help="unconditional models: how many videos (no prompts)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--num-frames", type=int, default=None, help="frames per video (default: the training clip length)")
     parser.add_argument("--steps", type=int, default=None, help="MaskGIT steps, 12-48 typical (default: the checkpoint's)")
@@ -132,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
     from maskvid.models.sampling import SamplingOptions
     from maskvid.text_to_video import TextToVideo
 
-    if args.batch_size < 1 or args.videos_per_prompt < 1:
-        raise DataError("--batch-size and --videos-per-prompt must be >= 1")
+    if args.batch_size < 1 or args.videos_per_prompt < 1 or (args.num_videos is not None and args.num_videos < 1):
+        raise DataError("--batch-size, --videos-per-prompt and --num-videos must be >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         model = TextToVideo.load(args.ckpt, map_location=device)
@@ -142,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
         options = model.options(**{f.name: getattr(args, f.name, None) for f in fields(SamplingOptions)})
     except ValueError as exc:  # not a stage-2 model, a damaged file, a bad sampler value
         raise DataError(str(exc)) from None
+    if (args.num_videos is not None) != model.unconditional:
+        raise DataError("this model is unconditional: use --num-videos N, not prompts" if model.unconditional
+                        else "--num-videos is for unconditional models: this one takes --prompt/--prompts/--story")
     args.out.mkdir(parents=True, exist_ok=True)
     index = []
 
@@ -155,7 +161,16 @@ def run(args: argparse.Namespace) -> int:
         index.append({"prompt": prompt, "path": str(path), "num_frames": n})
 
     try:
-        if args.story:
+        if args.num_videos is not None:
+            grid = model.grid_for(args.num_frames)
+            for start in tqdm(range(0, args.num_videos, args.batch_size), desc="batches", disable=args.quiet):
+                ids = range(start, min(start + args.batch_size, args.num_videos))
+                # (seed, i, 0), as TextToVideo.generate(num_videos=...) draws them.
+                generators = [model.video_generator(args.seed, i, 0) for i in ids]
+                videos = model.decode(sample(len(ids), grid, generators, context=args.story_context))
+                for i, video in zip(ids, videos):
+                    save(video, f"{i:04d}-unconditional.mp4", None)
+        elif args.story:
             scenes = read_story(args.story)
             tokens = None
             pieces = []

@@ -264,7 +264,7 @@ def make_batch(recipe: Recipe, device: str | torch.device = "cpu") -> dict:
     captions = ["a red circle moving left"] * b
     if recipe.stage == 2 and recipe.samples == "tokens":
         grid = module.tokenizer.token_grid(recipe.num_frames, recipe.resolution)
-        text_dim = module.text_encoder.dim
+        text_dim = module.text_encoder.dim if module.text_encoder is not None else 1  # unconditional: unread
         return {"tokens": torch.randint(0, module.backbone.vocab_size, (b, *grid), device=device),
                 "text_emb": torch.randn(b, recipe.text_length, text_dim, device=device),
                 "text_mask": torch.ones(b, recipe.text_length, dtype=torch.bool, device=device), "caption": captions}

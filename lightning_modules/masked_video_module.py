@@ -1,4 +1,5 @@
-"""MaskedVideoModule: stage 2, text-conditioned masked video-token modelling (Phenaki / MeBT).
+"""MaskedVideoModule: stage 2, text-conditioned masked video-token modelling (Phenaki / MeBT), or
+unconditional (MeBT's paper setting) with `text_encoder: null` and a backbone with `text_dim: null`.
 
 The backbone arrives by injection (`class_path` in YAML: MaskGITBackbone, MeBT, ...); the frozen
 stage-1 tokenizer comes from its checkpoint and the frozen text encoder by name. Batches are either
@@ -42,7 +43,9 @@ from maskvid.models.text_encoder import TextEncoder
 from maskvid.models.tokenizer_checkpoint import TokenizerCheckpointError
 from maskvid.video_tokenizer import load_tokenizer
 
-_NO_DECAY = ("token_emb.weight", "pos_t", "pos_h", "pos_w", "null", "latents")
+_NO_DECAY = ("token_emb.weight", "pos_t", "pos_h", "pos_w", "null", "latents", "context_start")
+# What a text-conditioned model defaults to; an unconditional one has no caption to drop or guide by.
+_TEXT_DROP_PROB, _CFG_SCALE = 0.1, 3.0
 # Validation-only settings: kept out of checkpoint hyperparameters, because LightningCLI lets a
 # checkpoint's hyperparameters override the command line, and `maskvid validate --ckpt_path`
 # must be able to switch metrics on or change how many videos they use.
@@ -51,13 +54,13 @@ _EVAL_OPTIONS = ("num_val_videos", "num_log_videos", "val_sample_batch_size", "i
 
 
 class MaskedVideoModule(LightningModule):
-    """Stage 2: learn p(video tokens | text) by masked-token prediction."""
+    """Stage 2: learn p(video tokens | text), or p(video tokens), by masked-token prediction."""
 
     def __init__(
         self,
         backbone: nn.Module,
         tokenizer_path: str,
-        text_encoder: str = "packaged:minilm",
+        text_encoder: str | None = "packaged:minilm",
         text_max_length: int = 32,
         text_encoder_dtype: Literal["fp32", "bf16"] = "fp32",
         lr: float = 3e-4,
@@ -66,7 +69,7 @@ class MaskedVideoModule(LightningModule):
         warmup_steps: int = 500,
         min_lr_ratio: float = 0.1,
         grad_clip: float = 1.0,
-        text_drop_prob: float = 0.1,
+        text_drop_prob: float | None = None,
         length_curriculum: list[tuple[int, int]] | None = None,
         curriculum_window: Literal["prefix", "random"] = "prefix",
         curriculum_spread: float = 0.0,
@@ -75,7 +78,7 @@ class MaskedVideoModule(LightningModule):
         min_mask_rate: float = 0.0,
         ema_decay: float | None = 0.999,
         sample_steps: int = 18,
-        cfg_scale: float = 3.0,
+        cfg_scale: float | None = None,
         temperature: float = 1.0,
         sample_noise: float = 4.5,
         cfg_schedule: str = "constant",
@@ -108,7 +111,8 @@ class MaskedVideoModule(LightningModule):
                 directory. Its frozen tokenizer is stored in this module's checkpoints, so
                 generation needs no other file.
             text_encoder: Frozen text encoder: a local directory, a cached hub name (T5 or any
-                AutoModel) or `packaged:minilm`.
+                AutoModel) or `packaged:minilm`; null trains an unconditional model (the backbone's
+                text_dim must be null too; captions in batches are ignored; no CFG).
             text_max_length: Caption length in tokens (padding/truncation).
             text_encoder_dtype: The frozen text encoder's weights: bf16 halves a large T5's memory
                 on every GPU; its embeddings reach the backbone in fp32 either way.
@@ -118,7 +122,8 @@ class MaskedVideoModule(LightningModule):
             warmup_steps: Linear warmup steps, then cosine decay to min_lr_ratio at max_steps.
             min_lr_ratio: Final LR as a fraction of the peak.
             grad_clip: Gradient-norm clip; 0 disables.
-            text_drop_prob: Probability of training a clip without its caption (for CFG).
+            text_drop_prob: Probability of training a clip without its caption (for CFG); default
+                0.1. Unconditional models have no caption: leave it unset (or 0).
             length_curriculum: [[step, latent_frames], ...]: from each step on, train on the first
                 `latent_frames` latent frames of every clip (MeBT's recipe for long videos: short
                 clips first). Steps ascending; null trains on whole clips.
@@ -133,7 +138,8 @@ class MaskedVideoModule(LightningModule):
             min_mask_rate: Floor on each clip's masking rate.
             ema_decay: Decay of the EMA copy used for validation, sampling and export; null disables.
             sample_steps: MaskGIT steps for validation samples (and the default for generate).
-            cfg_scale: Classifier-free guidance scale for validation samples (and generate).
+            cfg_scale: Classifier-free guidance scale for validation samples (and generate); default
+                3.0. Unconditional models cannot be guided: leave it unset (or 1).
             temperature: Sampling temperature.
             sample_noise: Initial scale of the Gumbel noise on the re-masking confidences, annealed
                 to 0 over the steps (MaskGIT's choice temperature; lower commits more greedily).
@@ -176,6 +182,7 @@ class MaskedVideoModule(LightningModule):
         super().__init__()
         if isinstance(backbone, dict):  # from a checkpoint's hparams
             backbone = instantiate(backbone)
+        _check_conditioning(text_encoder, text_drop_prob, cfg_scale, clip_path, caption_accuracy)
         curriculum.check(length_curriculum, curriculum_window, curriculum_spread)
         mask_schedules.check(mask_schedule, min_mask_rate)
         self.save_hyperparameters(ignore=["backbone", *_EVAL_OPTIONS])
@@ -191,7 +198,8 @@ class MaskedVideoModule(LightningModule):
         except TokenizerCheckpointError as exc:
             raise ModelOptionError("tokenizer_path", exc) from None
         # Frozen, reloaded by name, kept out of checkpoints, sharding and the optimizer.
-        self._text_encoder: list[TextEncoder] = [TextEncoder(text_encoder, text_max_length, text_encoder_dtype)]
+        self._text_encoder: list[TextEncoder | None] = [
+            TextEncoder(text_encoder, text_max_length, text_encoder_dtype) if text_encoder is not None else None]
         self._check_compatible()
         self.num_val_videos = num_val_videos
         self.num_log_videos = num_log_videos
@@ -209,8 +217,13 @@ class MaskedVideoModule(LightningModule):
     # -- wiring ---------------------------------------------------------------------------------
 
     @property
-    def text_encoder(self) -> TextEncoder:
+    def text_encoder(self) -> TextEncoder | None:
+        """None for an unconditional model."""
         return self._text_encoder[0]
+
+    @property
+    def unconditional(self) -> bool:
+        return self.hparams.text_encoder is None
 
     @property
     def sampling_backbone(self) -> nn.Module:
@@ -224,6 +237,17 @@ class MaskedVideoModule(LightningModule):
                 f"({self.hparams.tokenizer_path}) has {vocab_tokenizer} codes. Set "
                 f"model.init_args.backbone.init_args.vocab_size: {vocab_tokenizer}."
             )
+        backbone_text = getattr(self.backbone, "text_dim", "absent")
+        if self.unconditional or backbone_text is None:
+            if self.unconditional and backbone_text is not None:
+                raise ConfigMismatchError(
+                    "text_encoder is null (unconditional) but the backbone has a text path: set "
+                    "model.init_args.backbone.init_args.text_dim: null")
+            if not self.unconditional:
+                raise ConfigMismatchError(
+                    "the backbone is unconditional (text_dim null) but a text encoder is set: set "
+                    "model.init_args.text_encoder: null, or give the backbone a text_dim")
+            return
         if getattr(self.backbone, "text_dim", self.text_encoder.dim) != self.text_encoder.dim:
             raise ConfigMismatchError(
                 f"text width mismatch: the backbone expects {self.backbone.text_dim}-d text embeddings but "
@@ -251,16 +275,19 @@ class MaskedVideoModule(LightningModule):
         self.check_data(getattr(self.trainer, "datamodule", None))
 
     def on_fit_start(self) -> None:
-        self.text_encoder.to(self.device)
+        if self.text_encoder is not None:
+            self.text_encoder.to(self.device)
 
     def on_validation_start(self) -> None:
-        self.text_encoder.to(self.device)
+        if self.text_encoder is not None:
+            self.text_encoder.to(self.device)
 
     # -- batches --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def batch_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (tokens [B,t,h,w], text [B,L,D], text_mask [B,L], valid latent frames [B,t])."""
+    def batch_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """-> (tokens [B,t,h,w], text [B,L,D], text_mask [B,L], valid latent frames [B,t]); text and
+        text_mask are None for an unconditional model, which ignores the batch's captions."""
         if "tokens" in batch:
             tokens = batch["tokens"].long()
             if int(tokens.max()) >= self.backbone.vocab_size or int(tokens.min()) < 0:
@@ -280,6 +307,10 @@ class MaskedVideoModule(LightningModule):
             latent_valid = None
             if batch.get("frame_mask") is not None:
                 latent_valid = self.tokenizer.latent_frame_mask(batch["frame_mask"])[:, : tokens.shape[1]]
+        if latent_valid is None:
+            latent_valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if self.unconditional:
+            return tokens, None, None, latent_valid.bool()
         if "text_emb" in batch:
             text, text_mask = batch["text_emb"].float(), batch["text_mask"].bool()
             expected = getattr(self.backbone, "text_dim", text.shape[-1])
@@ -290,8 +321,6 @@ class MaskedVideoModule(LightningModule):
                 )
         else:
             text, text_mask = self.text_encoder(batch["caption"])
-        if latent_valid is None:
-            latent_valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return tokens, text.to(self.device), text_mask.to(self.device), latent_valid.bool()
 
     def random_mask(self, valid: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -347,7 +376,10 @@ class MaskedVideoModule(LightningModule):
         masked = self.random_mask(valid, generator)
         flat = rearrange(tokens, "b t h w -> b (t h w)")
         inputs = torch.where(masked, torch.full_like(flat, backbone.mask_id), flat)
+        # Drawn even when unused (unconditional), so the masks' random stream is the same either way.
         drop = torch.rand(b, generator=generator, device=tokens.device) < drop_prob
+        if text is None:
+            drop = None
         # Logits of the masked positions only (row-major, the order of flat[masked]): the head and
         # the [B, N, V] tensor for observed positions would be wasted memory and compute.
         # The padding (repeated last frames of short clips and images) is hidden from the backbone:
@@ -368,7 +400,7 @@ class MaskedVideoModule(LightningModule):
         # uninterrupted one did, and ranks mask differently.
         generator = torch.Generator(device=self.device).manual_seed(
             step_seed(self.hparams.mask_seed, self.global_rank, self.global_step))
-        out = self.masked_loss(self.backbone, batch, generator=generator, drop_prob=self.hparams.text_drop_prob,
+        out = self.masked_loss(self.backbone, batch, generator=generator, drop_prob=self.text_drop_prob,
                                curriculum_step=self.global_step)
         if self.hparams.length_curriculum or self.hparams.curriculum_spread > 0:
             self.log("train/latent_frames", float(out["latent_frames"]))
@@ -416,7 +448,7 @@ class MaskedVideoModule(LightningModule):
         self.log("val/masked_accuracy", out["accuracy"], sync_dist=True, batch_size=size)
         if "video" in batch:
             self.val_video.update_real(batch["video"])
-        if self.hparams.val_prompts:
+        if self.hparams.val_prompts or self.unconditional:
             return
         infos = batch.get("meta", {}).get("info") or []
         for i, caption in enumerate(batch.get("caption", [])):
@@ -450,7 +482,9 @@ class MaskedVideoModule(LightningModule):
         if self.trainer.sanity_checking or self.num_val_videos <= 0 or not hasattr(self, "grid"):
             self.val_video.reset()
             return
-        mine = self._rank_prompts(local)
+        # Unconditional: num_val_videos samples, labelled for the media log only.
+        mine = ([(f"unconditional {i}", None) for i in range(self.num_val_videos)] if self.unconditional
+                else self._rank_prompts(local))
         if not mine:
             self.val_video.reset()
             return
@@ -460,8 +494,13 @@ class MaskedVideoModule(LightningModule):
             part = mine[start : start + step]
             prompts = [p for p, _ in part]
             # Ranks and chunks sample with different noise; the same run samples the same again.
-            video = self.generate(prompts, self.grid, seed=step_seed(0, self.global_rank, chunk))
-            self.val_video.update_generated(video, prompts, [a for _, a in part])
+            seed = step_seed(0, self.global_rank, chunk)
+            if self.unconditional:
+                video = self.generate(None, self.grid, seed=seed, num_videos=len(part))
+                self.val_video.update_generated(video)
+            else:
+                video = self.generate(prompts, self.grid, seed=seed)
+                self.val_video.update_generated(video, prompts, [a for _, a in part])
             if self.trainer.is_global_zero and len(shown) < self.num_log_videos:
                 shown.extend(video[: self.num_log_videos - len(shown)].cpu())
         logs = self.val_video.compute("val/")  # collective: every rank gets here
@@ -477,13 +516,20 @@ class MaskedVideoModule(LightningModule):
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], grid: tuple[int, int, int], seed: int = 0, options: SamplingOptions | None = None
+        self, prompts: list[str] | None, grid: tuple[int, int, int], seed: int = 0,
+        options: SamplingOptions | None = None, num_videos: int | None = None,
     ) -> torch.Tensor:
-        """prompts -> videos [B, C, F, H, W] in [-1, 1] (EMA backbone)."""
+        """prompts -> videos [B, C, F, H, W] in [-1, 1] (EMA backbone). An unconditional model takes
+        no prompts (None) and makes num_videos videos."""
         options = options or self.sampling_options()
-        text, text_mask = self.text_encoder(prompts)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         backbone = self.sampling_backbone
+        if self.unconditional:
+            if prompts is not None:
+                raise ValueError("this model is unconditional (text_encoder: null): pass num_videos, not prompts")
+            tokens = sample_tokens(backbone, grid, None, None, options, generator, batch_size=num_videos or 1)
+            return self.tokenizer.decode(tokens).clamp(-1, 1)
+        text, text_mask = self.text_encoder(prompts)
         tokens = sample_tokens(backbone, grid, text.to(self.device), text_mask.to(self.device), options, generator)
         return self.tokenizer.decode(tokens).clamp(-1, 1)
 
@@ -491,12 +537,26 @@ class MaskedVideoModule(LightningModule):
         """The configured sampler (validation samples, and `maskvid generate`'s defaults)."""
         hp = self.hparams  # save_hyperparameters records every __init__ argument, defaults included
         return SamplingOptions(
-            steps=hp.sample_steps, cfg_scale=hp.cfg_scale, temperature=hp.temperature, noise=hp.sample_noise,
+            steps=hp.sample_steps, cfg_scale=self.cfg_scale, temperature=hp.temperature, noise=hp.sample_noise,
             cfg_schedule=hp.cfg_schedule, top_k=hp.top_k, refine_steps=hp.refine_steps, refine_ratio=hp.refine_ratio,
             sampler=hp.sampler, schedule=hp.sample_schedule, bootstrap_steps=hp.bootstrap_steps,
             revise_sweeps=hp.revise_sweeps, revise_partitions=hp.revise_partitions,
             revise_temperature=hp.revise_temperature, revise_top_k=hp.revise_top_k,
         )
+
+    @property
+    def cfg_scale(self) -> float:
+        """The guidance scale: the configured one, else 3 with text and 1 (none) without."""
+        if self.hparams.cfg_scale is not None:
+            return self.hparams.cfg_scale
+        return 1.0 if self.unconditional else _CFG_SCALE
+
+    @property
+    def text_drop_prob(self) -> float:
+        """The caption drop rate: the configured one, else 0.1 with text and 0 without."""
+        if self.hparams.text_drop_prob is not None:
+            return self.hparams.text_drop_prob
+        return 0.0 if self.unconditional else _TEXT_DROP_PROB
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -508,8 +568,27 @@ class MaskedVideoModule(LightningModule):
             "backbone_prefix": "backbone_ema.module." if self.backbone_ema is not None else "backbone.",
             "tokenizer": self.tokenizer.config,
             "tokenizer_prefix": "tokenizer.",
-            "text_encoder": {"name_or_path": hp.text_encoder, "max_length": hp.text_max_length,
-                             "dtype": hp.text_encoder_dtype},
+            # None: an unconditional model, which takes no prompts.
+            "text_encoder": None if self.unconditional else {
+                "name_or_path": hp.text_encoder, "max_length": hp.text_max_length, "dtype": hp.text_encoder_dtype},
             "sampling": asdict(self.sampling_options()),
             "grid": list(getattr(self, "grid", ())) or None,
         }
+
+
+def _check_conditioning(text_encoder: str | None, text_drop_prob: float | None, cfg_scale: float | None,
+                        clip_path: str | None, caption_accuracy: bool | None) -> None:
+    """Refuse, naming the option, what an unconditional model (text_encoder null) cannot do."""
+    if text_drop_prob is not None and not 0 <= text_drop_prob <= 1:
+        raise ModelOptionError("text_drop_prob", f"must be in [0, 1], got {text_drop_prob}")
+    if text_encoder is not None:
+        return
+    why = "an unconditional model (text_encoder: null) has no caption"
+    if text_drop_prob not in (None, 0):
+        raise ModelOptionError("text_drop_prob", f"{why} to drop: leave it unset")
+    if cfg_scale not in (None, 1):
+        raise ModelOptionError("cfg_scale", f"{why} to guide by (no classifier-free guidance): leave it unset")
+    if clip_path is not None:
+        raise ModelOptionError("clip_path", f"{why} for CLIPSIM to compare with: leave it unset")
+    if caption_accuracy:
+        raise ModelOptionError("caption_accuracy", f"{why} to read: leave it unset")

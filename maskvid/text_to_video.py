@@ -5,7 +5,8 @@
     t2v.save_pretrained("my_model")                           # config.json + model.safetensors
 
 The model is the frozen backbone, the frozen tokenizer that turns its tokens into pixels, and the
-text encoder, which is named (not copied): it is a frozen pretrained network loaded by name.
+text encoder, which is named (not copied): it is a frozen pretrained network loaded by name. An
+unconditional model (trained with `text_encoder: null`) has none: `generate(num_videos=N)`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class TextToVideo:
         self,
         backbone: nn.Module,
         tokenizer: CViViT | VideoTokenizer,
-        text_encoder: nn.Module | dict[str, Any],
+        text_encoder: nn.Module | dict[str, Any] | None,
         defaults: SamplingOptions | None = None,
         grid: Sequence[int] | None = None,
         source: dict[str, Any] | None = None,
@@ -45,7 +46,8 @@ class TextToVideo:
             backbone: the stage-2 transformer (MaskGITBackbone or MeBT); frozen here.
             tokenizer: the stage-1 tokenizer whose tokens the backbone predicts.
             text_encoder: a TextEncoder, or its init arguments ({"name_or_path", "max_length",
-                "dtype"}) to build it on first use (exporting needs no text encoder).
+                "dtype"}) to build it on first use (exporting needs no text encoder); None for an
+                unconditional model.
             defaults: the sampler's defaults; `generate(**overrides)` changes them per call.
             grid: the training clip's token grid (t, h, w): the default length, and the window
                 past which generation slides.
@@ -53,8 +55,9 @@ class TextToVideo:
         """
         self.backbone = backbone.eval().requires_grad_(False)
         self.tokenizer = tokenizer if isinstance(tokenizer, VideoTokenizer) else VideoTokenizer(tokenizer)
-        if isinstance(text_encoder, dict):
-            self._text_encoder, self.text_encoder_args = None, dict(text_encoder)
+        if text_encoder is None or isinstance(text_encoder, dict):
+            self._text_encoder = None
+            self.text_encoder_args = dict(text_encoder) if text_encoder is not None else None
         else:
             self._text_encoder = text_encoder
             self.text_encoder_args = dict(text_encoder.config["init_args"])
@@ -68,13 +71,17 @@ class TextToVideo:
 
     def __repr__(self) -> str:
         return (f"TextToVideo(backbone={type(self.backbone).__name__}, grid={self.grid}, "
-                f"text_encoder={self.text_encoder_args.get('name_or_path')!r}, device={self.device})")
+                f"text_encoder={(self.text_encoder_args or {}).get('name_or_path')!r}, device={self.device})")
 
     # -- the model ------------------------------------------------------------------------------
 
     @property
-    def text_encoder(self) -> nn.Module:
-        if self._text_encoder is None:
+    def unconditional(self) -> bool:
+        return self.text_encoder_args is None
+
+    @property
+    def text_encoder(self) -> nn.Module | None:
+        if self._text_encoder is None and not self.unconditional:
             from maskvid.models.text_encoder import TextEncoder
 
             self._text_encoder = TextEncoder(**self.text_encoder_args).to(self.device)
@@ -115,6 +122,8 @@ class TextToVideo:
         if unknown:
             raise TypeError(f"unknown sampling option(s) {unknown}; valid: {sorted(names)}")
         options = replace(self.defaults, **{k: v for k, v in overrides.items() if v is not None})
+        if self.unconditional and overrides.get("cfg_scale") not in (None, 1):
+            raise ValueError("cfg_scale: an unconditional model has no caption to guide by")
         options.check()
         return options
 
@@ -128,7 +137,7 @@ class TextToVideo:
     @torch.no_grad()
     def tokens(
         self,
-        prompts: list[str],
+        prompts: list[str] | int,
         grid: tuple[int, int, int],
         options: SamplingOptions,
         generator,
@@ -136,29 +145,38 @@ class TextToVideo:
         context: int = 2,
         precision: str = "32",
     ) -> torch.Tensor:
-        """Sample a [B, t, h, w] token grid. Past the trained length, a window of the trained
+        """Sample a [B, t, h, w] token grid, one per prompt (an unconditional model: prompts is the
+        number of videos). Past the trained length, a window of the trained
         length slides forward, each window primed with the last `context` latent frames.
         precision: "bf16" (autocast), "32", or "auto" (bf16 where the device has it natively)."""
         from maskvid.precision import resolve
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=resolve(precision, self.device.type)):
-            return self._tokens(list(prompts), grid, options, generator, prime, context)
+            return self._tokens(prompts if isinstance(prompts, int) else list(prompts), grid, options, generator,
+                                prime, context)
 
     def _tokens(self, prompts, grid, options, generator, prime, context) -> torch.Tensor:
-        text, text_mask = self.text_encoder(prompts)
-        text, text_mask = text.to(self.device), text_mask.to(self.device)
+        if isinstance(prompts, int) != self.unconditional:
+            raise ValueError("an unconditional model takes a number of videos, not prompts" if self.unconditional
+                             else "this model is text-conditioned: pass prompts")
+        text = text_mask = None
+        batch = prompts if self.unconditional else None
+        if not self.unconditional:
+            text, text_mask = self.text_encoder(prompts)
+            text, text_mask = text.to(self.device), text_mask.to(self.device)
         t, h, w = grid
         window = self.trained_frames
         if t <= window:
-            return sample_tokens(self.backbone, grid, text, text_mask, options, generator, prime=prime)
+            return sample_tokens(self.backbone, grid, text, text_mask, options, generator, prime=prime, batch_size=batch)
         if not 0 < context < window:
             raise ValueError(f"sliding-window context must be in [1, {window - 1}], got {context}")
-        tokens = sample_tokens(self.backbone, (window, h, w), text, text_mask, options, generator, prime=prime)
+        tokens = sample_tokens(self.backbone, (window, h, w), text, text_mask, options, generator, prime=prime,
+                               batch_size=batch)
         while tokens.shape[1] < t:
             step = min(window - context, t - tokens.shape[1])
             new = sample_tokens(
-                self.backbone, (context + step, h, w), text, text_mask, options, generator, prime=tokens[:, -context:]
-            )
+                self.backbone, (context + step, h, w), text, text_mask, options, generator, prime=tokens[:, -context:],
+                batch_size=batch)
             tokens = torch.cat([tokens, new[:, context:]], dim=1)
         return tokens
 
@@ -168,10 +186,11 @@ class TextToVideo:
 
     def generate(
         self,
-        prompts: str | Sequence[str],
+        prompts: str | Sequence[str] | None = None,
         num_frames: int | None = None,
         seed: int | None = None,
         *,
+        num_videos: int | None = None,
         context: int = 2,
         precision: str = "auto",
         **sampling: Any,
@@ -179,11 +198,12 @@ class TextToVideo:
         """Prompts -> uint8 videos [B, T, H, W, 3] on the CPU, one per prompt.
 
         Args:
-            prompts: the captions.
+            prompts: the captions (None for an unconditional model).
             num_frames: frames per video, 1 + k * the tokenizer's temporal patch (default: the
                 training clip length); longer than trained slides a window forward.
             seed: same seed, same videos (each video from (seed, its index)); None draws one from
                 torch's global generator.
+            num_videos: how many videos an unconditional model makes (video i from (seed, i)).
             context: latent frames each sliding window keeps from the one before.
             precision: the transformer's: "auto" (bf16 autocast where native), "bf16" or "32".
             **sampling: SamplingOptions overrides: steps, cfg_scale, temperature, top_k, noise,
@@ -191,14 +211,22 @@ class TextToVideo:
                 schedule, bootstrap_steps, revise_sweeps, revise_partitions, revise_temperature,
                 revise_top_k (models/sampling.py SamplingOptions).
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("no prompts")
+        if self.unconditional:
+            if prompts is not None or not num_videos or num_videos < 1:
+                raise ValueError("this model is unconditional: pass num_videos=N (>= 1) and no prompts")
+            prompts = num_videos
+        else:
+            if num_videos is not None:
+                raise ValueError("num_videos is for unconditional models: this one takes prompts")
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+            if not prompts:
+                raise ValueError("no prompts")
         options = self.options(**sampling)
         grid = self.grid_for(num_frames)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
-        generators = [self.video_generator(seed, i, 0) for i in range(len(prompts))]
+        count = prompts if isinstance(prompts, int) else len(prompts)
+        generators = [self.video_generator(seed, i, 0) for i in range(count)]
         return self.decode(self.tokens(prompts, grid, options, generators, context=context, precision=precision))
 
     # -- saving and loading ---------------------------------------------------------------------
@@ -226,7 +254,7 @@ class TextToVideo:
         config = pretrained.read_config(path, (cls.FORMAT,))
         tensors = pretrained.read_weights(path)
         for key in ("backbone", "tokenizer", "text_encoder"):
-            if not isinstance(config.get(key), dict):
+            if not isinstance(config.get(key), dict) and not (key == "text_encoder" and config.get(key, 0) is None):
                 raise pretrained.PretrainedError(f"{path}: config.json has no {key!r} section")
         prefixes = config.get("weights") or {"backbone": _BACKBONE, "tokenizer": _TOKENIZER}
         pretrained.check_all_used(tensors, tuple(prefixes.values()), path)
@@ -251,7 +279,8 @@ class TextToVideo:
         backbone = pretrained.load_network(info["backbone"], state, info["backbone_prefix"], source)
         tokenizer = pretrained.load_network(info["tokenizer"], state, info["tokenizer_prefix"], source)
         ema = "_ema." in info["backbone_prefix"]
-        return cls(backbone, tokenizer, dict(info["text_encoder"]), _sampling(info.get("sampling")),
+        text_encoder = dict(info["text_encoder"]) if info["text_encoder"] is not None else None
+        return cls(backbone, tokenizer, text_encoder, _sampling(info.get("sampling")),
                    info.get("grid"), provenance(checkpoint, source, ema))
 
     @classmethod

@@ -1,5 +1,5 @@
 """The Phenaki / MaskGIT stage-2 backbone: a bidirectional transformer over video tokens with
-cross-attention to text in every block.
+cross-attention to text in every block (or, with text_dim None, unconditional: no text path).
 
 Backbones share one interface, so MaskedVideoModule and the sampler work with any of them:
 
@@ -27,21 +27,24 @@ from maskvid.models.layers import LocalMixing, TextConditioning, position_table,
 
 
 class CrossBlock(nn.Module):
-    """Pre-norm block: self-attention over video tokens, cross-attention to text, MLP (and, with
-    local_mixing, a depthwise convolution over the token grid after the self-attention)."""
+    """Pre-norm block: self-attention over video tokens, cross-attention to text (unless
+    unconditional), MLP (and, with local_mixing, a depthwise convolution over the token grid after
+    the self-attention)."""
 
-    def __init__(self, dim: int, heads: int, ff_mult: float = 4.0, local_mixing: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, ff_mult: float = 4.0, local_mixing: bool = False,
+                 cross_attention: bool = True) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, heads)
         self.local = LocalMixing(dim) if local_mixing else None
-        self.norm2 = nn.LayerNorm(dim)
-        self.cross = CrossAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim) if cross_attention else None
+        self.cross = CrossAttention(dim, heads) if cross_attention else None
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult)
 
     def forward(
-        self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, grid: tuple[int, int, int] | None = None,
+        self, x: torch.Tensor, text: torch.Tensor | None, text_mask: torch.Tensor | None,
+        grid: tuple[int, int, int] | None = None,
         keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """keep: optional bool [B, N], the positions other positions may read (None: all). The
@@ -49,7 +52,8 @@ class CrossBlock(nn.Module):
         x = x + self.attn(self.norm1(x), key_mask=keep)
         if self.local is not None:
             x = x + self.local(x, grid, keep=keep)
-        x = x + self.cross(self.norm2(x), text, text_mask)
+        if self.cross is not None:
+            x = x + self.cross(self.norm2(x), text, text_mask)
         return x + self.ff(self.norm3(x))
 
 
@@ -63,7 +67,7 @@ class MaskGITBackbone(nn.Module):
         dim: int = 512,
         depth: int = 8,
         heads: int = 8,
-        text_dim: int = 384,
+        text_dim: int | None = 384,
         ff_mult: float = 4.0,
         pooled_text: bool = False,
         local_mixing: bool = False,
@@ -75,7 +79,8 @@ class MaskGITBackbone(nn.Module):
             dim: Transformer width.
             depth: Blocks.
             heads: Attention heads.
-            text_dim: Width of the text encoder's embeddings.
+            text_dim: Width of the text encoder's embeddings; null builds an unconditional model
+                (no cross-attention, no text parameters; it takes no text).
             ff_mult: MLP hidden width as a multiple of dim.
             pooled_text: Also add a pooled caption vector to every token (besides the
                 cross-attention in each block).
@@ -84,6 +89,8 @@ class MaskGITBackbone(nn.Module):
         """
         super().__init__()
         self.config = module_config(self, locals())
+        if text_dim is None and pooled_text:
+            raise ValueError("pooled_text needs a text path: an unconditional backbone (text_dim null) has none")
         self.vocab_size = vocab_size
         self.mask_id = vocab_size
         self.grid = tuple(grid)
@@ -91,8 +98,10 @@ class MaskGITBackbone(nn.Module):
         self.token_emb = token_embedding(vocab_size + 1, dim)
         t, h, w = self.grid
         self.pos_t, self.pos_h, self.pos_w = position_table(t, dim), position_table(h, dim), position_table(w, dim)
-        self.text = TextConditioning(text_dim, dim, pooled=pooled_text)
-        self.blocks = nn.ModuleList(CrossBlock(dim, heads, ff_mult, local_mixing) for _ in range(depth))
+        self.text = TextConditioning(text_dim, dim, pooled=pooled_text) if text_dim is not None else None
+        self.blocks = nn.ModuleList(
+            CrossBlock(dim, heads, ff_mult, local_mixing, cross_attention=text_dim is not None) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)
 
@@ -122,10 +131,14 @@ class MaskGITBackbone(nn.Module):
         pos = self.pos_t[:t, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]
         x = self.token_emb(tokens) + pos
         x = rearrange(x, "b t h w d -> b (t h w) d")
-        context, context_mask = self.text(text, text_mask, b, drop_text)
-        pooled = self.text.pooled(context, context_mask)
-        if pooled is not None:
-            x = x + pooled
+        context = context_mask = None
+        if self.text is not None:
+            context, context_mask = self.text(text, text_mask, b, drop_text)
+            pooled = self.text.pooled(context, context_mask)
+            if pooled is not None:
+                x = x + pooled
+        elif text is not None:
+            raise ValueError("this backbone is unconditional (text_dim null): it takes no text")
         for block in self.blocks:
             x = block(x, context, context_mask, (t, h, w), keep)
         if masked_only:

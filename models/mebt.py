@@ -1,5 +1,5 @@
 """MeBT: a memory-efficient bidirectional transformer for video tokens (Yoo et al., CVPR 2023),
-text-conditioned (our extension: the paper is unconditional).
+text-conditioned (our extension), or unconditional as in the paper with text_dim None.
 
 Observed tokens and the text are projected into M learned latents (encoder: latents cross-attend
 to the context, alternating with latent self-attention); masked positions are decoded by
@@ -181,7 +181,7 @@ class MeBT(nn.Module):
         decoder_depth: int | None = None,
         heads: int = 8,
         num_latents: int = 256,
-        text_dim: int = 384,
+        text_dim: int | None = 384,
         ff_mult: float = 4.0,
         pooled_text: bool = False,
         local_context: bool = False,
@@ -198,7 +198,8 @@ class MeBT(nn.Module):
                 default: depth.
             heads: Attention heads.
             num_latents: M, the number of latent tokens (the paper uses 256).
-            text_dim: Width of the text encoder's embeddings.
+            text_dim: Width of the text encoder's embeddings; null builds the paper's unconditional
+                model (no text parameters; it takes no text).
             ff_mult: MLP hidden width as a multiple of dim.
             pooled_text: Also add a pooled caption vector to the latents and to every masked
                 query (besides the text in the encoder's context), so that the decoder sees the
@@ -214,6 +215,10 @@ class MeBT(nn.Module):
         """
         super().__init__()
         self.config = module_config(self, locals())
+        if text_dim is None:
+            for name, on in (("pooled_text", pooled_text), ("query_text", query_text)):
+                if on:
+                    raise ValueError(f"{name} needs a text path: an unconditional backbone (text_dim null) has none")
         self.vocab_size = vocab_size
         self.mask_id = vocab_size
         self.grid = tuple(grid)
@@ -229,7 +234,10 @@ class MeBT(nn.Module):
         # Unit scale: at the embeddings' scale, the pooled caption added to every latent made all M
         # nearly one vector after the first norm, all asking the context the same question.
         self.latents = nn.Parameter(torch.randn(1, num_latents, dim))
-        self.text = TextConditioning(text_dim, dim, pooled=pooled_text)
+        self.text = TextConditioning(text_dim, dim, pooled=pooled_text) if text_dim is not None else None
+        # Unconditional: one learned token in every clip's context, so that a clip with nothing
+        # observed (sampling's first step) still gives the latents a key (the caption does otherwise).
+        self.context_start = nn.Parameter(torch.randn(1, dim) * EMBED_STD) if text_dim is None else None
         self.local = LocalMixing(dim) if local_context else None
         self.encoder = nn.ModuleList(EncoderLayer(dim, heads, ff_mult) for _ in range(depth))
         n_dec = decoder_depth or depth
@@ -281,9 +289,17 @@ class MeBT(nn.Module):
             local = self.local(self.token_emb(ids).view(b, n, self.dim), (t, h, w), keep=seen)
             local = rearrange(local, "b n d -> (b n) d")
             ctx = ctx + local[observed.index]
-        text_ctx, text_ctx_mask = self.text(text, text_mask, b, drop_text)
-        caption = pack_caption(text_ctx, text_ctx_mask)
-        # The encoder's context: each clip's observed tokens, then its caption, packed clip by clip.
+        if self.text is not None:
+            text_ctx, text_ctx_mask = self.text(text, text_mask, b, drop_text)
+            caption = pack_caption(text_ctx, text_ctx_mask)
+        elif text is not None:
+            raise ValueError("this backbone is unconditional (text_dim null): it takes no text")
+        else:
+            text_ctx = text_ctx_mask = None
+            start = self.context_start.repeat(b, 1)  # repeat, not expand: see the latents below
+            caption = Caption(start, torch.arange(b, device=tokens.device), uniform(b, 1, tokens.device))
+        # The encoder's context: each clip's observed tokens, then its caption (unconditional: its
+        # start token), packed clip by clip.
         context_keys = join(observed.clip, observed.seqs, caption.clip, caption.seqs)
         context = context_keys(ctx, caption.rows)
 
@@ -292,7 +308,7 @@ class MeBT(nn.Module):
         latents = self.latents.repeat(b, 1, 1)
         m = latents.shape[1]
         latent_seqs = uniform(b, m, tokens.device)
-        pooled = self.text.pooled(text_ctx, text_ctx_mask)
+        pooled = self.text.pooled(text_ctx, text_ctx_mask) if self.text is not None else None
         if pooled is not None:
             latents = latents + pooled
         for layer in self.encoder:
