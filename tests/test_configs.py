@@ -18,7 +18,9 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 STAGE2 = "maskvid.lightning_modules.masked_video_module.MaskedVideoModule"
 TOKENIZER = "maskvid.lightning_modules.tokenizer_module.TokenizerModule"
 EXPERIMENTS = sorted((REPO / "configs/experiment").glob("*.yaml"))
-BASE_RECIPES = [p for p in EXPERIMENTS if "_base" in p.stem]
+# Paper-scale GPU recipes: the *_base ones and MeBT's unconditional ones (mebt_uncond_*).
+LARGE_MARKS = ("_base", "_uncond")
+BASE_RECIPES = [p for p in EXPERIMENTS if any(mark in p.stem for mark in LARGE_MARKS)]
 TRAINER_FILES = sorted((REPO / "configs/trainer").glob("*.yaml"))
 # Paper-scale widths would take minutes and gigabytes to build on a CPU: the GPU configs are
 # instantiated at these (their structure, classes and every other option unchanged).
@@ -33,7 +35,7 @@ merged = merged_config
 
 def is_large(path: Path) -> bool:
     """A paper-scale (GPU) config: instantiated at a tiny width here."""
-    return "_base" in path.stem
+    return any(mark in path.stem for mark in LARGE_MARKS)
 
 
 def tiny_overrides(model: dict) -> list[str]:
@@ -41,6 +43,8 @@ def tiny_overrides(model: dict) -> list[str]:
     init = model["init_args"]
     if model["class_path"] == STAGE2:
         sizes = dict(TINY_BACKBONE, **(TINY_MEBT if init["backbone"]["class_path"] == "maskvid.models.mebt.MeBT" else {}))
+        if init["backbone"]["init_args"].get("text_dim", 0) is None:  # unconditional: it stays without text
+            del sizes["text_dim"]
         return [a for k, v in sizes.items() for a in (f"--model.init_args.backbone.init_args.{k}", str(v))]
     assert model["class_path"] == TOKENIZER, model["class_path"]
     args = [a for k, v in TINY_CVIVIT.items() for a in (f"--model.init_args.tokenizer.init_args.{k}", str(v))]
@@ -54,16 +58,18 @@ def stage2_overrides(model: dict, tmp_path: Path, text_dim: int | None = None) -
 
     init = model["init_args"]
     vocab = init["backbone"]["init_args"]["vocab_size"]
-    for cfg in sorted((REPO / "configs/model").glob("cvivit_*.yaml")):
+    for cfg in sorted((REPO / "configs/model").glob("cvivit_*.yaml")) + sorted(
+            (REPO / "configs/experiment").glob("tokenizer_*.yaml")):
         # Built, not read: an FSQ quantizer's vocabulary is the product of its levels.
-        tokenizer = instantiate(yaml.safe_load(cfg.read_text())["model"]["init_args"]["tokenizer"])
+        tokenizer = instantiate(merged(cfg)["model"]["init_args"]["tokenizer"])
         if tokenizer.vocab_size == vocab:
             break
     else:
         raise AssertionError(f"no tokenizer config with {vocab} codes for {init['backbone']}")
     ckpt = write_tokenizer_checkpoint(tmp_path / "tok.ckpt", tokenizer)
     args = ["--model.init_args.tokenizer_path", str(ckpt)]
-    if not str(init.get("text_encoder", "packaged:minilm")).startswith("packaged:"):
+    if init.get("text_encoder", "packaged:minilm") is not None and not str(
+            init.get("text_encoder", "packaged:minilm")).startswith("packaged:"):
         text_dim = text_dim or init["backbone"]["init_args"]["text_dim"]
         args += ["--model.init_args.text_encoder", str(tiny_t5_dir(tmp_path / "t5", d_model=text_dim))]
     return args
@@ -213,3 +219,32 @@ def test_base_recipes_follow_the_papers():
         assert (mebt["dim"], mebt["heads"], mebt["num_latents"]) == (1024, 16, 256)
         assert doc["model"]["init_args"]["text_encoder"] == maskgit["text_encoder"]
         assert doc["model"]["init_args"]["tokenizer_path"].startswith("runs/tokenizer_mebt_base/")
+
+
+def test_unconditional_mebt_recipes_follow_the_official_configs():
+    """Ugness/MeBT's mebt_16f.yaml / mebt_128f.yaml: unconditional, 16384 codes, n_embd 1024, 16
+    heads, 24 layers (7 + 6 here), 256 latents, grids 4x16x16 / 32x16x16, exact_lr 3e-5, weight
+    decay 1e-4, batch 32 / 6, linear schedule; the 128f t_prior's window grows a latent frame per
+    100k steps at width 2. The C-ViViT frame counts give those grids."""
+    from maskvid.models.config import instantiate
+
+    tok = merged(REPO / "configs/experiment/tokenizer_mebt_uncond.yaml")["model"]["init_args"]["tokenizer"]
+    assert tok["init_args"]["quantizer"]["init_args"]["codebook_size"] == 16384
+    assert (tok["init_args"]["temporal_patch_size"], tok["init_args"]["patch_size"]) == (4, 8)
+    tokenizer = instantiate(dict(tok, init_args=dict(tok["init_args"], **TINY_CVIVIT)))
+    for name, grid, batch in (("mebt_uncond_16f", [4, 16, 16], 32), ("mebt_uncond_128f", [32, 16, 16], 6)):
+        doc = merged(REPO / f"configs/experiment/{name}.yaml")
+        init = doc["model"]["init_args"]
+        mebt = init["backbone"]["init_args"]
+        assert init["text_encoder"] is None and mebt["text_dim"] is None, name
+        assert (mebt["vocab_size"], mebt["dim"], mebt["heads"], mebt["num_latents"]) == (16384, 1024, 16, 256)
+        # 7 latent<-context (+ self-attention) layers, 6 query<-latent (+ 5 latent<-[latent, query]).
+        assert (mebt["depth"], mebt["decoder_depth"]) == (7, 6) and mebt["grid"] == grid
+        assert list(tokenizer.token_grid(doc["data"]["num_frames"], 128)) == grid, name
+        assert (init["lr"], init["weight_decay"], init["warmup_steps"], init["min_lr_ratio"]) == (3e-5, 1e-4, 0, 1.0)
+        assert init["mask_schedule"] == "linear" and doc["data"]["batch_size"] == batch
+        assert init["tokenizer_path"].startswith("runs/tokenizer_mebt_uncond/")
+    long = merged(REPO / "configs/experiment/mebt_uncond_128f.yaml")["model"]["init_args"]
+    assert long["curriculum_window"] == "random" and long["curriculum_spread"] == 2.0
+    assert long["length_curriculum"] == [[k * 100000, k + 1] for k in range(32)]
+    assert "length_curriculum" not in merged(REPO / "configs/experiment/mebt_uncond_16f.yaml")["model"]["init_args"]
