@@ -8,6 +8,9 @@
   `--ckpt_path auto` falls back to the previous complete one;
 - SIGTERM outside SLURM (sent to the whole process group, DataLoader workers included) saves a
   checkpoint and exits with status 0; SIGUSR1 under SLURM is tests/test_slurm.py.
+
+The same faults under FSDP2 and DeepSpeed, and signals that reach the ranks at different times:
+tests/test_faults_sharded.py.
 """
 
 from __future__ import annotations
