@@ -237,16 +237,17 @@ class MaskedVideoModule(LightningModule):
                 f"({self.hparams.tokenizer_path}) has {vocab_tokenizer} codes. Set "
                 f"model.init_args.backbone.init_args.vocab_size: {vocab_tokenizer}."
             )
-        backbone_text = getattr(self.backbone, "text_dim", "absent")
-        if self.unconditional or backbone_text is None:
-            if self.unconditional and backbone_text is not None:
-                raise ConfigMismatchError(
-                    "text_encoder is null (unconditional) but the backbone has a text path: set "
-                    "model.init_args.backbone.init_args.text_dim: null")
-            if not self.unconditional:
-                raise ConfigMismatchError(
-                    "the backbone is unconditional (text_dim null) but a text encoder is set: set "
-                    "model.init_args.text_encoder: null, or give the backbone a text_dim")
+        # A backbone that does not say (no text_dim attribute) is taken to match the text encoder.
+        backbone_text = getattr(self.backbone, "text_dim", None if self.unconditional else self.text_encoder.dim)
+        if self.unconditional and backbone_text is not None:
+            raise ConfigMismatchError(
+                "text_encoder is null (unconditional) but the backbone has a text path: set "
+                "model.init_args.backbone.init_args.text_dim: null")
+        if not self.unconditional and backbone_text is None:
+            raise ConfigMismatchError(
+                "the backbone is unconditional (text_dim null) but a text encoder is set: set "
+                "model.init_args.text_encoder: null, or give the backbone a text_dim")
+        if self.unconditional:
             return
         if getattr(self.backbone, "text_dim", self.text_encoder.dim) != self.text_encoder.dim:
             raise ConfigMismatchError(

@@ -93,6 +93,8 @@ def test_unconditional_fit_generate_and_export_round_trip(kind, tok, tmp_path):
     assert torch.equal(videos, again.generate(num_videos=3, seed=4, steps=2, precision="32"))
     # Video i depends on (seed, i) alone.
     assert torch.equal(videos[:2], again.generate(num_videos=2, seed=4, steps=2, precision="32"))
+    # Past the trained 5 latent frames: a sliding window, primed without text.
+    assert again.generate(num_videos=2, num_frames=13, seed=4, steps=2, precision="32").shape == (2, 13, 32, 32, 3)
     with pytest.raises(ValueError, match="num_videos"):
         again.generate(["a red circle"], steps=2)
     with pytest.raises(ValueError, match="cfg_scale"):
