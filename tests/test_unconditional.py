@@ -182,3 +182,12 @@ def test_bad_combinations_name_the_option(tok, tmp_path):
     for kind, option in (("mebt", "query_text"), ("mebt", "pooled_text"), ("maskgit", "pooled_text")):
         with pytest.raises(ValueError, match=option):
             instantiate(uncond_backbone(kind, **{option: True}))
+
+
+def test_the_cli_refuses_guidance_on_an_unconditional_recipe_in_one_line():
+    result = run_cli("fit", "--config", "configs/experiment/mebt_uncond_16f.yaml",
+                     "--model.init_args.backbone.init_args.dim", "32", "--model.init_args.backbone.init_args.heads", "2",
+                     "--model.init_args.cfg_scale", "2", "--trainer.accelerator", "cpu")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("maskvid fit: error: model.init_args.cfg_scale: "), last
