@@ -65,7 +65,12 @@ class SlurmRequeue(SignalCheckpoint):
             Path(marker).write_text(f"{job}\n")
             print(f"maskvid: requeue requested ({marker})", flush=True)
         elif self.requeue and job:
-            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            try:
+                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            except OSError as exc:  # no scontrol on this node: the checkpoint is saved, say what to run
+                print(f"maskvid: could not requeue job {job} ({exc}); the checkpoint {path} is saved: "
+                      f"run `scontrol requeue {job}` or resubmit with --ckpt_path auto", flush=True)
+                return
             print(f"maskvid: scontrol requeue {job}: exit {result.returncode} {result.stderr.strip()}", flush=True)
 
 
