@@ -102,6 +102,7 @@ class MaskedVideoModule(LightningModule):
         caption_accuracy: bool | None = None,
         log_fps: float = 8.0,
         mask_seed: int = 0,
+        prefix_prob: float = 0.0,
         compile: bool = False,
     ) -> None:
         """
@@ -176,6 +177,9 @@ class MaskedVideoModule(LightningModule):
             log_fps: Frame rate of the logged mp4s.
             mask_seed: Seed of the training masks and caption drops. They are drawn from
                 (mask_seed, rank, step), so a resumed run masks exactly as an uninterrupted one.
+            prefix_prob: Fraction of training clips whose first K latent frames (K from 1 to the
+                clip's latent frames - 1) are given unmasked, as generation from given frames, story
+                scenes and sliding windows prime them; the loss counts only masked positions.
             compile: torch.compile each backbone block, after activation checkpointing and before
                 sharding; applied by maskvid's strategies (launch/strategies.py).
         """
@@ -185,6 +189,8 @@ class MaskedVideoModule(LightningModule):
         _check_conditioning(text_encoder, text_drop_prob, cfg_scale, clip_path, caption_accuracy)
         curriculum.check(length_curriculum, curriculum_window, curriculum_spread)
         mask_schedules.check(mask_schedule, min_mask_rate)
+        if not 0.0 <= prefix_prob <= 1.0:
+            raise ModelOptionError("prefix_prob", f"must be in [0, 1], got {prefix_prob}")
         self.save_hyperparameters(ignore=["backbone", *_EVAL_OPTIONS])
         self.hparams["backbone"] = backbone.config
         try:
@@ -338,6 +344,21 @@ class MaskedVideoModule(LightningModule):
         rank = scores.argsort(dim=1).argsort(dim=1)
         return (rank < num_masked[:, None]) & valid
 
+    @staticmethod
+    def prefix_mask(latent_valid: torch.Tensor, prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Which latent frames are given (never masked): for a `prob` fraction of clips, the first K,
+        K uniform in 1..(the clip's real latent frames - 1), so that something is left to predict.
+
+        latent_valid: bool [B, t] -> bool [B, t], True = given.
+        """
+        b, t = latent_valid.shape
+        frames = latent_valid.sum(dim=1)
+        chosen = torch.rand(b, generator=generator, device=latent_valid.device) < prob
+        u = torch.rand(b, generator=generator, device=latent_valid.device)
+        k = 1 + (u * (frames - 1).clamp(min=0)).long().clamp(max=(frames - 2).clamp(min=0))
+        k = torch.where(chosen & (frames > 1), k, torch.zeros_like(k))
+        return torch.arange(t, device=latent_valid.device)[None] < k[:, None]
+
     def curriculum_frames(self, step: int) -> int | None:
         """Latent frames trained on at `step` under the length curriculum (None: whole clips)."""
         return curriculum.scheduled_length(self.hparams.length_curriculum, step)
@@ -361,9 +382,10 @@ class MaskedVideoModule(LightningModule):
         drop_prob: float = 0.0,
         max_latent_frames: int | None = None,
         curriculum_step: int | None = None,
+        prefix_prob: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """max_latent_frames: train on that prefix; curriculum_step: on the length curriculum's cut at
-        that step."""
+        that step; prefix_prob: the fraction of clips whose first latent frames are given (prefix_mask)."""
         tokens, text, text_mask, latent_valid = self.batch_tokens(batch)
         cut = self.curriculum_cut(curriculum_step, latent_valid) if curriculum_step is not None else None
         if cut is not None:
@@ -374,7 +396,11 @@ class MaskedVideoModule(LightningModule):
             tokens, latent_valid = tokens[:, :max_latent_frames], latent_valid[:, :max_latent_frames]
         b, t, h, w = tokens.shape
         valid = rearrange(latent_valid[:, :, None, None].expand(b, t, h, w), "b t h w -> b (t h w)")
-        masked = self.random_mask(valid, generator)
+        maskable = valid
+        if prefix_prob > 0:
+            given = self.prefix_mask(latent_valid, prefix_prob, generator)
+            maskable = valid & ~rearrange(given[:, :, None, None].expand(b, t, h, w), "b t h w -> b (t h w)")
+        masked = self.random_mask(maskable, generator)
         flat = rearrange(tokens, "b t h w -> b (t h w)")
         inputs = torch.where(masked, torch.full_like(flat, backbone.mask_id), flat)
         # Drawn even when unused (unconditional), so the masks' random stream is the same either way.
@@ -402,7 +428,7 @@ class MaskedVideoModule(LightningModule):
         generator = torch.Generator(device=self.device).manual_seed(
             step_seed(self.hparams.mask_seed, self.global_rank, self.global_step))
         out = self.masked_loss(self.backbone, batch, generator=generator, drop_prob=self.text_drop_prob,
-                               curriculum_step=self.global_step)
+                               curriculum_step=self.global_step, prefix_prob=self.hparams.get("prefix_prob", 0.0))
         if self.hparams.length_curriculum or self.hparams.curriculum_spread > 0:
             self.log("train/latent_frames", float(out["latent_frames"]))
         size = len(batch["caption"]) if "caption" in batch else None
