@@ -370,7 +370,9 @@ class DemoPipeline:
             model += ["--model.init_args.clip_path", self.clip_path]
         config = self.stage2_config()
         steps = self.fit_steps(config, self.recipe.stage2_steps)
-        self.maskvid("fit", "--config", str(config),
+        # The token shards' grid is checked against the clip length the data config implies.
+        frames = [] if self.recipe.frames == FULL.frames else ["--data.num_frames", str(self.recipe.frames)]
+        self.maskvid("fit", "--config", str(config), *frames,
                      "--data.samples", "tokens", "--data.train_shards", "tokens/train", "--data.val_shards",
                      "tokens/val", *model, *self._trainer_args(steps, minutes, self.recipe.stage2_val_every))
         if not self.stage2_ckpt.is_file():
