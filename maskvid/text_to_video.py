@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from maskvid import pretrained
@@ -180,6 +181,38 @@ class TextToVideo:
             tokens = torch.cat([tokens, new[:, context:]], dim=1)
         return tokens
 
+    def frame_size(self, grid: tuple[int, int, int] | None = None) -> tuple[int, int]:
+        """(H, W) in pixels of the videos this model makes (of `grid`, default: the training clip's)."""
+        h, w = (grid or self.grid or self.backbone.grid)[1:]
+        p = self.tokenizer.network.patch_size
+        return h * p, w * p
+
+    def encode_frames(self, frames: torch.Tensor, latent_frames: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Given frames uint8 [B, F, H, W, 3] -> the tokens [B, k, h, w] of their last 1 + (k-1)*pt
+        frames (k <= latent_frames), resized (short side) and centre-cropped to `size`. The C-ViViT
+        is causal: those k latent frames do not depend on any frame after them, so they can be kept
+        as the prime of a longer grid and decode to the tokenizer's reconstruction of the frames."""
+        if frames.dtype != torch.uint8 or frames.dim() != 5 or frames.shape[-1] != 3:
+            raise ValueError(f"given frames must be uint8 [B, F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+        pt = self.tokenizer.network.temporal_patch_size
+        k = min(latent_frames, 1 + (frames.shape[1] - 1) // pt)
+        if k < 1:
+            raise ValueError(f"latent_frames must be >= 1, got {latent_frames}")
+        clip = fit_frames(frames[:, frames.shape[1] - (1 + (k - 1) * pt):], size or self.frame_size())
+        return self.tokenizer.encode(clip)
+
+    def init_prime(self, init_frames: torch.Tensor, grid: tuple[int, int, int], count: int, context: int | None = None
+                   ) -> torch.Tensor:
+        """The prime [count, k, h, w] for generation from given frames: k = as many latent frames
+        as the frames make, at most grid's t - 1 (and `context`), so something is generated."""
+        if init_frames.shape[0] not in (1, count):
+            raise ValueError(f"init_frames holds {init_frames.shape[0]} videos for {count} outputs: pass 1 or {count}")
+        limit = grid[0] - 1 if context is None else min(context, grid[0] - 1)
+        if limit < 1:
+            raise ValueError(f"a {grid[0]}-latent-frame grid leaves nothing to generate after given frames")
+        prime = self.encode_frames(init_frames, limit, self.frame_size(grid))
+        return prime.expand(count, *prime.shape[1:])
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token grids [B, t, h, w] -> uint8 videos [B, T, H, W, 3] on the CPU (fp32 decoding)."""
         return self.tokenizer.decode(tokens)
@@ -193,6 +226,7 @@ class TextToVideo:
         num_videos: int | None = None,
         context: int = 2,
         precision: str = "auto",
+        init_frames: torch.Tensor | None = None,
         **sampling: Any,
     ) -> torch.Tensor:
         """Prompts -> uint8 videos [B, T, H, W, 3] on the CPU, one per prompt.
@@ -206,6 +240,10 @@ class TextToVideo:
             num_videos: how many videos an unconditional model makes (video i from (seed, i)).
             context: latent frames each sliding window keeps from the one before.
             precision: the transformer's: "auto" (bf16 autocast where native), "bf16" or "32".
+            init_frames: given frames uint8 [B or 1, F, H, W, 3] to continue (an image: F = 1):
+                encoded with the tokenizer, their latent frames kept as the first ones (at most
+                the grid's t - 1) and the rest generated; the output starts with the tokenizer's
+                reconstruction of the given frames (their last 1 + k*pt, resized and cropped).
             **sampling: SamplingOptions overrides: steps, cfg_scale, temperature, top_k, noise,
                 cfg_schedule, refine_steps, refine_ratio, sampler ("maskgit" or "draft_revise"),
                 schedule, bootstrap_steps, revise_sweeps, revise_partitions, revise_temperature,
@@ -227,7 +265,9 @@ class TextToVideo:
             seed = int(torch.randint(0, 2**62, ()))
         count = prompts if isinstance(prompts, int) else len(prompts)
         generators = [self.video_generator(seed, i, 0) for i in range(count)]
-        return self.decode(self.tokens(prompts, grid, options, generators, context=context, precision=precision))
+        prime = None if init_frames is None else self.init_prime(init_frames, grid, count)
+        return self.decode(self.tokens(prompts, grid, options, generators, prime=prime, context=context,
+                                       precision=precision))
 
     # -- saving and loading ---------------------------------------------------------------------
 
@@ -289,6 +329,23 @@ class TextToVideo:
         if pretrained.is_pretrained_dir(path):
             return cls.from_pretrained(path, map_location)
         return cls.from_checkpoint(path, map_location)
+
+
+def fit_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [B, F, H, W, 3] -> uint8 [B, F, *size, 3]: scaled so it covers `size`, centre-cropped."""
+    import torch.nn.functional as F
+
+    height, width = frames.shape[2:4]
+    if (height, width) != tuple(size):
+        b = frames.shape[0]
+        scale = max(size[0] / height, size[1] / width)
+        scaled = (max(size[0], round(height * scale)), max(size[1], round(width * scale)))
+        x = rearrange(frames, "b f h w c -> (b f) c h w").float()
+        x = F.interpolate(x, size=scaled, mode="bilinear", antialias=True, align_corners=False)
+        top, left = (scaled[0] - size[0]) // 2, (scaled[1] - size[1]) // 2
+        x = x[:, :, top : top + size[0], left : left + size[1]]
+        frames = rearrange(x.round().clamp(0, 255).to(torch.uint8), "(b f) c h w -> b f h w c", b=b)
+    return frames
 
 
 def _sampling(values: dict[str, Any] | None) -> SamplingOptions:
