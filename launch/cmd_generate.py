@@ -8,14 +8,20 @@ Past the length the model was trained on, a window of that length slides forward
 Prompts come from --prompt (repeatable), or --prompts FILE: plain text with one prompt per line,
 or JSONL with a "prompt" field. --story FILE.jsonl chains scenes into one long video (Phenaki's
 story mode): each line is {"prompt": ..., "num_frames": ...}; every scene after the first is
-primed with the tokens of the last --story-context latent frames of the one before. An
-unconditional model (trained with text_encoder: null) takes --num-videos N instead of prompts.
+primed with the last --story-context latent frames' worth of the one before's decoded frames,
+re-encoded with the tokenizer (a scene starts from frames, as training's given prefixes do:
+MaskedVideoModule prefix_prob). --init-video CLIP or --init-image IMAGE starts every video (a
+story: its first scene) from given frames: their last frames are resized and centre-cropped to the
+model's size, encoded, kept, and the rest generated. An unconditional model (trained with
+text_encoder: null) takes --num-videos N instead of prompts.
 
 examples:
   maskvid generate --ckpt runs/stage2/last.ckpt --prompt "a red circle moving left" --out samples/
   maskvid generate --ckpt last.ckpt --prompts data/synthetic/prompts_heldout.txt --out heldout/ \\
       --steps 24 --cfg-scale 4 --seed 1 --batch-size 8
   maskvid generate --ckpt last.ckpt --story story.jsonl --out story/
+  maskvid generate --ckpt last.ckpt --prompt "a red circle moving left" --init-video clip.mp4 --out continued/
+  maskvid generate --ckpt last.ckpt --prompt "a red circle moving left" --init-image first.png --out animated/
   maskvid generate --ckpt last.ckpt --prompt "a red circle moving left" --out dnr/ \\
       --sampler draft_revise --steps 12 --revise-sweeps 2 --revise-partitions 4 --revise-temperature 0.7
   maskvid generate --ckpt exported_model/ --prompt "a blue square moving up" --out samples/
@@ -42,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--story", type=Path, help='JSONL of scenes {"prompt": ..., "num_frames": ...}, chained')
     source.add_argument("--num-videos", type=int, help="unconditional models: how many videos (no prompts)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument("--init-video", type=Path, default=None,
+                       help="continue this clip: its last frames (up to the clip length - 1 latent frame) are kept")
+    given.add_argument("--init-image", type=Path, default=None, help="image to video: this image is the first frame")
     parser.add_argument("--num-frames", type=int, default=None, help="frames per video (default: the training clip length)")
     parser.add_argument("--steps", type=int, default=None, help="MaskGIT steps, 12-48 typical (default: the checkpoint's)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default: the checkpoint's)")
@@ -123,6 +133,35 @@ def read_story(path: Path) -> list[tuple[str, int | None]]:
     return scenes
 
 
+def read_init_frames(args: argparse.Namespace, keep: int):
+    """--init-video's last `keep` frames or --init-image, as uint8 [1, F, H, W, 3]; None if neither."""
+    import collections
+
+    import numpy as np
+    import torch
+
+    if args.init_image is not None:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(args.init_image) as image:
+                frames = np.array(image.convert("RGB"))[None]
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"--init-image {args.init_image}: {exc}") from None
+    elif args.init_video is not None:
+        from maskvid.datamodules.video_io import VideoDecodeError, iter_frames
+
+        if not args.init_video.is_file():
+            raise DataError(f"--init-video not found: {args.init_video}")
+        try:
+            frames = np.stack(collections.deque(iter_frames(str(args.init_video)), maxlen=keep))
+        except (VideoDecodeError, ValueError) as exc:  # ValueError: np.stack of zero frames
+            raise DataError(f"--init-video {args.init_video}: cannot decode ({exc})") from None
+    else:
+        return None
+    return torch.from_numpy(np.array(frames))[None]
+
+
 def slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
 
@@ -150,6 +189,11 @@ def run(args: argparse.Namespace) -> int:
                         else "--num-videos is for unconditional models: this one takes --prompt/--prompts/--story")
     args.out.mkdir(parents=True, exist_ok=True)
     index = []
+    pt = model.tokenizer.network.temporal_patch_size
+    init = read_init_frames(args, 1 + (model.trained_frames - 1) * pt)
+
+    def prime_for(grid, count: int):
+        return None if init is None else model.init_prime(init, grid, count)
 
     def sample(prompts, grid, generators, **kw) -> torch.Tensor:
         return model.tokens(prompts, grid, options, generators, precision=args.precision, **kw)
@@ -167,23 +211,27 @@ def run(args: argparse.Namespace) -> int:
                 ids = range(start, min(start + args.batch_size, args.num_videos))
                 # (seed, i, 0), as TextToVideo.generate(num_videos=...) draws them.
                 generators = [model.video_generator(args.seed, i, 0) for i in ids]
-                videos = model.decode(sample(len(ids), grid, generators, context=args.story_context))
+                videos = model.decode(sample(len(ids), grid, generators, context=args.story_context,
+                                             prime=prime_for(grid, len(ids))))
                 for i, video in zip(ids, videos):
                     save(video, f"{i:04d}-unconditional.mp4", None)
         elif args.story:
             scenes = read_story(args.story)
-            tokens = None
+            previous = None
             pieces = []
             for prompt, frames in tqdm(scenes, desc="scenes", disable=args.quiet):
                 grid = model.grid_for(frames or args.num_frames)
-                prime = None
-                if tokens is not None:
-                    k = min(args.story_context, grid[0] - 1)
-                    prime = tokens[:, -k:]
-                new = sample([prompt], grid, [model.video_generator(args.seed, len(pieces))], prime=prime)
-                pieces.append(new if prime is None else new[:, prime.shape[1]:])
-                tokens = new
-            save(model.decode(torch.cat(pieces, dim=1))[0], "story.mp4", [p for p, _ in scenes])
+                if previous is None:
+                    prime, drop = prime_for(grid, 1), 0
+                else:
+                    # Re-encode the previous scene's last frames: the scene starts from frames, with
+                    # its own first (image-like) latent frame, as training shows given prefixes.
+                    prime = model.init_prime(previous, grid, 1, context=args.story_context)
+                    drop = 1 + (prime.shape[1] - 1) * pt  # the reconstruction of frames already shown
+                video = model.decode(sample([prompt], grid, [model.video_generator(args.seed, len(pieces))], prime=prime))
+                pieces.append(video[:, drop:])
+                previous = video
+            save(torch.cat(pieces, dim=1)[0], "story.mp4", [p for p, _ in scenes])
         else:
             prompts = args.prompt or read_prompts(args.prompts)
             grid = model.grid_for(args.num_frames)
@@ -193,7 +241,8 @@ def run(args: argparse.Namespace) -> int:
                 batch = jobs[start : start + args.batch_size]
                 # (seed, prompt, sample), as TextToVideo.generate draws them: same seed, same video.
                 generators = [model.video_generator(args.seed, i, k) for i, _, k in batch]
-                videos = model.decode(sample([p for _, p, _ in batch], grid, generators, context=args.story_context))
+                videos = model.decode(sample([p for _, p, _ in batch], grid, generators, context=args.story_context,
+                                             prime=prime_for(grid, len(batch))))
                 for (i, prompt, k), video in zip(batch, videos):
                     suffix = f"-{k}" if args.videos_per_prompt > 1 else ""
                     save(video, f"{i:04d}-{slug(prompt)}{suffix}.mp4", prompt)

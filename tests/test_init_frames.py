@@ -67,3 +67,83 @@ def test_fit_frames_scales_to_cover_and_centre_crops():
     assert out.shape == (1, 1, 16, 16, 3) and out.dtype == torch.uint8
     assert int(out[0, 0, 8, 8, 0]) == 255  # the centre survives the crop
     assert torch.equal(fit_frames(out, (16, 16)), out)  # the right size is left untouched
+
+
+def generate_cli(ckpt, out, *extra: str) -> list[dict]:
+    """`maskvid generate` in-process (its parser and run), on the CPU in fp32."""
+    import argparse
+    import json
+
+    from maskvid.launch import cmd_generate
+
+    parser = argparse.ArgumentParser()
+    cmd_generate.add_arguments(parser)
+    args = parser.parse_args(["--ckpt", str(ckpt), "--out", str(out), "--steps", "2", "--device", "cpu",
+                              "--precision", "32", "--quiet", *extra])
+    assert cmd_generate.run(args) == 0
+    return json.loads((out / "index.json").read_text())
+
+
+def smooth(frames: int, seed: int) -> torch.Tensor:
+    """A moving colour gradient."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(3, generator=g) * 200
+    y, x = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    video = torch.stack([(base + 2 * (x + t)[..., None] + y[..., None]) for t in range(frames)])
+    return video.clamp(0, 255).to(torch.uint8)[None]
+
+
+def test_cli_init_video_and_image_start_from_the_given_frames(ckpts, model, tmp_path, monkeypatch):  # noqa: F811
+    from PIL import Image
+
+    from maskvid.datamodules.video_io import decode_all, encode_mp4
+
+    decoded = []
+    decode = TextToVideo.decode
+    monkeypatch.setattr(TextToVideo, "decode", lambda self, tokens: decoded.append(decode(self, tokens)) or decoded[-1])
+    grid = model.grid_for(None)
+    pt = model.tokenizer.network.temporal_patch_size
+    clip = smooth(1 + 3 * pt, seed=0)
+    data, _ = encode_mp4(list(clip[0].numpy()), fps=8, reproducible=True)
+    (tmp_path / "clip.mp4").write_bytes(data)
+    Image.fromarray(smooth(1, seed=1)[0, 0].numpy()).save(tmp_path / "img.png")
+    given_clip = torch.from_numpy(decode_all(str(tmp_path / "clip.mp4")))[None]
+    for flag, path, frames in (("--init-video", "clip.mp4", given_clip), ("--init-image", "img.png", smooth(1, 1))):
+        decoded.clear()
+        (item,) = generate_cli(ckpts["stage2"], tmp_path / flag, "--prompt", PROMPTS[0], flag, str(tmp_path / path))
+        assert decode_all(item["path"]).shape[0] == 1 + (grid[0] - 1) * pt
+        prime = model.init_prime(frames, grid, 1)
+        assert prime.shape[1] == min(grid[0] - 1, 1 + (frames.shape[1] - 1) // pt)
+        n = 1 + (prime.shape[1] - 1) * pt
+        (video,) = decoded  # what went into the mp4
+        assert torch.equal(video[:, :n], decode(model, prime))  # the given frames, through the tokenizer
+    with pytest.raises(Exception, match="init-video not found"):
+        generate_cli(ckpts["stage2"], tmp_path / "bad", "--prompt", "x", "--init-video", str(tmp_path / "none.mp4"))
+
+
+def test_story_primes_each_scene_with_the_previous_scenes_frames_re_encoded(ckpts, model, tmp_path, monkeypatch):  # noqa: F811
+    from maskvid.datamodules.video_io import decode_all
+
+    calls = []
+    original = TextToVideo.init_prime
+
+    def spy(self, frames, grid, count, context=None):
+        prime = original(self, frames, grid, count, context)
+        calls.append((frames.clone(), context, prime))
+        return prime
+
+    monkeypatch.setattr(TextToVideo, "init_prime", spy)
+    decoded = []
+    decode = TextToVideo.decode
+    monkeypatch.setattr(TextToVideo, "decode", lambda self, tokens: decoded.append(decode(self, tokens)) or decoded[-1])
+    pt = model.tokenizer.network.temporal_patch_size
+    story = tmp_path / "story.jsonl"
+    story.write_text('{"prompt": "a red circle moving left", "num_frames": 5}\n'
+                     '{"prompt": "a red circle moving up", "num_frames": 5}\n')
+    (item,) = generate_cli(ckpts["stage2"], tmp_path / "story", "--story", str(story), "--story-context", "2")
+    (frames, context, prime), = calls  # the second scene only: no --init-* given
+    assert context == 2 and prime.shape[1] == 2
+    assert torch.equal(frames, decoded[0])  # the first scene's pixels, not its tokens
+    assert torch.equal(prime, model.tokenizer.encode(decoded[0][:, -(1 + pt):]))
+    # The second scene starts with the reconstruction of those frames, which the story shows once.
+    assert decode_all(item["path"]).shape[0] == 5 + 5 - (1 + pt)
