@@ -57,10 +57,13 @@ def draft_revise_sample(
     prime: torch.Tensor | None = None,
     batch_size: int | None = None,
     valid: torch.Tensor | None = None,
+    *,
+    given: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """-> tokens [B, t, h, w]; the arguments are maskgit_sample's (models/sampling.py)."""
     options.check()
-    tokens, unknown, valid = start_grid(backbone, grid, text, prime, batch_size, valid)
+    tokens, unknown, valid = start_grid(backbone, grid, text, prime, batch_size, valid, given, keep)
     device = tokens.device
     draw = TokenDraw(backbone, grid, text, text_mask, generator, valid)
     generated = unknown  # the only positions a revise sweep may redraw

@@ -177,9 +177,11 @@ def start_grid(
     prime: torch.Tensor | None,
     batch_size: int | None,
     valid: torch.Tensor | None,
+    given: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """-> (tokens [B, N]: mask_id but the primed frames, unknown [B, N]: the positions to
-    generate, valid on the backbone's device or None)."""
+    """-> (tokens [B, N]: mask_id but the primed frames and the kept given tokens, unknown [B, N]:
+    the positions to generate, valid on the backbone's device or None)."""
     t, h, w = grid
     b = text.shape[0] if text is not None else (batch_size or 1)
     device = next(backbone.parameters()).device
@@ -190,6 +192,14 @@ def start_grid(
         if k >= t or prime.shape[2:] != (h, w):
             raise ValueError(f"prime of shape {tuple(prime.shape)} does not fit the grid {grid}")
         tokens[:, :k] = prime.to(device)
+    if (given is None) != (keep is None):
+        raise ValueError("given and keep go together: the tokens and which of them to keep")
+    if keep is not None:
+        if given.shape[1:] != (t, h, w) or keep.shape[1:] != (t, h, w) or keep.dtype != torch.bool:
+            raise ValueError(f"given {tuple(given.shape)} and keep {tuple(keep.shape)} {keep.dtype} must be "
+                             f"[B, {t}, {h}, {w}] tokens and bool")
+        # Interpolation, inpainting: any kept position is context, as a primed frame is.
+        tokens = torch.where(keep.to(device), given.to(device), tokens)
     tokens = rearrange(tokens, "b t h w -> b (t h w)")
     unknown = tokens == mask_id
     if valid is not None:
@@ -258,6 +268,9 @@ def maskgit_sample(
     prime: torch.Tensor | None = None,
     batch_size: int | None = None,
     valid: torch.Tensor | None = None,
+    *,
+    given: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """-> tokens [B, t, h, w], every real position filled: the MaskGIT loop, then options'
     random refinement rounds (whatever options.sampler says; `sample_tokens` dispatches on it).
@@ -267,12 +280,15 @@ def maskgit_sample(
     prime: optional tokens [B, k, h, w] fixed as the first k latent frames (story mode).
     valid: optional bool [B, t] or [B, t, h, w], False = padding: never filled, scored or counted
         by the schedule, unseen by the backbone, and returned as mask_id.
+    given, keep: optional tokens [B, t, h, w] and bool [B, t, h, w]: the kept positions are fixed
+        to the given tokens and the rest generated (MaskGIT/MUSE-style interpolation between given
+        clips, inpainting of a spatio-temporal box: keep_box, interpolation_keep).
     """
     options.check()
-    tokens, unknown, valid = start_grid(backbone, grid, text, prime, batch_size, valid)
+    tokens, unknown, valid = start_grid(backbone, grid, text, prime, batch_size, valid, given, keep)
     device = tokens.device
     draw = TokenDraw(backbone, grid, text, text_mask, generator, valid)
-    generated = unknown  # what refinement may redraw: everything but the primed frames
+    generated = unknown  # what refinement may redraw: everything but the primed frames and kept tokens
     tokens = maskgit_steps(draw, tokens, unknown, options, generator)
     for _ in range(options.refine_steps):
         redo = (uniform(tokens.shape, generator, device) < options.refine_ratio) & generated
@@ -293,13 +309,39 @@ def sample_tokens(
     prime: torch.Tensor | None = None,
     batch_size: int | None = None,
     valid: torch.Tensor | None = None,
+    *,
+    given: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The sampler options.sampler names, with maskgit_sample's arguments -> tokens [B, t, h, w]."""
     if options.sampler == "draft_revise":
         from maskvid.models.draft_revise import draft_revise_sample  # it builds on this module
 
-        return draft_revise_sample(backbone, grid, text, text_mask, options, generator, prime, batch_size, valid)
-    return maskgit_sample(backbone, grid, text, text_mask, options, generator, prime, batch_size, valid)
+        return draft_revise_sample(backbone, grid, text, text_mask, options, generator, prime, batch_size, valid,
+                                   given=given, keep=keep)
+    return maskgit_sample(backbone, grid, text, text_mask, options, generator, prime, batch_size, valid,
+                          given=given, keep=keep)
+
+
+def keep_box(grid: tuple[int, int, int], frames: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int],
+             inside: bool = False) -> torch.Tensor:
+    """bool [t, h, w] keep mask for inpainting a spatio-temporal box of latent positions ([start,
+    end) each): inside=False regenerates the box and keeps the rest, inside=True keeps only the box."""
+    box = torch.zeros(grid, dtype=torch.bool)
+    box[frames[0] : frames[1], rows[0] : rows[1], cols[0] : cols[1]] = True
+    return box if inside else ~box
+
+
+def interpolation_keep(grid: tuple[int, int, int], first: int, last: int) -> torch.Tensor:
+    """bool [t, h, w] keep mask for interpolation: the first `first` and the last `last` latent
+    frames are given, those between generated."""
+    t = grid[0]
+    if first < 0 or last < 0 or first + last >= t:
+        raise ValueError(f"{first} + {last} given latent frames leave none of {t} to generate")
+    keep = torch.zeros(grid, dtype=torch.bool)
+    keep[:first] = True
+    keep[t - last :] = True
+    return keep
 
 
 def token_log_probs(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
