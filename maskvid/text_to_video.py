@@ -145,18 +145,22 @@ class TextToVideo:
         prime: torch.Tensor | None = None,
         context: int = 2,
         precision: str = "32",
+        given: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sample a [B, t, h, w] token grid, one per prompt (an unconditional model: prompts is the
         number of videos). Past the trained length, a window of the trained
         length slides forward, each window primed with the last `context` latent frames.
-        precision: "bf16" (autocast), "32", or "auto" (bf16 where the device has it natively)."""
+        precision: "bf16" (autocast), "32", or "auto" (bf16 where the device has it natively).
+        given, keep: tokens [B, t, h, w] and bool [B, t, h, w] kept as given (sampling.keep_box,
+        interpolation_keep), within the trained length."""
         from maskvid.precision import resolve
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=resolve(precision, self.device.type)):
             return self._tokens(prompts if isinstance(prompts, int) else list(prompts), grid, options, generator,
-                                prime, context)
+                                prime, context, given, keep)
 
-    def _tokens(self, prompts, grid, options, generator, prime, context) -> torch.Tensor:
+    def _tokens(self, prompts, grid, options, generator, prime, context, given=None, keep=None) -> torch.Tensor:
         if isinstance(prompts, int) != self.unconditional:
             raise ValueError("an unconditional model takes a number of videos, not prompts" if self.unconditional
                              else "this model is text-conditioned: pass prompts")
@@ -168,7 +172,10 @@ class TextToVideo:
         t, h, w = grid
         window = self.trained_frames
         if t <= window:
-            return sample_tokens(self.backbone, grid, text, text_mask, options, generator, prime=prime, batch_size=batch)
+            return sample_tokens(self.backbone, grid, text, text_mask, options, generator, prime=prime, batch_size=batch,
+                                 given=given, keep=keep)
+        if keep is not None:
+            raise ValueError(f"kept tokens work within the trained length ({window} latent frames), got {t}")
         if not 0 < context < window:
             raise ValueError(f"sliding-window context must be in [1, {window - 1}], got {context}")
         tokens = sample_tokens(self.backbone, (window, h, w), text, text_mask, options, generator, prime=prime,
@@ -268,6 +275,44 @@ class TextToVideo:
         prime = None if init_frames is None else self.init_prime(init_frames, grid, count)
         return self.decode(self.tokens(prompts, grid, options, generators, prime=prime, context=context,
                                        precision=precision))
+
+    def inpaint(
+        self,
+        video: torch.Tensor,
+        keep: torch.Tensor,
+        prompts: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        *,
+        precision: str = "auto",
+        **sampling: Any,
+    ) -> torch.Tensor:
+        """Regenerate what `keep` does not keep of a given video -> uint8 [B, T, H, W, 3].
+
+        Args:
+            video: uint8 [B, T, H, W, 3], T = 1 + k * pt within the trained length; resized and
+                centre-cropped to the model's size, then encoded with its tokenizer.
+            keep: bool [t, h, w] or [B, t, h, w] over its token grid: True = keep the given token
+                (models/sampling.py keep_box: a spatio-temporal box kept or regenerated).
+            prompts: one caption, or one per video (None for an unconditional model).
+            seed, precision, **sampling: as generate's.
+        """
+        grid = self.grid_for(video.shape[1])
+        given = self.tokenizer.encode(fit_frames(video, self.frame_size(grid)))
+        count = given.shape[0]
+        keep = keep.expand(count, *grid) if keep.dim() == 3 else keep
+        if self.unconditional:
+            if prompts is not None:
+                raise ValueError("this model is unconditional: pass no prompts")
+            prompts = count
+        else:
+            prompts = [prompts] * count if isinstance(prompts, str) else list(prompts or [])
+            if len(prompts) != count:
+                raise ValueError(f"{len(prompts)} prompt(s) for {count} video(s)")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        generators = [self.video_generator(seed, i, 0) for i in range(count)]
+        return self.decode(self.tokens(prompts, grid, self.options(**sampling), generators, precision=precision,
+                                       given=given, keep=keep))
 
     # -- saving and loading ---------------------------------------------------------------------
 

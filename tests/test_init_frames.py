@@ -147,3 +147,21 @@ def test_story_primes_each_scene_with_the_previous_scenes_frames_re_encoded(ckpt
     assert torch.equal(prime, model.tokenizer.encode(decoded[0][:, -(1 + pt):]))
     # The second scene starts with the reconstruction of those frames, which the story shows once.
     assert decode_all(item["path"]).shape[0] == 5 + 5 - (1 + pt)
+
+
+def test_inpaint_keeps_the_given_tokens_outside_the_box(model):
+    from maskvid.models.sampling import keep_box
+
+    grid = model.grid_for(None)
+    pt = model.tokenizer.network.temporal_patch_size
+    video = given(2, 1 + (grid[0] - 1) * pt, 32, 32, seed=5)
+    keep = keep_box(grid, (1, grid[0]), (1, 3), (1, 3))  # regenerate a box from the second latent frame on
+    out = model.inpaint(video, keep, PROMPTS, seed=0, steps=2, precision="32")
+    encoded = model.tokenizer.encode(video)
+    expected = model.tokens(PROMPTS, grid, model.options(steps=2), [model.video_generator(0, i, 0) for i in range(2)],
+                            given=encoded, keep=keep.expand(2, *grid))
+    assert torch.equal(expected[:, keep], encoded[:, keep]) and torch.equal(out, model.decode(expected))
+    # Nothing before the box changes: the first frame is the tokenizer's reconstruction of the given one.
+    assert torch.equal(out[:, :1], model.decode(encoded[:, :1]))
+    with pytest.raises(ValueError, match="1 prompt"):
+        model.inpaint(video, keep, ["only one"], seed=0, steps=2)
