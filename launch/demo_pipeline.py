@@ -493,8 +493,20 @@ class DemoPipeline:
         return {name: json.loads((self.steps_dir / f"{name}.json").read_text())
                 for name, _, _ in self.steps() if self.done(name)}
 
+    def _fit_command(self, record: Optional[dict]) -> Optional[str]:
+        """The `maskvid fit` command a step ran, its relative paths resolved against OUT."""
+        fit = next((c for c in (record or {}).get("commands", []) if c.startswith("maskvid fit")), None)
+        if fit is None:
+            return None
+        args = shlex.split(fit)
+        for i, arg in enumerate(args[:-1]):
+            if arg == "--config" and not Path(args[i + 1]).is_absolute():
+                args[i + 1] = str(self.out / args[i + 1])
+        return shlex.join(args)
+
     def write_summary(self) -> dict[str, Any]:
         from maskvid.launch.demo_checks import tokenizer_psnr
+        from maskvid.launch.run_record import fit_record, machine
 
         records = self.records()
         score = records.get("score", {}).get("result", {})
@@ -512,6 +524,11 @@ class DemoPipeline:
             "allocator": self.allocator,
             "recipe": asdict(self.recipe),
             "steps_done": list(records),
+            "machine": machine(),
+            # Steps each fit actually ran, what it was set to run, and why it stopped.
+            "fits": {stage: fit_record(ckpt, self._fit_command(records.get(stage)), self.recipe.time_budget)
+                     for stage, ckpt in (("tokenizer", self.tokenizer_ckpt), ("stage2", self.stage2_ckpt))
+                     if stage in records},
             "checkpoints": {
                 "tokenizer": str(self.tokenizer_ckpt) if "tokenizer" in records else None,
                 "stage2": str(self.stage2_ckpt) if "stage2" in records else None,

@@ -80,6 +80,17 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
 
     assert summary["cpu_tuning"] is False and summary["allocator"] == preloaded(os.environ)
     assert summary["trainer_config"] == "configs/trainer/cpu.yaml"
+    # Where it ran and how far each fit got: the steps its last checkpoint holds, and why it stopped.
+    from maskvid.launch.run_record import machine
+
+    assert summary["machine"]["cpu"] == machine()["cpu"] and summary["machine"]["cores"] == os.cpu_count()
+    import torch
+
+    for stage in ("tokenizer", "stage2"):
+        fit = summary["fits"][stage]
+        held = torch.load(out / ckpts[stage], map_location="cpu", weights_only=True)["global_step"]
+        assert fit["steps"] == held and fit["max_steps"] is not None, fit
+        assert fit["stop"] == "reached max_steps" if held >= fit["max_steps"] else "time budget" in fit["stop"], fit
     assert "LD_PRELOAD=" not in (out / "commands.log").read_text()
     assert json.loads((out / "data/attributes.json").read_text())["variation"] == DEMO_VARIATION.as_dict()
 
