@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import maskvid.launch.precision as precision
+import maskvid.precision as precision
 from maskvid.models.attention import CrossAttention, SelfAttention
 from maskvid.models.layers import LocalMixing
 
